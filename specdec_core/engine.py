@@ -191,6 +191,7 @@ class SpeculativeDecoder:
                 verify_s = time.perf_counter() - t0
                 stats.verify_s += verify_s
                 stats.record_round(len(block.tokens), verdict.num_accepted)
+                stats.target_passes, stats.target_tokens = session.passes, session.tokens_processed
                 drafter = self._feedback(drafter, verdict, stats)
                 policy.update(
                     len(block.tokens), verdict.num_accepted, verify_s, block.draft_s, stats.network_s - net_before

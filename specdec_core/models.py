@@ -214,24 +214,31 @@ class TokenizerMismatch(ValueError):
     """Drafter and verifier tokenize differently, so drafted ids would mean other tokens to the target."""
 
 
+def vocab_by_id(tokenizer) -> list[str]:
+    """The tokenizer's vocabulary as a list indexed by token id."""
+    return [token for token, _ in sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])]
+
+
+def first_vocab_difference(draft_vocab: list[str], target_vocab: list[str]) -> str | None:
+    """Describe the first token id at which two vocabularies (lists by id) differ, or None."""
+    for token_id in range(max(len(draft_vocab), len(target_vocab))):
+        d = draft_vocab[token_id] if token_id < len(draft_vocab) else None
+        t = target_vocab[token_id] if token_id < len(target_vocab) else None
+        if d != t:
+            return f"drafter and verifier tokenizers differ at token id {token_id}: drafter has {d!r}, verifier has {t!r}"
+    return None
+
+
 def check_tokenizer_pair(draft_tokenizer, target_tokenizer) -> None:
     """Refuse a drafter whose vocabulary differs from the target's, naming the first difference."""
-    draft_vocab = {i: t for t, i in draft_tokenizer.get_vocab().items()}
-    target_vocab = {i: t for t, i in target_tokenizer.get_vocab().items()}
-    for token_id in sorted(set(draft_vocab) | set(target_vocab)):
-        d, t = draft_vocab.get(token_id), target_vocab.get(token_id)
-        if d != t:
-            raise TokenizerMismatch(
-                f"drafter and verifier tokenizers differ at token id {token_id}: "
-                f"drafter has {d!r}, verifier has {t!r}"
-            )
-    for attr in ("eos_token_id", "bos_token_id"):
-        d, t = getattr(draft_tokenizer, attr, None), getattr(target_tokenizer, attr, None)
-        if d != t:
-            raise TokenizerMismatch(f"drafter and verifier tokenizers differ in {attr}: {d!r} vs {t!r}")
+    diff = first_vocab_difference(vocab_by_id(draft_tokenizer), vocab_by_id(target_tokenizer))
+    if diff:
+        raise TokenizerMismatch(diff)
+    d, t = draft_tokenizer.eos_token_id, target_tokenizer.eos_token_id
+    if d != t:
+        raise TokenizerMismatch(f"drafter and verifier tokenizers differ in eos_token_id: {d!r} vs {t!r}")
 
 
 def vocab_fingerprint(tokenizer) -> str:
     """A short hash of the vocabulary, for a cheap pair check across the wire."""
-    items = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
-    return hashlib.sha256(json.dumps(items).encode()).hexdigest()[:16]
+    return hashlib.sha256(json.dumps(vocab_by_id(tokenizer)).encode()).hexdigest()[:16]

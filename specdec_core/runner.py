@@ -43,7 +43,7 @@ class ModelRunner:
 
     @property
     def vocab_size(self) -> int:
-        return int(self.model.get_output_embeddings().weight.shape[0])
+        return int(self.model.config.vocab_size)
 
     def new_sequence(self) -> Sequence:
         return Sequence(cache=DynamicCache(config=self.model.config))

@@ -1,0 +1,1 @@
+"""The drafter service: a small model that streams blocks of drafted tokens to the verifier."""

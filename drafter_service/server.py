@@ -1,0 +1,79 @@
+"""gRPC servicer of the drafter and its entry point (``specdec serve-drafter``)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+from specdec import convert
+from specdec.config import DrafterConfig, add_config_args, config_from_args
+from specdec.rpc import make_server, map_errors, serve_until_signal
+from specdec.v1 import specdec_pb2 as pb
+from specdec.v1 import specdec_pb2_grpc as pb_grpc
+
+from .engine import DrafterEngine
+
+log = logging.getLogger(__name__)
+
+
+class DrafterServicer(pb_grpc.DrafterServicer):
+    """Thin: decode the stream's messages, call the session's drafter, encode blocks."""
+
+    def __init__(self, engine: DrafterEngine) -> None:
+        self.engine = engine
+
+    @map_errors
+    def Draft(self, request_iterator, context):
+        drafter = self.engine.open_session()
+        request_id = ""
+        try:
+            for req in request_iterator:
+                if req.HasField("start"):
+                    request_id = req.start.request_id
+                    if req.start.max_support:
+                        drafter.max_support = min(req.start.max_support, self.engine.config.max_support)
+                    drafter.start(list(req.start.context), convert.sampling_from_pb(req.start.sampling))
+                    log.info("[%s] draft session started, context %d tokens", request_id, len(req.start.context))
+                    continue
+                if not drafter.context:
+                    raise ValueError("a Draft stream must begin with a start message")
+                step = req.step
+                if step.has_verdict:
+                    drafter.accept(step.num_accepted, step.next_token)
+                block = drafter.propose(step.num_draft_tokens)
+                log.debug("[%s] drafted %d tokens in %.4fs", request_id, len(block.tokens), block.draft_s)
+                yield convert.block_to_pb(block)
+        finally:
+            self.engine.close_session(drafter)
+            log.info("[%s] draft session closed", request_id)
+
+    @map_errors
+    def Info(self, request, context):
+        return convert.info_to_pb(self.engine.config.model, self.engine.runner, self.engine.tokenizer,
+                             self.engine.fingerprint, request.include_vocab)
+
+
+def start(config: DrafterConfig, engine: DrafterEngine | None = None):
+    """Start a drafter server (port 0 picks a free port); returns (server, port, health servicer)."""
+    engine = engine or DrafterEngine(config)
+    return make_server(
+        config.port,
+        [lambda s: pb_grpc.add_DrafterServicer_to_server(DrafterServicer(engine), s)],
+        ["specdec.v1.Drafter"],
+        max_workers=config.max_sessions + 4,
+        host=config.host,
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser("specdec serve-drafter", description="Serve a drafter model over gRPC.")
+    add_config_args(parser, DrafterConfig, "DRAFTER")
+    config = config_from_args(DrafterConfig, parser.parse_args(argv))
+    logging.basicConfig(level=config.log_level, format="%(asctime)s %(levelname)s drafter %(name)s: %(message)s")
+    server, port, health_servicer = start(config)
+    log.info("drafter %s serving on port %d (%s)", config.model, port, config.device)
+    serve_until_signal(server, health_servicer, config.grace_s)
+
+
+if __name__ == "__main__":
+    main()

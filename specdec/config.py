@@ -1,0 +1,72 @@
+"""Frozen service configs filled from flags, with environment-variable defaults (docker-compose, k8s)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from dataclasses import dataclass, field
+
+from specdec_core.models import DEFAULT_DRAFTER, DEFAULT_TARGET
+
+
+def _env(name: str, default, cast=str):
+    raw = os.environ.get(name)
+    return default if raw in (None, "") else cast(raw)
+
+
+@dataclass(frozen=True)
+class CommonConfig:
+    model: str
+    port: int
+    host: str = "[::]"
+    device: str = "cpu"
+    dtype: str = "auto"
+    threads: int = 0  # torch intra-op threads; 0 keeps torch's default
+    max_sessions: int = 64
+    grace_s: float = 5.0
+    log_level: str = "INFO"
+
+
+@dataclass(frozen=True)
+class DrafterConfig(CommonConfig):
+    model: str = DEFAULT_DRAFTER
+    port: int = 50052
+    max_support: int = 64
+    quantization: str = "none"  # "int8": dynamic int8 linear layers (CPU)
+
+
+@dataclass(frozen=True)
+class VerifierConfig(CommonConfig):
+    model: str = DEFAULT_TARGET
+    port: int = 50051
+    drafters: tuple[str, ...] = field(default_factory=tuple)  # default drafter addresses
+    num_draft_tokens: int = 4
+    max_new_tokens: int = 256
+    session_idle_s: float = 300.0
+    max_session_tokens: int = 32768
+    max_total_tokens: int = 262144
+    fast_verify: str = "auto"  # "auto" | "on" | "off": the small-block linear fast path
+
+
+def add_config_args(parser: argparse.ArgumentParser, cls: type, prefix: str) -> None:
+    """One flag per config field, defaulting to $SPECDEC_<PREFIX>_<FIELD> or the field default."""
+    for f in dataclasses.fields(cls):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        env = f"SPECDEC_{prefix}_{f.name.upper()}"
+        flag = "--" + f.name.replace("_", "-")
+        if f.name == "drafters":
+            value = tuple(a for a in _env(env, "").split(",") if a) or default
+            parser.add_argument("--drafter", dest="drafters", action="append", default=None,
+                                help=f"drafter address host:port, repeatable (env {env}, comma-separated)")
+            parser.set_defaults(_drafters_env=value)
+            continue
+        cast = type(default) if default is not None else str
+        parser.add_argument(flag, dest=f.name, type=cast, default=_env(env, default, cast), help=f"(env {env})")
+
+
+def config_from_args(cls: type, args: argparse.Namespace):
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if f.name != "drafters"}
+    if any(f.name == "drafters" for f in dataclasses.fields(cls)):
+        values["drafters"] = tuple(args.drafters) if args.drafters else args._drafters_env
+    return cls(**values)

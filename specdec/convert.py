@@ -1,0 +1,81 @@
+"""Conversions between protocol messages and core types (pure functions, no I/O)."""
+
+from __future__ import annotations
+
+import torch
+
+from specdec_core.drafting import DraftBlock
+from specdec_core.engine import GenerationStats, StopCriteria
+from specdec_core.models import vocab_by_id
+from specdec_core.sampling import SamplingParams, SparseDist
+from specdec.v1 import specdec_pb2 as pb
+
+
+def sampling_from_pb(msg: pb.SamplingParams) -> SamplingParams:
+    return SamplingParams(
+        temperature=float(msg.temperature),
+        top_k=int(msg.top_k),
+        top_p=float(msg.top_p) if msg.top_p > 0 else 1.0,
+        seed=int(msg.seed) if msg.HasField("seed") else None,
+    )
+
+
+def sampling_to_pb(params: SamplingParams) -> pb.SamplingParams:
+    msg = pb.SamplingParams(temperature=params.temperature, top_k=params.top_k, top_p=params.top_p)
+    if params.seed is not None:
+        msg.seed = params.seed
+    return msg
+
+
+def stop_from_pb(msg: pb.StopConditions, eos_token_id: int | None, default_max_new_tokens: int) -> StopCriteria:
+    eos = frozenset() if msg.ignore_eos or eos_token_id is None else frozenset({eos_token_id})
+    return StopCriteria(
+        max_new_tokens=int(msg.max_new_tokens) or default_max_new_tokens,
+        eos_token_ids=eos,
+        stop_strings=tuple(s for s in msg.stop if s),
+    )
+
+
+def dist_to_pb(dist: SparseDist) -> pb.SparseDistribution:
+    return pb.SparseDistribution(token_ids=dist.token_ids.tolist(), probs=dist.probs.tolist())
+
+
+def dist_from_pb(msg: pb.SparseDistribution) -> SparseDist:
+    if len(msg.token_ids) != len(msg.probs) or not msg.token_ids:
+        raise ValueError("a sparse distribution needs as many probs as token ids, and at least one")
+    return SparseDist(token_ids=torch.tensor(list(msg.token_ids), dtype=torch.long),
+                      probs=torch.tensor(list(msg.probs), dtype=torch.float32))
+
+
+def block_to_pb(block: DraftBlock) -> pb.DraftResponse:
+    return pb.DraftResponse(tokens=block.tokens, dists=[dist_to_pb(d) for d in block.dists], draft_s=block.draft_s)
+
+
+def block_from_pb(msg: pb.DraftResponse | pb.VerifyRequest) -> DraftBlock:
+    if isinstance(msg, pb.DraftResponse):
+        tokens, dists, draft_s = list(msg.tokens), list(msg.dists), msg.draft_s
+    else:
+        tokens, dists, draft_s = list(msg.draft_tokens), list(msg.draft_dists), 0.0
+    return DraftBlock(tokens=tokens, dists=[dist_from_pb(d) for d in dists], draft_s=draft_s)
+
+
+def stats_to_pb(stats: GenerationStats) -> pb.GenerationStats:
+    d = stats.to_dict()
+    return pb.GenerationStats(**{k: d[k] for k in pb.GenerationStats.DESCRIPTOR.fields_by_name})
+
+
+def stats_from_pb(msg: pb.GenerationStats) -> dict:
+    from google.protobuf.json_format import MessageToDict
+
+    d = MessageToDict(msg, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+    return {k: (float(v) if isinstance(v, float) else v) for k, v in d.items()}
+
+
+def info_to_pb(model_name, runner, tokenizer, fingerprint, include_vocab) -> pb.InfoResponse:
+    eos = tokenizer.eos_token_id
+    msg = pb.InfoResponse(model=model_name, vocab_fingerprint=fingerprint, vocab_size=runner.vocab_size,
+                          device=str(runner.device), dtype=str(next(runner.model.parameters()).dtype),
+                          eos_token_id=-1 if eos is None else eos)
+    if include_vocab:
+        msg.vocab.extend(vocab_by_id(tokenizer))
+    return msg

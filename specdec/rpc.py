@@ -1,0 +1,127 @@
+"""gRPC plumbing shared by the two services: error mapping, server start with health, graceful stop."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import signal
+import threading
+from collections.abc import Callable, Iterable
+from concurrent import futures
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from specdec_core.models import ModelError, TokenizerMismatch
+
+log = logging.getLogger(__name__)
+
+
+class SessionNotFound(KeyError):
+    """A session id the server does not hold (expired, evicted, or the server restarted)."""
+
+
+class LimitExceeded(RuntimeError):
+    """A configured capacity (sessions, tokens) is full."""
+
+
+class DependencyUnavailable(RuntimeError):
+    """A service this one needs (e.g. the drafter) cannot be reached."""
+
+
+# One table from exception type to status code, used by every servicer method.
+STATUS_OF: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
+    (SessionNotFound, grpc.StatusCode.NOT_FOUND),
+    (LimitExceeded, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (DependencyUnavailable, grpc.StatusCode.UNAVAILABLE),
+    (TokenizerMismatch, grpc.StatusCode.FAILED_PRECONDITION),
+    (ModelError, grpc.StatusCode.FAILED_PRECONDITION),
+    (ValueError, grpc.StatusCode.INVALID_ARGUMENT),
+)
+
+
+def _abort(context: grpc.ServicerContext, exc: BaseException) -> None:
+    for exc_type, code in STATUS_OF:
+        if isinstance(exc, exc_type):
+            context.abort(code, str(exc))
+    log.exception("internal error")
+    context.abort(grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}")
+
+
+def map_errors(method: Callable) -> Callable:
+    """Decorate a unary or server-streaming servicer method so exceptions become status codes."""
+    if _is_generator(method):
+
+        @functools.wraps(method)
+        def stream(self, request, context):
+            try:
+                yield from method(self, request, context)
+            except Exception as exc:  # noqa: BLE001 - mapped to a status code
+                if context.is_active() or not isinstance(exc, grpc.RpcError):
+                    _abort(context, exc)
+
+        return stream
+
+    @functools.wraps(method)
+    def unary(self, request, context):
+        try:
+            return method(self, request, context)
+        except Exception as exc:  # noqa: BLE001 - mapped to a status code
+            _abort(context, exc)
+
+    return unary
+
+
+def _is_generator(fn: Callable) -> bool:
+    import inspect
+
+    return inspect.isgeneratorfunction(fn)
+
+
+def make_server(
+    port: int,
+    register: Iterable[Callable[[grpc.Server], None]],
+    service_names: Iterable[str],
+    max_workers: int = 16,
+    host: str = "[::]",
+) -> tuple[grpc.Server, int, health.HealthServicer]:
+    """Build a started server with the standard health service reporting SERVING; return (server, port, health)."""
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=max_workers),
+        options=[("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)],
+    )
+    for add in register:
+        add(server)
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise RuntimeError(f"cannot bind port {port}")
+    server.start()
+    for name in ["", *service_names]:
+        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    return server, bound, health_servicer
+
+
+def serve_until_signal(server: grpc.Server, health_servicer: health.HealthServicer, grace_s: float) -> None:
+    """Block until SIGTERM/SIGINT, then stop gracefully: NOT_SERVING, refuse new rpcs, drain within grace_s."""
+    done = threading.Event()
+
+    def on_signal(signum, _frame):
+        log.info("signal %d: shutting down (grace %.1fs)", signum, grace_s)
+        done.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    done.wait()
+    health_servicer.enter_graceful_shutdown()
+    server.stop(grace_s).wait()
+    log.info("stopped")
+
+
+def channel(address: str) -> grpc.Channel:
+    """An insecure channel with the message limits the services use."""
+    return grpc.insecure_channel(
+        address,
+        options=[("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)],
+    )

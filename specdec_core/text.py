@@ -1,0 +1,38 @@
+"""Incremental detokenization with stop strings: text is released only once it can no longer change."""
+
+from __future__ import annotations
+
+
+class IncrementalText:
+    """Turns a growing list of token ids into text deltas.
+
+    Holds back an incomplete UTF-8 sequence (decoded as U+FFFD) and any tail that could still become a
+    stop string, so text already released never has to be taken back; the final text is cut before the
+    first stop string.
+    """
+
+    def __init__(self, tokenizer, stop_strings: tuple[str, ...] = ()) -> None:
+        self.tokenizer = tokenizer
+        self.stop_strings = tuple(s for s in stop_strings if s)
+        self.ids: list[int] = []
+        self.released = 0  # characters of the text already returned
+
+    def add(self, token_ids: list[int], final: bool = False) -> str:
+        self.ids.extend(token_ids)
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        cut = min((i for i in (text.find(s) for s in self.stop_strings) if i >= 0), default=-1)
+        if cut >= 0:
+            text, final = text[:cut], True
+        end = len(text) if final else len(text) - self._unstable_tail(text)
+        delta = text[self.released : max(end, self.released)]
+        self.released = max(end, self.released)
+        return delta
+
+    def _unstable_tail(self, text: str) -> int:
+        tail = len(text) - len(text.rstrip("\ufffd"))
+        for s in self.stop_strings:
+            for n in range(min(len(s) - 1, len(text)), 0, -1):
+                if text.endswith(s[:n]):
+                    tail = max(tail, n)
+                    break
+        return tail

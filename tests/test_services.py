@@ -1,0 +1,191 @@
+"""In-process gRPC tests: both services on port 0 with tiny models, driven through the client library."""
+
+import copy
+
+import grpc
+import pytest
+import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from client import SpecDecClient
+from drafter_service.engine import DrafterEngine
+from drafter_service.server import start as start_drafter
+from specdec.config import DrafterConfig, VerifierConfig
+from specdec.rpc import channel
+from specdec.v1 import specdec_pb2 as pb
+from specdec.v1 import specdec_pb2_grpc as pb_grpc
+from specdec_core.engine import TargetSession
+from specdec_core.runner import ModelRunner
+from specdec_core.sampling import SamplingParams
+from tiny import hf_greedy, perturbed, tiny_model, tiny_tokenizer
+from verifier_service.engine import VerifierEngine
+from verifier_service.server import start as start_verifier
+
+PROMPT = "def add(a, b):\n"
+PROMPT_IDS = tiny_tokenizer()(PROMPT)["input_ids"]
+
+
+@pytest.fixture(scope="module")
+def models():
+    target = tiny_model("qwen2", seed=0)
+    return target, perturbed(target, 0.1)
+
+
+class Pair:
+    def __init__(self, target, drafter, verifier_cfg=None, drafter_tokenizer=None):
+        self.target, self.drafter = target, drafter
+        self.d_server, d_port, _ = start_drafter(
+            DrafterConfig(port=0, host="127.0.0.1", model="tiny-drafter"),
+            DrafterEngine(DrafterConfig(model="tiny-drafter"), drafter, drafter_tokenizer or tiny_tokenizer()))
+        self.drafter_addr = f"127.0.0.1:{d_port}"
+        self.v_cfg = verifier_cfg or VerifierConfig(port=0, host="127.0.0.1", model="tiny-target", fast_verify="off",
+                                                    drafters=(self.drafter_addr,))
+        self.start_verifier(0)
+
+    def start_verifier(self, port):
+        self.v_engine = VerifierEngine(self.v_cfg, self.target, tiny_tokenizer())
+        cfg = VerifierConfig(**{**self.v_cfg.__dict__, "port": port})
+        self.v_server, self.v_port, self.v_health = start_verifier(cfg, self.v_engine)
+        self.verifier_addr = f"127.0.0.1:{self.v_port}"
+
+    def stop(self):
+        self.v_server.stop(0)
+        self.d_server.stop(0)
+
+
+@pytest.fixture
+def pair(models):
+    p = Pair(*models)
+    yield p
+    p.stop()
+
+
+def test_generation_through_both_services_equals_target_greedy(pair, models):
+    with SpecDecClient(pair.verifier_addr, pair.drafter_addr) as c:
+        r = c.generate(PROMPT, max_new_tokens=40, num_draft_tokens=4, ignore_eos=True)
+    assert r.token_ids == hf_greedy(models[0], PROMPT_IDS, 40)
+    assert r.finish_reason == "length"
+    s = r.stats
+    assert s["drafted"] > 0 and s["rounds"] < 40 and s["target_passes"] == s["rounds"] + 1
+    assert r.text == tiny_tokenizer().decode(r.token_ids, skip_special_tokens=True)
+    for key in ("acceptance_rate", "accepted_per_position", "draft_s", "verify_s", "network_s", "tokens_per_s"):
+        assert key in s
+
+
+def test_no_draft_and_default_drafter(pair, models):
+    expected = hf_greedy(models[0], PROMPT_IDS, 20)
+    with SpecDecClient(pair.verifier_addr, drafter="") as c:
+        baseline = c.generate(PROMPT, max_new_tokens=20, no_draft=True, ignore_eos=True)
+        via_default = c.generate(PROMPT, max_new_tokens=20, ignore_eos=True)  # verifier's configured drafter
+    assert baseline.token_ids == expected and baseline.stats["drafted"] == 0
+    assert via_default.token_ids == expected and via_default.stats["drafted"] > 0
+
+
+def test_sampled_generation_is_seeded_over_the_wire(pair):
+    kw = dict(max_new_tokens=30, temperature=0.8, top_p=0.95, seed=5, ignore_eos=True)
+    with SpecDecClient(pair.verifier_addr, pair.drafter_addr) as c:
+        a, b = c.generate(PROMPT, **kw), c.generate(PROMPT, **kw)
+        other = c.generate(PROMPT, **{**kw, "seed": 6})
+    assert a.token_ids == b.token_ids and a.token_ids != other.token_ids
+    assert a.stats["drafted"] > 0
+
+
+def test_restarted_verifier_resumes_from_client_history(pair, models):
+    expected = hf_greedy(models[0], PROMPT_IDS, 40)
+    with SpecDecClient(pair.verifier_addr, pair.drafter_addr, retry_wait_s=10) as c:
+        ids = []
+        for i, piece in enumerate(c.stream(PROMPT, max_new_tokens=40, num_draft_tokens=2, ignore_eos=True)):
+            ids.extend(piece.token_ids)
+            if i == 2:  # kill the verifier mid-generation: its sessions are gone
+                pair.v_server.stop(0).wait()
+                pair.start_verifier(pair.v_port)
+        assert c.resumes == 1
+    assert ids == expected
+
+
+def test_generation_carries_on_when_the_drafter_dies(pair, models):
+    expected = hf_greedy(models[0], PROMPT_IDS, 40)
+    with SpecDecClient(pair.verifier_addr, pair.drafter_addr) as c:
+        ids, stats = [], {}
+        for i, piece in enumerate(c.stream(PROMPT, max_new_tokens=40, num_draft_tokens=2, ignore_eos=True)):
+            ids.extend(piece.token_ids)
+            stats = piece.stats or stats
+            if i == 1:
+                pair.d_server.stop(0).wait()
+    assert ids == expected
+    assert stats["drafter_failures"] == 1
+
+
+def test_tokenizer_mismatch_is_refused_naming_the_difference(models):
+    other = copy.deepcopy(tiny_tokenizer())
+    other.add_tokens(["zzz_not_in_target"])
+    p = Pair(*models, drafter_tokenizer=other)
+    try:
+        with SpecDecClient(p.verifier_addr, p.drafter_addr) as c, pytest.raises(grpc.RpcError) as err:
+            c.generate(PROMPT, max_new_tokens=5)
+        assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "token id 400" in err.value.details() and "zzz_not_in_target" in err.value.details()
+    finally:
+        p.stop()
+
+
+def test_verify_rpc_sessions_rebuild_and_match_core(pair, models):
+    stub = pb_grpc.VerifierStub(channel(pair.verifier_addr))
+    greedy = pb.SamplingParams()
+    r1 = stub.Verify(pb.VerifyRequest(session_id="s1", reset=True, tokens=PROMPT_IDS, sampling=greedy,
+                                      draft_tokens=[5, 6, 7], return_logprobs=True))
+    local = TargetSession(ModelRunner(models[0]), PROMPT_IDS, SamplingParams())
+    verdict, logprobs = local.verify([5, 6, 7], want_logprobs=True)
+    assert (r1.num_accepted, r1.next_token) == (verdict.num_accepted, verdict.next_token)
+    assert r1.logprobs == pytest.approx(logprobs, abs=1e-4)
+    history = PROMPT_IDS + [5, 6, 7][: r1.num_accepted] + [r1.next_token]
+    assert r1.context_length == len(history)
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Verify(pb.VerifyRequest(session_id="unknown", draft_tokens=[1]))
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    rebuilt = stub.Verify(pb.VerifyRequest(session_id="s2", reset=True, tokens=history, sampling=greedy))
+    cont = stub.Verify(pb.VerifyRequest(session_id="s1"))
+    assert (rebuilt.num_accepted, rebuilt.next_token) == (cont.num_accepted, cont.next_token)
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Verify(pb.VerifyRequest(session_id="s3", reset=True, tokens=PROMPT_IDS, sampling=pb.SamplingParams(temperature=1.0),
+                                     draft_tokens=[1]))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT  # sampled verification without draft dists
+
+
+def test_session_limits_are_enforced(models):
+    cfg = VerifierConfig(port=0, host="127.0.0.1", model="tiny", fast_verify="off", max_sessions=1,
+                         max_session_tokens=64)
+    p = Pair(*models, verifier_cfg=cfg)
+    try:
+        stub = pb_grpc.VerifierStub(channel(p.verifier_addr))
+        stub.Verify(pb.VerifyRequest(session_id="a", reset=True, tokens=PROMPT_IDS))
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Verify(pb.VerifyRequest(session_id="b", reset=True, tokens=PROMPT_IDS))
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        stub.CloseSession(pb.CloseSessionRequest(session_id="a"))
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Verify(pb.VerifyRequest(session_id="b", reset=True, tokens=list(range(100))))
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    finally:
+        p.stop()
+
+
+def test_health_and_graceful_shutdown(pair):
+    stub = health_pb2_grpc.HealthStub(channel(pair.verifier_addr))
+    for service in ("", "specdec.v1.Generation", "specdec.v1.Verifier"):
+        assert stub.Check(health_pb2.HealthCheckRequest(service=service)).status == health_pb2.HealthCheckResponse.SERVING
+    pair.v_health.enter_graceful_shutdown()
+    assert stub.Check(health_pb2.HealthCheckRequest()).status == health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def test_bad_input_maps_to_invalid_argument(pair):
+    stub = pb_grpc.GenerationStub(channel(pair.verifier_addr))
+    with pytest.raises(grpc.RpcError) as err:
+        list(stub.Generate(pb.GenerateRequest(text="")))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    with pytest.raises(grpc.RpcError) as err:
+        list(stub.Generate(pb.GenerateRequest(token_ids=pb.TokenIds(ids=[10**7]))))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    with pytest.raises(grpc.RpcError) as err:
+        list(stub.Generate(pb.GenerateRequest(text="x", sampling=pb.SamplingParams(temperature=-1))))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT

@@ -1,0 +1,258 @@
+"""The verifier's engine: the target model, its session store, and generation with remote drafters."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import grpc
+import torch
+
+from specdec.config import VerifierConfig
+from specdec.rpc import DependencyUnavailable, LimitExceeded, SessionNotFound, channel
+from specdec.v1 import specdec_pb2 as pb
+from specdec.v1 import specdec_pb2_grpc as pb_grpc
+from specdec_core.draft_length import AdaptiveDraftLength, FixedDraftLength
+from specdec_core.drafting import DraftBlock
+from specdec_core.engine import GenerationStats, SpeculativeDecoder, StopCriteria, TargetSession
+from specdec_core.models import TokenizerMismatch, first_vocab_difference, load_model, vocab_by_id, vocab_fingerprint
+from specdec_core.optimize import enable_fast_linear
+from specdec_core.runner import ModelRunner
+from specdec_core.sampling import SamplingParams
+from specdec_core.text import IncrementalText
+from specdec_core.verification import Verdict
+
+from .remote_drafter import RemoteDrafter
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class GenerateArgs:
+    """A decoded Generate request."""
+
+    prompt_text: str | None = None
+    prompt_ids: list[int] | None = None
+    chat: bool = False
+    params: SamplingParams = SamplingParams()
+    max_new_tokens: int = 0
+    stop_strings: tuple[str, ...] = ()
+    ignore_eos: bool = False
+    num_draft_tokens: int = 0
+    adaptive: bool = False
+    no_draft: bool = False
+    drafter: str = ""
+    request_id: str = ""
+
+
+@dataclass
+class GenerateEvent:
+    token_ids: list[int]
+    text: str
+    finish_reason: str | None = None
+    stats: GenerationStats | None = None
+    prompt_ids: list[int] = field(default_factory=list)
+
+
+@dataclass
+class _Entry:
+    session: TargetSession | None
+    tokens: int
+    last_used: float = field(default_factory=time.monotonic)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+class SessionStore:
+    """Sessions by id, with an idle timeout and caps on their number and total tokens."""
+
+    def __init__(self, config: VerifierConfig) -> None:
+        self.config = config
+        self._entries: dict[str, _Entry] = {}
+        self._lock = threading.Lock()
+
+    def _expire(self) -> None:
+        deadline = time.monotonic() - self.config.session_idle_s
+        for sid in [s for s, e in self._entries.items() if e.last_used < deadline and not e.lock.locked()]:
+            log.info("session %s expired", sid)
+            del self._entries[sid]
+
+    def add(self, session_id: str, entry: _Entry) -> _Entry:
+        if entry.tokens > self.config.max_session_tokens:
+            raise LimitExceeded(f"session of {entry.tokens} tokens exceeds max_session_tokens "
+                                f"{self.config.max_session_tokens}")
+        with self._lock:
+            self._expire()
+            self._entries.pop(session_id, None)
+            if len(self._entries) >= self.config.max_sessions:
+                raise LimitExceeded(f"verifier at its limit of {self.config.max_sessions} sessions")
+            total = sum(e.tokens for e in self._entries.values()) + entry.tokens
+            if total > self.config.max_total_tokens:
+                raise LimitExceeded(f"verifier at its limit of {self.config.max_total_tokens} cached tokens")
+            self._entries[session_id] = entry
+        return entry
+
+    def get(self, session_id: str) -> _Entry:
+        with self._lock:
+            self._expire()
+            entry = self._entries.get(session_id)
+        if entry is None or entry.session is None:
+            raise SessionNotFound(f"unknown session {session_id!r}; resend the full history with reset")
+        entry.last_used = time.monotonic()
+        return entry
+
+    def remove(self, session_id: str) -> None:
+        with self._lock:
+            self._entries.pop(session_id, None)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    @contextmanager
+    def reserve(self, session_id: str, tokens: int):
+        """Hold a slot (and token budget) for a streaming generation while it runs."""
+        entry = self.add(session_id, _Entry(session=None, tokens=tokens))
+        with entry.lock:
+            try:
+                yield
+            finally:
+                self.remove(session_id)
+
+
+class VerifierEngine:
+    """Target model + sessions + drafter connections; the servicers call one method each."""
+
+    def __init__(self, config: VerifierConfig, model=None, tokenizer=None) -> None:
+        self.config = config
+        if config.threads:
+            torch.set_num_threads(config.threads)
+        if model is None:
+            model, tokenizer = load_model(config.model, config.device, config.dtype)
+        self.fast_verify = enable_fast_linear(model, config.fast_verify)
+        self.runner = ModelRunner(model, name=config.model)
+        self.tokenizer = tokenizer
+        self.fingerprint = vocab_fingerprint(tokenizer)
+        self.decoder = SpeculativeDecoder(self.runner, tokenizer)
+        self.sessions = SessionStore(config)
+        self._stubs: dict[str, pb_grpc.DrafterStub] = {}
+        self._paired: set[str] = set()
+        self._lock = threading.Lock()
+        self._next_drafter = 0
+
+    # -- public generation -------------------------------------------------------------------------
+    def generate(self, args: GenerateArgs) -> Iterator[GenerateEvent]:
+        request_id = args.request_id or uuid.uuid4().hex[:12]
+        prompt_ids = self.prompt_ids(args)
+        max_new = args.max_new_tokens or self.config.max_new_tokens
+        eos = self.tokenizer.eos_token_id
+        stop = StopCriteria(max_new_tokens=max_new, stop_strings=args.stop_strings,
+                            eos_token_ids=frozenset() if args.ignore_eos or eos is None else frozenset({eos}))
+        k = args.num_draft_tokens or self.config.num_draft_tokens
+        policy = AdaptiveDraftLength(k_max=args.num_draft_tokens or 8) if args.adaptive else FixedDraftLength(k)
+        drafter = None if args.no_draft else self._remote_drafter(args.drafter, request_id)
+        stats = GenerationStats()
+        text = IncrementalText(self.tokenizer, args.stop_strings)
+        log.info("[%s] generate: prompt %d tokens, max_new %d, k %s, drafter %s", request_id, len(prompt_ids),
+                 max_new, "adaptive" if args.adaptive else k, drafter.addresses[0] if drafter else "none")
+        with self.sessions.reserve(f"generate:{request_id}", len(prompt_ids) + max_new + 16):
+            first = True
+            for chunk in self.decoder.generate(prompt_ids, args.params, stop, drafter, policy, stats):
+                done = chunk.finish_reason is not None
+                yield GenerateEvent(chunk.token_ids, text.add(chunk.token_ids, final=done), chunk.finish_reason,
+                                    stats if done else None, prompt_ids if first else [])
+                first = False
+        log.info("[%s] done: %d tokens, %d rounds, drafted %d, accepted %d, %.2f tok/s", request_id,
+                 stats.new_tokens, stats.rounds, stats.drafted, stats.accepted, stats.tokens_per_s)
+
+    def prompt_ids(self, args: GenerateArgs) -> list[int]:
+        if args.prompt_ids:
+            ids = list(args.prompt_ids)
+            if max(ids) >= self.runner.vocab_size or min(ids) < 0:
+                raise ValueError(f"prompt token ids must be in [0, {self.runner.vocab_size})")
+            return ids
+        if not args.prompt_text:
+            raise ValueError("empty prompt")
+        if args.chat:
+            messages = [{"role": "user", "content": args.prompt_text}]
+            ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+            ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
+            return list(ids)
+        return list(self.tokenizer(args.prompt_text)["input_ids"])
+
+    # -- drafters -------------------------------------------------------------------------------------
+    def _remote_drafter(self, address: str, request_id: str) -> RemoteDrafter | None:
+        addresses = [address] if address else self._rotated_defaults()
+        if not addresses:
+            return None
+        usable = []
+        for addr in addresses:
+            try:
+                self._check_pair(addr)
+                usable.append(addr)
+            except DependencyUnavailable as exc:
+                log.warning("[%s] %s", request_id, exc)
+        if not usable:
+            log.warning("[%s] no drafter reachable, decoding with the target alone", request_id)
+            return None
+        return RemoteDrafter(usable, self._stub, request_id=request_id)
+
+    def _rotated_defaults(self) -> list[str]:
+        drafters = list(self.config.drafters)
+        if not drafters:
+            return []
+        with self._lock:  # spread generations over the configured drafters
+            i = self._next_drafter % len(drafters)
+            self._next_drafter += 1
+        return drafters[i:] + drafters[:i]
+
+    def _stub(self, address: str) -> pb_grpc.DrafterStub:
+        with self._lock:
+            if address not in self._stubs:
+                self._stubs[address] = pb_grpc.DrafterStub(channel(address))
+            return self._stubs[address]
+
+    def _check_pair(self, address: str) -> None:
+        """Refuse a drafter whose tokenizer differs from ours (checked once per address)."""
+        if address in self._paired:
+            return
+        stub = self._stub(address)
+        try:
+            info = stub.Info(pb.InfoRequest(), timeout=10)
+            if info.vocab_fingerprint != self.fingerprint:
+                full = stub.Info(pb.InfoRequest(include_vocab=True), timeout=30)
+                diff = first_vocab_difference(list(full.vocab), vocab_by_id(self.tokenizer))
+                raise TokenizerMismatch(diff or f"drafter at {address} has a different vocabulary fingerprint")
+        except grpc.RpcError as exc:
+            raise DependencyUnavailable(f"drafter {address} unreachable: {exc.code()}") from exc
+        self._paired.add(address)
+
+    # -- session-based verification -------------------------------------------------------------------
+    def verify(self, session_id: str, tokens: list[int], reset: bool, params: SamplingParams,
+               block: DraftBlock, want_logprobs: bool) -> tuple[Verdict, list[float] | None, int]:
+        if not session_id:
+            raise ValueError("session_id is required")
+        if reset:
+            if not tokens:
+                raise ValueError("a reset needs the full token history")
+            entry = self.sessions.add(session_id, _Entry(session=None, tokens=len(tokens)))
+            with entry.lock:
+                entry.session = TargetSession(self.runner, tokens, params)
+        else:
+            entry = self.sessions.get(session_id)
+        with entry.lock:
+            session = entry.session
+            session.append(tokens if not reset else [])
+            if len(session.context) + len(block.tokens) + 1 > self.config.max_session_tokens:
+                self.sessions.remove(session_id)
+                raise LimitExceeded(f"session {session_id} reached max_session_tokens {self.config.max_session_tokens}")
+            verdict, logprobs = session.verify(block.tokens, block, want_logprobs)
+            entry.tokens = len(session.context)
+            entry.last_used = time.monotonic()
+            return verdict, logprobs, len(session.context)
+
+    def close_session(self, session_id: str) -> None:
+        self.sessions.remove(session_id)

@@ -1,0 +1,100 @@
+"""gRPC servicers of the verifier (Generation + Verifier) and its entry point (``specdec serve-verifier``)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+from specdec import convert
+from specdec.config import VerifierConfig, add_config_args, config_from_args
+from specdec.rpc import make_server, map_errors, serve_until_signal
+from specdec.v1 import specdec_pb2 as pb
+from specdec.v1 import specdec_pb2_grpc as pb_grpc
+
+from .engine import GenerateArgs, VerifierEngine
+
+log = logging.getLogger(__name__)
+
+
+def generate_args_from_pb(req: pb.GenerateRequest) -> GenerateArgs:
+    return GenerateArgs(
+        prompt_text=req.text if req.WhichOneof("prompt") == "text" else None,
+        prompt_ids=list(req.token_ids.ids) if req.WhichOneof("prompt") == "token_ids" else None,
+        chat=req.chat,
+        params=convert.sampling_from_pb(req.sampling),
+        max_new_tokens=req.stop.max_new_tokens,
+        stop_strings=tuple(req.stop.stop),
+        ignore_eos=req.stop.ignore_eos,
+        num_draft_tokens=req.num_draft_tokens,
+        adaptive=req.adaptive_draft,
+        no_draft=req.no_draft,
+        drafter=req.drafter,
+        request_id=req.request_id,
+    )
+
+
+class GenerationServicer(pb_grpc.GenerationServicer):
+    def __init__(self, engine: VerifierEngine) -> None:
+        self.engine = engine
+
+    @map_errors
+    def Generate(self, request, context):
+        for event in self.engine.generate(generate_args_from_pb(request)):
+            if not context.is_active():
+                return  # the client went away: stop generating
+            yield pb.GenerateResponse(
+                token_ids=event.token_ids, text=event.text, finish_reason=event.finish_reason or "",
+                stats=convert.stats_to_pb(event.stats) if event.stats else None, prompt_token_ids=event.prompt_ids,
+            )
+
+
+class VerifierServicer(pb_grpc.VerifierServicer):
+    def __init__(self, engine: VerifierEngine) -> None:
+        self.engine = engine
+
+    @map_errors
+    def Verify(self, request, context):
+        verdict, logprobs, length = self.engine.verify(
+            request.session_id, list(request.tokens), request.reset, convert.sampling_from_pb(request.sampling),
+            convert.block_from_pb(request), request.return_logprobs,
+        )
+        return pb.VerifyResponse(num_accepted=verdict.num_accepted, next_token=verdict.next_token,
+                                 logprobs=logprobs or [], context_length=length)
+
+    @map_errors
+    def CloseSession(self, request, context):
+        self.engine.close_session(request.session_id)
+        return pb.CloseSessionResponse()
+
+    @map_errors
+    def Info(self, request, context):
+        e = self.engine
+        return convert.info_to_pb(e.config.model, e.runner, e.tokenizer, e.fingerprint, request.include_vocab)
+
+
+def start(config: VerifierConfig, engine: VerifierEngine | None = None):
+    """Start a verifier server (port 0 picks a free port); returns (server, port, health servicer)."""
+    engine = engine or VerifierEngine(config)
+    return make_server(
+        config.port,
+        [lambda s: pb_grpc.add_GenerationServicer_to_server(GenerationServicer(engine), s),
+         lambda s: pb_grpc.add_VerifierServicer_to_server(VerifierServicer(engine), s)],
+        ["specdec.v1.Generation", "specdec.v1.Verifier"],
+        max_workers=config.max_sessions + 4,
+        host=config.host,
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser("specdec serve-verifier", description="Serve a target model over gRPC.")
+    add_config_args(parser, VerifierConfig, "VERIFIER")
+    config = config_from_args(VerifierConfig, parser.parse_args(argv))
+    logging.basicConfig(level=config.log_level, format="%(asctime)s %(levelname)s verifier %(name)s: %(message)s")
+    server, port, health_servicer = start(config)
+    log.info("verifier %s serving on port %d (%s), drafters %s", config.model, port, config.device,
+             ", ".join(config.drafters) or "none configured")
+    serve_until_signal(server, health_servicer, config.grace_s)
+
+
+if __name__ == "__main__":
+    main()
