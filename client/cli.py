@@ -13,10 +13,16 @@ def cmd_generate(argv: list[str]) -> int:
     from .client import SpecDecClient
 
     p = argparse.ArgumentParser("specdec generate", description="Generate through a verifier and a drafter.")
-    p.add_argument("--verifier", default=os.environ.get("SPECDEC_VERIFIER_ADDR", "localhost:50051"),
-                   help="verifier host:port (env SPECDEC_VERIFIER_ADDR)")
-    p.add_argument("--drafter", default=os.environ.get("SPECDEC_DRAFTER_ADDR", ""),
-                   help="drafter host:port (env SPECDEC_DRAFTER_ADDR); empty: the verifier's configured drafters")
+    p.add_argument(
+        "--verifier",
+        default=os.environ.get("SPECDEC_VERIFIER_ADDR", "localhost:50051"),
+        help="verifier host:port (env SPECDEC_VERIFIER_ADDR)",
+    )
+    p.add_argument(
+        "--drafter",
+        default=os.environ.get("SPECDEC_DRAFTER_ADDR", ""),
+        help="drafter host:port (env SPECDEC_DRAFTER_ADDR); empty: the verifier's configured drafters",
+    )
     p.add_argument("--prompt", required=True)
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.0)
@@ -24,21 +30,42 @@ def cmd_generate(argv: list[str]) -> int:
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--num-draft-tokens", type=int, default=0, help="0: the verifier's default")
-    p.add_argument("--adaptive", action="store_true", help="choose the draft length per round from a cost model")
+    p.add_argument(
+        "--adaptive", action="store_true", help="choose the draft length per round from a cost model"
+    )
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--ignore-eos", action="store_true")
     p.add_argument("--chat", action="store_true", help="apply the model's chat template")
     p.add_argument("--no-draft", action="store_true", help="target-only decoding (the baseline)")
     p.add_argument("--json", action="store_true", help="print one JSON object with text, token_ids and stats")
     a = p.parse_args(argv)
-    kwargs = dict(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
-                  seed=a.seed, num_draft_tokens=a.num_draft_tokens, adaptive=a.adaptive, no_draft=a.no_draft,
-                  chat=a.chat, stop=tuple(a.stop), ignore_eos=a.ignore_eos)
+    kwargs = dict(
+        max_new_tokens=a.max_new_tokens,
+        temperature=a.temperature,
+        top_k=a.top_k,
+        top_p=a.top_p,
+        seed=a.seed,
+        num_draft_tokens=a.num_draft_tokens,
+        adaptive=a.adaptive,
+        no_draft=a.no_draft,
+        chat=a.chat,
+        stop=tuple(a.stop),
+        ignore_eos=a.ignore_eos,
+    )
     with SpecDecClient(a.verifier, a.drafter) as client:
         if a.json:
             r = client.generate(a.prompt, **kwargs)
-            print(json.dumps({"text": r.text, "token_ids": r.token_ids, "finish_reason": r.finish_reason,
-                              "stats": r.stats, "resumes": r.resumes}))
+            print(
+                json.dumps(
+                    {
+                        "text": r.text,
+                        "token_ids": r.token_ids,
+                        "finish_reason": r.finish_reason,
+                        "stats": r.stats,
+                        "resumes": r.resumes,
+                    }
+                )
+            )
             return 0
         stats = {}
         for piece in client.stream(a.prompt, **kwargs):
@@ -46,8 +73,11 @@ def cmd_generate(argv: list[str]) -> int:
             sys.stdout.flush()
             stats = piece.stats or stats
         sys.stdout.write("\n")
-        print(f"[{stats.get('new_tokens', 0)} tokens, {stats.get('tokens_per_s', 0):.2f} tok/s, "
-              f"acceptance {stats.get('acceptance_rate', 0):.2f}]", file=sys.stderr)
+        print(
+            f"[{stats.get('new_tokens', 0)} tokens, {stats.get('tokens_per_s', 0):.2f} tok/s, "
+            f"acceptance {stats.get('acceptance_rate', 0):.2f}]",
+            file=sys.stderr,
+        )
     return 0
 
 
@@ -64,7 +94,9 @@ def cmd_models(argv: list[str]) -> int:
     a = p.parse_args(argv)
     if a.action == "list":
         for name, spec in models.BUILTIN_MODELS.items():
-            state = "fetched" if (models.builtin_dir(name) / "specdec-source.json").exists() else "not fetched"
+            state = (
+                "fetched" if (models.builtin_dir(name) / "specdec-source.json").exists() else "not fetched"
+            )
             print(f"{name:32s} {state:12s} {spec.description}")
     elif a.action == "fetch":
         for name in a.names:
@@ -78,13 +110,16 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     commands = ("serve-verifier", "serve-drafter", "generate", "demo", "models", "bench")
     if not argv or argv[0] not in commands:
-        print("usage: specdec {" + ",".join(commands) + "} ...\n\n"
-              "  serve-verifier  serve the target model (Generate + Verify rpcs)\n"
-              "  serve-drafter   serve the drafter model\n"
-              "  generate        generate text through a running pair\n"
-              "  demo            start both services on the built-in Qwen pair and compare speeds\n"
-              "  models          list / fetch / path of the built-in offline models\n"
-              "  bench           benchmark against target-only and HF assisted generation", file=sys.stderr)
+        print(
+            "usage: specdec {" + ",".join(commands) + "} ...\n\n"
+            "  serve-verifier  serve the target model (Generate + Verify rpcs)\n"
+            "  serve-drafter   serve the drafter model\n"
+            "  generate        generate text through a running pair\n"
+            "  demo            start both services on the built-in Qwen pair and compare speeds\n"
+            "  models          list / fetch / path of the built-in offline models\n"
+            "  bench           benchmark against target-only and HF assisted generation",
+            file=sys.stderr,
+        )
         return 2
     command, rest = argv[0], argv[1:]
     if command == "serve-verifier":

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -48,8 +47,13 @@ class GenerationResult:
 class SpecDecClient:
     """Client of a verifier's Generate API (the verifier drives the drafter)."""
 
-    def __init__(self, verifier: str | None = None, drafter: str | None = None, retries: int = 5,
-                 retry_wait_s: float = 30.0) -> None:
+    def __init__(
+        self,
+        verifier: str | None = None,
+        drafter: str | None = None,
+        retries: int = 5,
+        retry_wait_s: float = 30.0,
+    ) -> None:
         self.verifier = verifier or os.environ.get("SPECDEC_VERIFIER_ADDR", "localhost:50051")
         self.drafter = drafter if drafter is not None else os.environ.get("SPECDEC_DRAFTER_ADDR", "")
         self.retries = retries
@@ -67,16 +71,33 @@ class SpecDecClient:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def stream(self, prompt: str | list[int], *, max_new_tokens: int = 128, temperature: float = 0.0,
-               top_k: int = 0, top_p: float = 1.0, seed: int | None = None, num_draft_tokens: int = 0,
-               adaptive: bool = False, no_draft: bool = False, chat: bool = False, stop: tuple[str, ...] = (),
-               ignore_eos: bool = False, request_id: str = "") -> Iterator[StreamPiece]:
+    def stream(
+        self,
+        prompt: str | list[int],
+        *,
+        max_new_tokens: int = 128,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        num_draft_tokens: int = 0,
+        adaptive: bool = False,
+        no_draft: bool = False,
+        chat: bool = False,
+        stop: tuple[str, ...] = (),
+        ignore_eos: bool = False,
+        request_id: str = "",
+    ) -> Iterator[StreamPiece]:
         """Stream pieces of the generation as the verifier accepts them; the last one has the stats."""
         request = pb.GenerateRequest(
-            chat=chat, sampling=sampling_to_pb(SamplingParams(temperature, top_k, top_p, seed)),
+            chat=chat,
+            sampling=sampling_to_pb(SamplingParams(temperature, top_k, top_p, seed)),
             stop=pb.StopConditions(max_new_tokens=max_new_tokens, stop=list(stop), ignore_eos=ignore_eos),
-            num_draft_tokens=num_draft_tokens, adaptive_draft=adaptive, no_draft=no_draft,
-            drafter=self.drafter if not no_draft else "", request_id=request_id or uuid.uuid4().hex[:12],
+            num_draft_tokens=num_draft_tokens,
+            adaptive_draft=adaptive,
+            no_draft=no_draft,
+            drafter=self.drafter if not no_draft else "",
+            request_id=request_id or uuid.uuid4().hex[:12],
         )
         if isinstance(prompt, str):
             request.text = prompt
@@ -94,15 +115,24 @@ class SpecDecClient:
                     if resp.prompt_token_ids and not prompt_ids:
                         prompt_ids = list(resp.prompt_token_ids)
                     received.extend(resp.token_ids)
-                    yield StreamPiece(list(resp.token_ids), resp.text, resp.finish_reason or None,
-                                      stats_from_pb(resp.stats) if resp.HasField("stats") else None)
+                    yield StreamPiece(
+                        list(resp.token_ids),
+                        resp.text,
+                        resp.finish_reason or None,
+                        stats_from_pb(resp.stats) if resp.HasField("stats") else None,
+                    )
                 return
             except grpc.RpcError as exc:
                 if exc.code() not in RETRYABLE or not prompt_ids or self.resumes >= self.retries:
                     raise
                 self.resumes += 1
-                log.warning("verifier %s: %s; resuming from %d received tokens (attempt %d)", self.verifier,
-                            exc.code(), len(received), self.resumes)
+                log.warning(
+                    "verifier %s: %s; resuming from %d received tokens (attempt %d)",
+                    self.verifier,
+                    exc.code(),
+                    len(received),
+                    self.resumes,
+                )
                 # resume: the history we hold becomes the prompt; the budget shrinks accordingly
                 request.ClearField("text")
                 request.chat = False

@@ -32,7 +32,10 @@ def wait_serving(address: str, timeout_s: float = 300.0, proc: subprocess.Popen 
             if proc is not None and proc.poll() is not None:
                 raise RuntimeError(f"server for {address} exited with code {proc.returncode}")
             try:
-                if stub.Check(health_pb2.HealthCheckRequest(), timeout=2).status == health_pb2.HealthCheckResponse.SERVING:
+                if (
+                    stub.Check(health_pb2.HealthCheckRequest(), timeout=2).status
+                    == health_pb2.HealthCheckResponse.SERVING
+                ):
                     return
             except grpc.RpcError:
                 pass
@@ -58,19 +61,48 @@ class LocalService:
         return self.proc.returncode
 
 
-def launch(role: str, model: str, port: int | None = None, args: list[str] = (), env: dict | None = None,
-           cpus: list[int] | None = None, log_file=None, timeout_s: float = 600.0) -> LocalService:
+def launch(
+    role: str,
+    model: str,
+    port: int | None = None,
+    args: list[str] = (),
+    env: dict | None = None,
+    cpus: list[int] | None = None,
+    log_file=None,
+    timeout_s: float = 600.0,
+) -> LocalService:
     """Run ``specdec serve-<role>`` in a subprocess and wait until it is SERVING.
 
     ``cpus`` pins the process to those cores (the layout of a drafter on its own small device).
     """
     port = port or free_port()
-    cmd = [sys.executable, "-m", "client.cli", f"serve-{role}", "--model", model, "--port", str(port),
-           "--host", "127.0.0.1", *args]
-    proc_env = {**os.environ, **(env or {}), "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    cmd = [
+        sys.executable,
+        "-m",
+        "client.cli",
+        f"serve-{role}",
+        "--model",
+        model,
+        "--port",
+        str(port),
+        "--host",
+        "127.0.0.1",
+        *args,
+    ]
+    proc_env = {
+        **os.environ,
+        **(env or {}),
+        "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+    }
     preexec = (lambda: os.sched_setaffinity(0, cpus)) if cpus else None
-    proc = subprocess.Popen(cmd, env=proc_env, cwd=ROOT, stdout=log_file or subprocess.DEVNULL,
-                            stderr=subprocess.STDOUT if log_file else None, preexec_fn=preexec)
+    proc = subprocess.Popen(
+        cmd,
+        env=proc_env,
+        cwd=ROOT,
+        stdout=log_file or subprocess.DEVNULL,
+        stderr=subprocess.STDOUT if log_file else None,
+        preexec_fn=preexec,
+    )
     service = LocalService(role, f"127.0.0.1:{port}", proc)
     try:
         wait_serving(service.address, timeout_s, proc)

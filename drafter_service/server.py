@@ -8,7 +8,6 @@ import logging
 from specdec import convert
 from specdec.config import DrafterConfig, add_config_args, config_from_args
 from specdec.rpc import make_server, map_errors, serve_until_signal
-from specdec.v1 import specdec_pb2 as pb
 from specdec.v1 import specdec_pb2_grpc as pb_grpc
 
 from .engine import DrafterEngine
@@ -33,7 +32,9 @@ class DrafterServicer(pb_grpc.DrafterServicer):
                     if req.start.max_support:
                         drafter.max_support = min(req.start.max_support, self.engine.config.max_support)
                     drafter.start(list(req.start.context), convert.sampling_from_pb(req.start.sampling))
-                    log.info("[%s] draft session started, context %d tokens", request_id, len(req.start.context))
+                    log.info(
+                        "[%s] draft session started, context %d tokens", request_id, len(req.start.context)
+                    )
                     continue
                 if not drafter.context:
                     raise ValueError("a Draft stream must begin with a start message")
@@ -49,8 +50,13 @@ class DrafterServicer(pb_grpc.DrafterServicer):
 
     @map_errors
     def Info(self, request, context):
-        return convert.info_to_pb(self.engine.config.model, self.engine.runner, self.engine.tokenizer,
-                             self.engine.fingerprint, request.include_vocab)
+        return convert.info_to_pb(
+            self.engine.config.model,
+            self.engine.runner,
+            self.engine.tokenizer,
+            self.engine.fingerprint,
+            request.include_vocab,
+        )
 
 
 def start(config: DrafterConfig, engine: DrafterEngine | None = None):
@@ -69,7 +75,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser("specdec serve-drafter", description="Serve a drafter model over gRPC.")
     add_config_args(parser, DrafterConfig, "DRAFTER")
     config = config_from_args(DrafterConfig, parser.parse_args(argv))
-    logging.basicConfig(level=config.log_level, format="%(asctime)s %(levelname)s drafter %(name)s: %(message)s")
+    logging.basicConfig(
+        level=config.log_level, format="%(asctime)s %(levelname)s drafter %(name)s: %(message)s"
+    )
     server, port, health_servicer = start(config)
     log.info("drafter %s serving on port %d (%s)", config.model, port, config.device)
     serve_until_signal(server, health_servicer, config.grace_s)

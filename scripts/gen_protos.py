@@ -16,8 +16,14 @@ def generate(out_dir: Path) -> None:
 
     protos = sorted((ROOT / "protos").rglob("*.proto"))
     include = Path(grpc_tools.__file__).parent / "_proto"
-    args = ["protoc", f"-I{ROOT / 'protos'}", f"-I{include}", f"--python_out={out_dir}", f"--pyi_out={out_dir}",
-            f"--grpc_python_out={out_dir}"] + [str(p) for p in protos]
+    args = [
+        "protoc",
+        f"-I{ROOT / 'protos'}",
+        f"-I{include}",
+        f"--python_out={out_dir}",
+        f"--pyi_out={out_dir}",
+        f"--grpc_python_out={out_dir}",
+    ] + [str(p) for p in protos]
     if protoc.main(args) != 0:
         raise SystemExit("protoc failed")
     for pkg in {p.parent.relative_to(ROOT / "protos") for p in protos}:

@@ -57,12 +57,19 @@ def add_config_args(parser: argparse.ArgumentParser, cls: type, prefix: str) -> 
         flag = "--" + f.name.replace("_", "-")
         if f.name == "drafters":
             value = tuple(a for a in _env(env, "").split(",") if a) or default
-            parser.add_argument("--drafter", dest="drafters", action="append", default=None,
-                                help=f"drafter address host:port, repeatable (env {env}, comma-separated)")
+            parser.add_argument(
+                "--drafter",
+                dest="drafters",
+                action="append",
+                default=None,
+                help=f"drafter address host:port, repeatable (env {env}, comma-separated)",
+            )
             parser.set_defaults(_drafters_env=value)
             continue
         cast = type(default) if default is not None else str
-        parser.add_argument(flag, dest=f.name, type=cast, default=_env(env, default, cast), help=f"(env {env})")
+        parser.add_argument(
+            flag, dest=f.name, type=cast, default=_env(env, default, cast), help=f"(env {env})"
+        )
 
 
 def config_from_args(cls: type, args: argparse.Namespace):

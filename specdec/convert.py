@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import torch
 
+from specdec.v1 import specdec_pb2 as pb
 from specdec_core.drafting import DraftBlock
 from specdec_core.engine import GenerationStats, StopCriteria
 from specdec_core.models import vocab_by_id
 from specdec_core.sampling import SamplingParams, SparseDist
-from specdec.v1 import specdec_pb2 as pb
 
 
 def sampling_from_pb(msg: pb.SamplingParams) -> SamplingParams:
@@ -27,7 +27,9 @@ def sampling_to_pb(params: SamplingParams) -> pb.SamplingParams:
     return msg
 
 
-def stop_from_pb(msg: pb.StopConditions, eos_token_id: int | None, default_max_new_tokens: int) -> StopCriteria:
+def stop_from_pb(
+    msg: pb.StopConditions, eos_token_id: int | None, default_max_new_tokens: int
+) -> StopCriteria:
     eos = frozenset() if msg.ignore_eos or eos_token_id is None else frozenset({eos_token_id})
     return StopCriteria(
         max_new_tokens=int(msg.max_new_tokens) or default_max_new_tokens,
@@ -43,12 +45,16 @@ def dist_to_pb(dist: SparseDist) -> pb.SparseDistribution:
 def dist_from_pb(msg: pb.SparseDistribution) -> SparseDist:
     if len(msg.token_ids) != len(msg.probs) or not msg.token_ids:
         raise ValueError("a sparse distribution needs as many probs as token ids, and at least one")
-    return SparseDist(token_ids=torch.tensor(list(msg.token_ids), dtype=torch.long),
-                      probs=torch.tensor(list(msg.probs), dtype=torch.float32))
+    return SparseDist(
+        token_ids=torch.tensor(list(msg.token_ids), dtype=torch.long),
+        probs=torch.tensor(list(msg.probs), dtype=torch.float32),
+    )
 
 
 def block_to_pb(block: DraftBlock) -> pb.DraftResponse:
-    return pb.DraftResponse(tokens=block.tokens, dists=[dist_to_pb(d) for d in block.dists], draft_s=block.draft_s)
+    return pb.DraftResponse(
+        tokens=block.tokens, dists=[dist_to_pb(d) for d in block.dists], draft_s=block.draft_s
+    )
 
 
 def block_from_pb(msg: pb.DraftResponse | pb.VerifyRequest) -> DraftBlock:
@@ -73,9 +79,14 @@ def stats_from_pb(msg: pb.GenerationStats) -> dict:
 
 def info_to_pb(model_name, runner, tokenizer, fingerprint, include_vocab) -> pb.InfoResponse:
     eos = tokenizer.eos_token_id
-    msg = pb.InfoResponse(model=model_name, vocab_fingerprint=fingerprint, vocab_size=runner.vocab_size,
-                          device=str(runner.device), dtype=str(next(runner.model.parameters()).dtype),
-                          eos_token_id=-1 if eos is None else eos)
+    msg = pb.InfoResponse(
+        model=model_name,
+        vocab_fingerprint=fingerprint,
+        vocab_size=runner.vocab_size,
+        device=str(runner.device),
+        dtype=str(next(runner.model.parameters()).dtype),
+        eos_token_id=-1 if eos is None else eos,
+    )
     if include_vocab:
         msg.vocab.extend(vocab_by_id(tokenizer))
     return msg

@@ -20,8 +20,10 @@ class DraftLengthPolicy(ABC):
     def next_length(self) -> int:
         """Tokens to draft in the coming round."""
 
-    def update(self, k: int, num_accepted: int, verify_s: float, draft_s: float = 0.0, network_s: float = 0.0) -> None:
-        """Feedback after a round that drafted ``k`` tokens."""
+    def update(  # noqa: B027 - optional hook
+        self, k: int, num_accepted: int, verify_s: float, draft_s: float = 0.0, network_s: float = 0.0
+    ) -> None:
+        """Feedback after a round that drafted ``k`` tokens (a fixed policy ignores it)."""
 
 
 class FixedDraftLength(DraftLengthPolicy):
@@ -52,7 +54,9 @@ class AdaptiveDraftLength(DraftLengthPolicy):
     def next_length(self) -> int:
         return self.k
 
-    def update(self, k: int, num_accepted: int, verify_s: float, draft_s: float = 0.0, network_s: float = 0.0) -> None:
+    def update(
+        self, k: int, num_accepted: int, verify_s: float, draft_s: float = 0.0, network_s: float = 0.0
+    ) -> None:
         for i in range(1, min(k, num_accepted + 1) + 1):  # positions the verifier actually judged
             self.tried[i] += 1
             self.passed[i] += int(i <= num_accepted)

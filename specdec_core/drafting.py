@@ -57,7 +57,7 @@ class Drafter(ABC):
     def accept(self, num_accepted: int, next_token: int) -> None:
         """The verifier kept the first ``num_accepted`` drafted tokens, then emitted ``next_token``."""
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - optional hook
         """Release per-generation state."""
 
 

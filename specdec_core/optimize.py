@@ -46,7 +46,9 @@ def _time(fn, repeats: int = 5) -> float:
 
 def probe_fast_linear(model: nn.Module, rows: tuple[int, ...] = (2, 5, 9)) -> float:
     """Speed ratio stock / fast on the model's largest linear layer at small row counts (>1: fast wins)."""
-    layer = max((m for m in model.modules() if type(m) is nn.Linear), key=lambda m: m.weight.numel(), default=None)
+    layer = max(
+        (m for m in model.modules() if type(m) is nn.Linear), key=lambda m: m.weight.numel(), default=None
+    )
     if layer is None:
         return 0.0
     ratios = []
@@ -86,9 +88,13 @@ def prepare_drafter(model: nn.Module, quantization: str = "none") -> nn.Module:
         device = next(model.parameters()).device
         if device.type != "cpu":
             raise ValueError("int8 dynamic quantization runs on CPU; use bf16 or fp16 on GPUs")
+        import warnings
+
         from torch.ao.quantization import quantize_dynamic
 
-        return quantize_dynamic(model.float(), {nn.Linear}, dtype=torch.qint8)
+        with warnings.catch_warnings():  # eager-mode quantization prints a migration notice
+            warnings.simplefilter("ignore")
+            return quantize_dynamic(model.float(), {nn.Linear}, dtype=torch.qint8)
     if quantization in ("bf16", "fp16"):
         return model.to(torch.bfloat16 if quantization == "bf16" else torch.float16)
     raise ValueError(f"unknown drafter quantization {quantization!r}: none, int8, bf16 or fp16")

@@ -2,13 +2,13 @@
 
 import pytest
 import torch
+from tiny import FAMILIES, hf_greedy, perturbed, tiny_model, tiny_tokenizer
 
 from specdec_core.draft_length import AdaptiveDraftLength, FixedDraftLength
 from specdec_core.drafting import ModelDrafter
 from specdec_core.engine import GenerationStats, SpeculativeDecoder, StopCriteria
 from specdec_core.runner import ModelRunner
 from specdec_core.sampling import SamplingParams
-from tiny import FAMILIES, hf_greedy, perturbed, tiny_model, tiny_tokenizer
 
 PROMPT = tiny_tokenizer()("def add(a, b):\n")["input_ids"]
 
@@ -18,8 +18,14 @@ def run(target, drafter_model, params, max_new=40, k=4, policy=None, stop=None):
     drafter = ModelDrafter(ModelRunner(drafter_model)) if drafter_model is not None else None
     stats = GenerationStats()
     out = []
-    for chunk in decoder.generate(PROMPT, params, stop or StopCriteria(max_new_tokens=max_new), drafter,
-                                  policy or FixedDraftLength(k), stats):
+    for chunk in decoder.generate(
+        PROMPT,
+        params,
+        stop or StopCriteria(max_new_tokens=max_new),
+        drafter,
+        policy or FixedDraftLength(k),
+        stats,
+    ):
         out.extend(chunk.token_ids)
     return out, stats, decoder
 
@@ -42,7 +48,9 @@ def test_rollback_then_reextend_matches_fresh_prefill(family):
 @pytest.mark.parametrize("drafter_kind", ["perturbed", "same", "unrelated"])
 def test_speculative_greedy_equals_target_greedy(family, drafter_kind):
     target = tiny_model(family, seed=0)
-    drafter = {"perturbed": perturbed(target, 0.3), "same": target, "unrelated": tiny_model(family, seed=7)}[drafter_kind]
+    drafter = {"perturbed": perturbed(target, 0.3), "same": target, "unrelated": tiny_model(family, seed=7)}[
+        drafter_kind
+    ]
     out, stats, _ = run(target, drafter, SamplingParams(), max_new=40, k=4)
     assert out == hf_greedy(target, PROMPT, 40)
     if drafter_kind == "same":
@@ -85,11 +93,15 @@ def test_eos_and_stop_strings():
     target = tiny_model("llama")
     full, _, _ = run(target, target, SamplingParams(), max_new=30)
     eos = full[5]
-    out, _, _ = run(target, target, SamplingParams(), stop=StopCriteria(max_new_tokens=30, eos_token_ids=frozenset({eos})))
+    out, _, _ = run(
+        target, target, SamplingParams(), stop=StopCriteria(max_new_tokens=30, eos_token_ids=frozenset({eos}))
+    )
     assert out == full[: full.index(eos) + 1]
     text = tok.decode(full)
     needle = text[len(text) // 2 : len(text) // 2 + 2]
-    out, _, _ = run(target, target, SamplingParams(), stop=StopCriteria(max_new_tokens=30, stop_strings=(needle,)))
+    out, _, _ = run(
+        target, target, SamplingParams(), stop=StopCriteria(max_new_tokens=30, stop_strings=(needle,))
+    )
     assert needle in tok.decode(out) and needle not in tok.decode(out[:-1])
 
 

@@ -45,7 +45,9 @@ def test_top_k_keeps_k_most_probable():
 
 def test_top_k_larger_than_vocab_is_noop():
     logits = torch.tensor([0.0, 1.0])
-    assert torch.allclose(logits_to_probs(logits, SamplingParams(temperature=1.0, top_k=10)), torch.softmax(logits, -1))
+    assert torch.allclose(
+        logits_to_probs(logits, SamplingParams(temperature=1.0, top_k=10)), torch.softmax(logits, -1)
+    )
 
 
 def test_top_p_tiny_keeps_only_the_best_token():
@@ -63,7 +65,9 @@ def test_top_p_keeps_smallest_prefix_reaching_mass():
 
 def test_top_p_one_is_noop_and_top_k_then_top_p_compose():
     logits = torch.tensor([0.0, 1.0, 2.0, 3.0])
-    assert torch.allclose(logits_to_probs(logits, SamplingParams(temperature=1.0, top_p=1.0)), torch.softmax(logits, -1))
+    assert torch.allclose(
+        logits_to_probs(logits, SamplingParams(temperature=1.0, top_p=1.0)), torch.softmax(logits, -1)
+    )
     probs = logits_to_probs(logits, SamplingParams(temperature=1.0, top_k=3, top_p=0.5))
     assert (probs > 0).tolist() == [False, False, False, True]
 

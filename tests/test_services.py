@@ -4,8 +4,8 @@ import copy
 
 import grpc
 import pytest
-import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from tiny import hf_greedy, perturbed, tiny_model, tiny_tokenizer
 
 from client import SpecDecClient
 from drafter_service.engine import DrafterEngine
@@ -17,7 +17,6 @@ from specdec.v1 import specdec_pb2_grpc as pb_grpc
 from specdec_core.engine import TargetSession
 from specdec_core.runner import ModelRunner
 from specdec_core.sampling import SamplingParams
-from tiny import hf_greedy, perturbed, tiny_model, tiny_tokenizer
 from verifier_service.engine import VerifierEngine
 from verifier_service.server import start as start_verifier
 
@@ -36,10 +35,14 @@ class Pair:
         self.target, self.drafter = target, drafter
         self.d_server, d_port, _ = start_drafter(
             DrafterConfig(port=0, host="127.0.0.1", model="tiny-drafter"),
-            DrafterEngine(DrafterConfig(model="tiny-drafter"), drafter, drafter_tokenizer or tiny_tokenizer()))
+            DrafterEngine(
+                DrafterConfig(model="tiny-drafter"), drafter, drafter_tokenizer or tiny_tokenizer()
+            ),
+        )
         self.drafter_addr = f"127.0.0.1:{d_port}"
-        self.v_cfg = verifier_cfg or VerifierConfig(port=0, host="127.0.0.1", model="tiny-target", fast_verify="off",
-                                                    drafters=(self.drafter_addr,))
+        self.v_cfg = verifier_cfg or VerifierConfig(
+            port=0, host="127.0.0.1", model="tiny-target", fast_verify="off", drafters=(self.drafter_addr,)
+        )
         self.start_verifier(0)
 
     def start_verifier(self, port):
@@ -68,7 +71,14 @@ def test_generation_through_both_services_equals_target_greedy(pair, models):
     s = r.stats
     assert s["drafted"] > 0 and s["rounds"] < 40 and s["target_passes"] == s["rounds"] + 1
     assert r.text == tiny_tokenizer().decode(r.token_ids, skip_special_tokens=True)
-    for key in ("acceptance_rate", "accepted_per_position", "draft_s", "verify_s", "network_s", "tokens_per_s"):
+    for key in (
+        "acceptance_rate",
+        "accepted_per_position",
+        "draft_s",
+        "verify_s",
+        "network_s",
+        "tokens_per_s",
+    ):
         assert key in s
 
 
@@ -132,8 +142,16 @@ def test_tokenizer_mismatch_is_refused_naming_the_difference(models):
 def test_verify_rpc_sessions_rebuild_and_match_core(pair, models):
     stub = pb_grpc.VerifierStub(channel(pair.verifier_addr))
     greedy = pb.SamplingParams()
-    r1 = stub.Verify(pb.VerifyRequest(session_id="s1", reset=True, tokens=PROMPT_IDS, sampling=greedy,
-                                      draft_tokens=[5, 6, 7], return_logprobs=True))
+    r1 = stub.Verify(
+        pb.VerifyRequest(
+            session_id="s1",
+            reset=True,
+            tokens=PROMPT_IDS,
+            sampling=greedy,
+            draft_tokens=[5, 6, 7],
+            return_logprobs=True,
+        )
+    )
     local = TargetSession(ModelRunner(models[0]), PROMPT_IDS, SamplingParams())
     verdict, logprobs = local.verify([5, 6, 7], want_logprobs=True)
     assert (r1.num_accepted, r1.next_token) == (verdict.num_accepted, verdict.next_token)
@@ -147,14 +165,22 @@ def test_verify_rpc_sessions_rebuild_and_match_core(pair, models):
     cont = stub.Verify(pb.VerifyRequest(session_id="s1"))
     assert (rebuilt.num_accepted, rebuilt.next_token) == (cont.num_accepted, cont.next_token)
     with pytest.raises(grpc.RpcError) as err:
-        stub.Verify(pb.VerifyRequest(session_id="s3", reset=True, tokens=PROMPT_IDS, sampling=pb.SamplingParams(temperature=1.0),
-                                     draft_tokens=[1]))
+        stub.Verify(
+            pb.VerifyRequest(
+                session_id="s3",
+                reset=True,
+                tokens=PROMPT_IDS,
+                sampling=pb.SamplingParams(temperature=1.0),
+                draft_tokens=[1],
+            )
+        )
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT  # sampled verification without draft dists
 
 
 def test_session_limits_are_enforced(models):
-    cfg = VerifierConfig(port=0, host="127.0.0.1", model="tiny", fast_verify="off", max_sessions=1,
-                         max_session_tokens=64)
+    cfg = VerifierConfig(
+        port=0, host="127.0.0.1", model="tiny", fast_verify="off", max_sessions=1, max_session_tokens=64
+    )
     p = Pair(*models, verifier_cfg=cfg)
     try:
         stub = pb_grpc.VerifierStub(channel(p.verifier_addr))
@@ -173,7 +199,10 @@ def test_session_limits_are_enforced(models):
 def test_health_and_graceful_shutdown(pair):
     stub = health_pb2_grpc.HealthStub(channel(pair.verifier_addr))
     for service in ("", "specdec.v1.Generation", "specdec.v1.Verifier"):
-        assert stub.Check(health_pb2.HealthCheckRequest(service=service)).status == health_pb2.HealthCheckResponse.SERVING
+        assert (
+            stub.Check(health_pb2.HealthCheckRequest(service=service)).status
+            == health_pb2.HealthCheckResponse.SERVING
+        )
     pair.v_health.enter_graceful_shutdown()
     assert stub.Check(health_pb2.HealthCheckRequest()).status == health_pb2.HealthCheckResponse.NOT_SERVING
 

@@ -5,7 +5,13 @@ import math
 import pytest
 import torch
 
-from specdec_core.sampling import SamplingParams, logits_to_probs, make_generator, sample_sparse, truncate_support
+from specdec_core.sampling import (
+    SamplingParams,
+    logits_to_probs,
+    make_generator,
+    sample_sparse,
+    truncate_support,
+)
 from specdec_core.verification import Verdict, verify_greedy, verify_sampled
 
 
@@ -63,7 +69,10 @@ def test_sampled_seeded_determinism():
     target = torch.softmax(torch.randn(5, 30), -1)
     draft = torch.softmax(torch.randn(4, 30), -1)
     tokens = torch.multinomial(draft, 1).squeeze(1)
-    runs = [[verify_sampled(tokens, draft, target, g) for _ in range(10)] for g in (make_generator(9), make_generator(9))]
+    runs = [
+        [verify_sampled(tokens, draft, target, g) for _ in range(10)]
+        for g in (make_generator(9), make_generator(9))
+    ]
     assert runs[0] == runs[1]
 
 
@@ -86,8 +95,9 @@ def test_vectorised_rule_matches_reference_loop():
         g_fast, g_ref = make_generator(seed), make_generator(seed)
         fast = verify_sampled(tokens, draft, target, g_fast)
         uniforms = torch.rand(3, generator=g_ref).tolist()
-        n, nxt = reference_verify(tokens, draft, target, uniforms,
-                                  lambda p: int(torch.multinomial(p, 1, generator=g_ref).item()))
+        n, nxt = reference_verify(
+            tokens, draft, target, uniforms, lambda p: int(torch.multinomial(p, 1, generator=g_ref).item())
+        )
         assert (fast.num_accepted, fast.next_token) == (n, nxt)
 
 

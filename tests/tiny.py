@@ -48,12 +48,26 @@ def tiny_model(family: str, seed: int = 0, layers: int = 2, hidden: int = 64) ->
     vocab = len(tiny_tokenizer())
     torch.manual_seed(seed)
     if family == "llama":
-        cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+        cfg = LlamaConfig(
+            vocab_size=vocab,
+            hidden_size=hidden,
+            intermediate_size=2 * hidden,
+            num_hidden_layers=layers,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=512,
+        )
         model = LlamaForCausalLM(cfg)
     elif family == "qwen2":
-        cfg = Qwen2Config(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+        cfg = Qwen2Config(
+            vocab_size=vocab,
+            hidden_size=hidden,
+            intermediate_size=2 * hidden,
+            num_hidden_layers=layers,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=512,
+        )
         model = Qwen2ForCausalLM(cfg)
     elif family == "gpt2":
         cfg = GPT2Config(vocab_size=vocab, n_embd=hidden, n_layer=layers, n_head=4, n_positions=512)
@@ -87,7 +101,10 @@ def save_tiny(family: str, path: Path, seed: int = 0, noise: float = 0.0) -> Pat
 def hf_greedy(model, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
     """The target's own greedy output (generated ids only), the reference for losslessness."""
     out = model.generate(
-        torch.tensor([prompt_ids]), max_new_tokens=max_new_tokens, do_sample=False,
-        attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long), eos_token_id=None,
+        torch.tensor([prompt_ids]),
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
+        eos_token_id=None,
     )
-    return out[0, len(prompt_ids):].tolist()
+    return out[0, len(prompt_ids) :].tolist()

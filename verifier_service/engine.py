@@ -20,7 +20,13 @@ from specdec.v1 import specdec_pb2_grpc as pb_grpc
 from specdec_core.draft_length import AdaptiveDraftLength, FixedDraftLength
 from specdec_core.drafting import DraftBlock
 from specdec_core.engine import GenerationStats, SpeculativeDecoder, StopCriteria, TargetSession
-from specdec_core.models import TokenizerMismatch, first_vocab_difference, load_model, vocab_by_id, vocab_fingerprint
+from specdec_core.models import (
+    TokenizerMismatch,
+    first_vocab_difference,
+    load_model,
+    vocab_by_id,
+    vocab_fingerprint,
+)
 from specdec_core.optimize import enable_fast_linear
 from specdec_core.runner import ModelRunner
 from specdec_core.sampling import SamplingParams
@@ -83,8 +89,10 @@ class SessionStore:
 
     def add(self, session_id: str, entry: _Entry) -> _Entry:
         if entry.tokens > self.config.max_session_tokens:
-            raise LimitExceeded(f"session of {entry.tokens} tokens exceeds max_session_tokens "
-                                f"{self.config.max_session_tokens}")
+            raise LimitExceeded(
+                f"session of {entry.tokens} tokens exceeds max_session_tokens "
+                f"{self.config.max_session_tokens}"
+            )
         with self._lock:
             self._expire()
             self._entries.pop(session_id, None)
@@ -149,24 +157,47 @@ class VerifierEngine:
         prompt_ids = self.prompt_ids(args)
         max_new = args.max_new_tokens or self.config.max_new_tokens
         eos = self.tokenizer.eos_token_id
-        stop = StopCriteria(max_new_tokens=max_new, stop_strings=args.stop_strings,
-                            eos_token_ids=frozenset() if args.ignore_eos or eos is None else frozenset({eos}))
+        stop = StopCriteria(
+            max_new_tokens=max_new,
+            stop_strings=args.stop_strings,
+            eos_token_ids=frozenset() if args.ignore_eos or eos is None else frozenset({eos}),
+        )
         k = args.num_draft_tokens or self.config.num_draft_tokens
-        policy = AdaptiveDraftLength(k_max=args.num_draft_tokens or 8) if args.adaptive else FixedDraftLength(k)
+        policy = (
+            AdaptiveDraftLength(k_max=args.num_draft_tokens or 8) if args.adaptive else FixedDraftLength(k)
+        )
         drafter = None if args.no_draft else self._remote_drafter(args.drafter, request_id)
         stats = GenerationStats()
         text = IncrementalText(self.tokenizer, args.stop_strings)
-        log.info("[%s] generate: prompt %d tokens, max_new %d, k %s, drafter %s", request_id, len(prompt_ids),
-                 max_new, "adaptive" if args.adaptive else k, drafter.addresses[0] if drafter else "none")
+        log.info(
+            "[%s] generate: prompt %d tokens, max_new %d, k %s, drafter %s",
+            request_id,
+            len(prompt_ids),
+            max_new,
+            "adaptive" if args.adaptive else k,
+            drafter.addresses[0] if drafter else "none",
+        )
         with self.sessions.reserve(f"generate:{request_id}", len(prompt_ids) + max_new + 16):
             first = True
             for chunk in self.decoder.generate(prompt_ids, args.params, stop, drafter, policy, stats):
                 done = chunk.finish_reason is not None
-                yield GenerateEvent(chunk.token_ids, text.add(chunk.token_ids, final=done), chunk.finish_reason,
-                                    stats if done else None, prompt_ids if first else [])
+                yield GenerateEvent(
+                    chunk.token_ids,
+                    text.add(chunk.token_ids, final=done),
+                    chunk.finish_reason,
+                    stats if done else None,
+                    prompt_ids if first else [],
+                )
                 first = False
-        log.info("[%s] done: %d tokens, %d rounds, drafted %d, accepted %d, %.2f tok/s", request_id,
-                 stats.new_tokens, stats.rounds, stats.drafted, stats.accepted, stats.tokens_per_s)
+        log.info(
+            "[%s] done: %d tokens, %d rounds, drafted %d, accepted %d, %.2f tok/s",
+            request_id,
+            stats.new_tokens,
+            stats.rounds,
+            stats.drafted,
+            stats.accepted,
+            stats.tokens_per_s,
+        )
 
     def prompt_ids(self, args: GenerateArgs) -> list[int]:
         if args.prompt_ids:
@@ -225,14 +256,23 @@ class VerifierEngine:
             if info.vocab_fingerprint != self.fingerprint:
                 full = stub.Info(pb.InfoRequest(include_vocab=True), timeout=30)
                 diff = first_vocab_difference(list(full.vocab), vocab_by_id(self.tokenizer))
-                raise TokenizerMismatch(diff or f"drafter at {address} has a different vocabulary fingerprint")
+                raise TokenizerMismatch(
+                    diff or f"drafter at {address} has a different vocabulary fingerprint"
+                )
         except grpc.RpcError as exc:
             raise DependencyUnavailable(f"drafter {address} unreachable: {exc.code()}") from exc
         self._paired.add(address)
 
     # -- session-based verification -------------------------------------------------------------------
-    def verify(self, session_id: str, tokens: list[int], reset: bool, params: SamplingParams,
-               block: DraftBlock, want_logprobs: bool) -> tuple[Verdict, list[float] | None, int]:
+    def verify(
+        self,
+        session_id: str,
+        tokens: list[int],
+        reset: bool,
+        params: SamplingParams,
+        block: DraftBlock,
+        want_logprobs: bool,
+    ) -> tuple[Verdict, list[float] | None, int]:
         if not session_id:
             raise ValueError("session_id is required")
         if reset:
@@ -248,7 +288,9 @@ class VerifierEngine:
             session.append(tokens if not reset else [])
             if len(session.context) + len(block.tokens) + 1 > self.config.max_session_tokens:
                 self.sessions.remove(session_id)
-                raise LimitExceeded(f"session {session_id} reached max_session_tokens {self.config.max_session_tokens}")
+                raise LimitExceeded(
+                    f"session {session_id} reached max_session_tokens {self.config.max_session_tokens}"
+                )
             verdict, logprobs = session.verify(block.tokens, block, want_logprobs)
             entry.tokens = len(session.context)
             entry.last_used = time.monotonic()

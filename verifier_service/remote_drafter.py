@@ -23,8 +23,14 @@ log = logging.getLogger(__name__)
 
 
 class RemoteDrafter(Drafter):
-    def __init__(self, addresses: list[str], stub_for: Callable[[str], object], request_id: str = "",
-                 max_support: int = 0, timeout_s: float = 60.0) -> None:
+    def __init__(
+        self,
+        addresses: list[str],
+        stub_for: Callable[[str], object],
+        request_id: str = "",
+        max_support: int = 0,
+        timeout_s: float = 60.0,
+    ) -> None:
         if not addresses:
             raise ValueError("a remote drafter needs at least one address")
         self.addresses = list(addresses)
@@ -91,8 +97,12 @@ class RemoteDrafter(Drafter):
         self.close()
         self._verdict = None  # a (re)start sends the whole committed context instead
         outbox: queue.Queue = queue.Queue()
-        start = pb.DraftStart(request_id=self.request_id, context=self.context,
-                              sampling=convert.sampling_to_pb(self.params), max_support=self.max_support)
+        start = pb.DraftStart(
+            request_id=self.request_id,
+            context=self.context,
+            sampling=convert.sampling_to_pb(self.params),
+            max_support=self.max_support,
+        )
         outbox.put(pb.DraftRequest(start=start))
         call = self.stub_for(address).Draft(iter(outbox.get, None), timeout=None, wait_for_ready=False)
         self._outbox, self._call, self._replies = outbox, call, call

@@ -43,8 +43,11 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             if not context.is_active():
                 return  # the client went away: stop generating
             yield pb.GenerateResponse(
-                token_ids=event.token_ids, text=event.text, finish_reason=event.finish_reason or "",
-                stats=convert.stats_to_pb(event.stats) if event.stats else None, prompt_token_ids=event.prompt_ids,
+                token_ids=event.token_ids,
+                text=event.text,
+                finish_reason=event.finish_reason or "",
+                stats=convert.stats_to_pb(event.stats) if event.stats else None,
+                prompt_token_ids=event.prompt_ids,
             )
 
 
@@ -55,11 +58,19 @@ class VerifierServicer(pb_grpc.VerifierServicer):
     @map_errors
     def Verify(self, request, context):
         verdict, logprobs, length = self.engine.verify(
-            request.session_id, list(request.tokens), request.reset, convert.sampling_from_pb(request.sampling),
-            convert.block_from_pb(request), request.return_logprobs,
+            request.session_id,
+            list(request.tokens),
+            request.reset,
+            convert.sampling_from_pb(request.sampling),
+            convert.block_from_pb(request),
+            request.return_logprobs,
         )
-        return pb.VerifyResponse(num_accepted=verdict.num_accepted, next_token=verdict.next_token,
-                                 logprobs=logprobs or [], context_length=length)
+        return pb.VerifyResponse(
+            num_accepted=verdict.num_accepted,
+            next_token=verdict.next_token,
+            logprobs=logprobs or [],
+            context_length=length,
+        )
 
     @map_errors
     def CloseSession(self, request, context):
@@ -77,8 +88,10 @@ def start(config: VerifierConfig, engine: VerifierEngine | None = None):
     engine = engine or VerifierEngine(config)
     return make_server(
         config.port,
-        [lambda s: pb_grpc.add_GenerationServicer_to_server(GenerationServicer(engine), s),
-         lambda s: pb_grpc.add_VerifierServicer_to_server(VerifierServicer(engine), s)],
+        [
+            lambda s: pb_grpc.add_GenerationServicer_to_server(GenerationServicer(engine), s),
+            lambda s: pb_grpc.add_VerifierServicer_to_server(VerifierServicer(engine), s),
+        ],
         ["specdec.v1.Generation", "specdec.v1.Verifier"],
         max_workers=config.max_sessions + 4,
         host=config.host,
@@ -89,10 +102,17 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser("specdec serve-verifier", description="Serve a target model over gRPC.")
     add_config_args(parser, VerifierConfig, "VERIFIER")
     config = config_from_args(VerifierConfig, parser.parse_args(argv))
-    logging.basicConfig(level=config.log_level, format="%(asctime)s %(levelname)s verifier %(name)s: %(message)s")
+    logging.basicConfig(
+        level=config.log_level, format="%(asctime)s %(levelname)s verifier %(name)s: %(message)s"
+    )
     server, port, health_servicer = start(config)
-    log.info("verifier %s serving on port %d (%s), drafters %s", config.model, port, config.device,
-             ", ".join(config.drafters) or "none configured")
+    log.info(
+        "verifier %s serving on port %d (%s), drafters %s",
+        config.model,
+        port,
+        config.device,
+        ", ".join(config.drafters) or "none configured",
+    )
     serve_until_signal(server, health_servicer, config.grace_s)
 
 

@@ -1,0 +1,416 @@
+"""``specdec bench``: specdec against target-only HF generate and HF assisted generation, in one run.
+
+Systems, all on the same machine in the same run:
+  hf          target-only ``model.generate`` (the baseline)
+  assisted    HF assisted generation, ``target.generate(assistant_model=drafter)``, fixed k
+  core        specdec's core loop in this process
+  grpc        specdec over gRPC, drafter and verifier as separate processes, each pinned to its own core
+              with one thread (a drafter on its own small device); the baselines get both cores
+  grpc-shared the same processes unpinned (both roles share both cores)
+
+Every generation ignores EOS and produces exactly ``--max-new-tokens`` tokens so the work is equal;
+greedy runs assert that every system's ids equal the baseline's (a mismatch is reported, not hidden).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+import torch
+
+from specdec_core import models
+from specdec_core.draft_length import AdaptiveDraftLength, FixedDraftLength
+from specdec_core.drafting import ModelDrafter
+from specdec_core.engine import GenerationStats, SpeculativeDecoder, StopCriteria
+from specdec_core.optimize import enable_fast_linear, prepare_drafter
+from specdec_core.runner import ModelRunner
+from specdec_core.sampling import SamplingParams
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+
+
+@dataclass
+class Run:
+    system: str
+    temperature: float
+    k: int | str
+    tokens: int = 0
+    seconds: float = 0.0
+    stats: list[dict] = field(default_factory=list)
+    mismatches: list[str] = field(default_factory=list)
+    peak_rss_mb: dict = field(default_factory=dict)
+
+
+# -- environment --------------------------------------------------------------------------------------
+
+
+def describe_hardware() -> dict:
+    cpu = platform.processor() or ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info = {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "ram_gb": round(psutil.virtual_memory().total / 2**30, 1),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+    }
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def measure_bandwidth(device: str = "cpu", mb: int = 512) -> float:
+    """Memory bandwidth in GB/s from a large tensor copy (bytes read + written), best of 5."""
+    src = torch.empty(mb * 2**20 // 4, dtype=torch.float32, device=device).fill_(1.0)
+    dst = torch.empty_like(src)
+    best = float("inf")
+    for _ in range(5):
+        sync(device)
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * src.numel() * 4 / best / 1e9
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def weight_bytes(model) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters()) + sum(
+        b.numel() * b.element_size() for b in model.buffers()
+    )
+
+
+def peak_rss_mb(pid: int | None = None) -> float:
+    status = Path(f"/proc/{pid or os.getpid()}/status").read_text()
+    for line in status.splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+# -- prompts and generation helpers -------------------------------------------------------------------
+
+
+def load_prompts(tokenizer, count: int) -> list[tuple[str, list[int]]]:
+    out = []
+    for p in json.loads((HERE / "prompts.json").read_text())["prompts"][:count]:
+        if p["chat"]:
+            ids = tokenizer.apply_chat_template(
+                [{"role": "user", "content": p["text"]}], add_generation_prompt=True, tokenize=True
+            )
+            ids = ids["input_ids"] if hasattr(ids, "keys") else ids
+        else:
+            ids = tokenizer(p["text"])["input_ids"]
+        out.append((p["id"], list(ids)))
+    return out
+
+
+def hf_config(model, max_new: int, temperature: float, seed_k: int | None = None):
+    gc = copy.deepcopy(model.generation_config)
+    gc.eos_token_id = None
+    gc.max_new_tokens = max_new
+    gc.do_sample = temperature > 0
+    gc.temperature = temperature if temperature > 0 else None
+    gc.top_p, gc.top_k = None, None
+    gc.pad_token_id = gc.pad_token_id if gc.pad_token_id is not None else 0
+    return gc
+
+
+def run_hf(target, ids, max_new, temperature, seed, assistant=None, k=None) -> list[int]:
+    gc = hf_config(target, max_new, temperature)
+    kwargs = {}
+    if assistant is not None:
+        assistant.generation_config.num_assistant_tokens = k
+        assistant.generation_config.num_assistant_tokens_schedule = "constant"
+        assistant.generation_config.assistant_confidence_threshold = 0.0
+        kwargs["assistant_model"] = assistant
+    torch.manual_seed(seed)
+    x = torch.tensor([ids], device=target.device)
+    out = target.generate(x, attention_mask=torch.ones_like(x), generation_config=gc, **kwargs)
+    return out[0, len(ids) :].tolist()
+
+
+def timed(fn):
+    t0 = time.perf_counter()
+    result = fn()
+    return result, time.perf_counter() - t0
+
+
+# -- the benchmark ---------------------------------------------------------------------------------------
+
+
+class Bench:
+    def __init__(self, a) -> None:
+        self.a = a
+        self.runs: list[Run] = []
+        self.baseline_ids: dict[tuple, list[int]] = {}
+
+    def record(self, system, temperature, k, samples, stats=None, ids_by_prompt=None, rss=None) -> Run:
+        run = Run(system, temperature, k)
+        for seconds, tokens in samples:
+            run.seconds += seconds
+            run.tokens += tokens
+        run.stats = stats or []
+        run.peak_rss_mb = rss or {"bench": peak_rss_mb()}
+        if temperature == 0 and ids_by_prompt:
+            for pid, ids in ids_by_prompt.items():
+                ref = self.baseline_ids.get(pid)
+                if ref is not None and ids != ref:
+                    first = next(
+                        (i for i, (x, y) in enumerate(zip(ids, ref)) if x != y), min(len(ids), len(ref))
+                    )
+                    run.mismatches.append(f"{pid}: differs from the baseline at generated token {first}")
+        self.runs.append(run)
+        tps = run.tokens / run.seconds if run.seconds else 0
+        print(
+            f"  {system:12s} T={temperature:<4} k={k!s:<8} {tps:7.3f} tok/s"
+            + (f"  MISMATCH {run.mismatches}" if run.mismatches else ""),
+            flush=True,
+        )
+        return run
+
+    def measure(self, prompts, generate) -> tuple[dict, list]:
+        """Run ``generate(ids)`` on every prompt; returns ({prompt id: ids}, [(median seconds, tokens)])."""
+        ids_by, samples = {}, []
+        for pid, ids in prompts:
+            out, t = self.repeat(lambda ids=ids: generate(ids))
+            ids_by[pid] = out
+            samples.append((t, len(out)))
+        return ids_by, samples
+
+    def repeat(self, fn):
+        """Median wall time of ``repeats`` runs of fn (returns ids of the last run, median seconds)."""
+        times, ids = [], None
+        for _ in range(self.a.repeats):
+            ids, t = timed(fn)
+            times.append(t)
+        return ids, statistics.median(times)
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(
+        "specdec bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--quick", action="store_true", help="2 prompts, greedy, k=4, 64 tokens: under 10 min on 2 cores"
+    )
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--drafter-model", default=models.DEFAULT_DRAFTER)
+    p.add_argument("--target-model", default=models.DEFAULT_TARGET)
+    p.add_argument("--ks", default="2,4,6,8")
+    p.add_argument("--temperatures", default="0,0.8")
+    p.add_argument("--prompts", type=int, default=8)
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--systems", default="hf,assisted,core,grpc,grpc-shared")
+    p.add_argument(
+        "--drafter-quantization", default="none", help="none | int8 | bf16 | fp16 (specdec drafters)"
+    )
+    p.add_argument("--fast-verify", default="auto", help="auto | on | off (specdec verifiers)")
+    p.add_argument("--adaptive", action="store_true", help="add adaptive-k rows for core and grpc")
+    p.add_argument("--out", default=str(ROOT / "bench-results"))
+    p.add_argument("--docs", action="store_true", help="also write docs/benchmarks.md and the plot")
+    a = p.parse_args(argv)
+    if a.quick:
+        a.prompts, a.ks, a.temperatures, a.max_new_tokens = (
+            min(a.prompts, 2),
+            "4",
+            "0",
+            min(a.max_new_tokens, 64),
+        )
+    a.ks = [int(k) for k in a.ks.split(",")]
+    a.temperatures = [float(t) for t in a.temperatures.split(",")]
+    a.systems = a.systems.split(",")
+    return a
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .report import write_reports
+
+    a = parse_args(argv)
+    bench = Bench(a)
+    hardware = describe_hardware()
+    bandwidth = measure_bandwidth(a.device)
+    print(f"== hardware: {hardware}; copy bandwidth {bandwidth:.1f} GB/s", flush=True)
+    meta = {"hardware": hardware, "bandwidth_gbs": bandwidth, "args": dict(vars(a))}
+    prompts = run_in_process(bench, meta)  # the models are freed before the services load their own
+    for layout in ("grpc", "grpc-shared"):
+        if layout in a.systems:
+            run_grpc(bench, layout, prompts)
+    write_reports(bench.runs, meta, a)
+    return 0
+
+
+def run_in_process(bench: Bench, meta: dict) -> list[tuple[str, list[int]]]:
+    """Baselines (stock target), then specdec's core loop; returns the tokenized prompts."""
+    a = bench.a
+    (target, tok), load_target = timed(lambda: models.load_model(a.target_model, a.device, a.dtype))
+    (drafter_fp, _), load_drafter = timed(lambda: models.load_model(a.drafter_model, a.device, a.dtype))
+    drafter = prepare_drafter(drafter_fp, a.drafter_quantization)
+    prompts = load_prompts(tok, a.prompts)
+    meta.update(
+        {
+            "load_s": {"target": load_target, "drafter": load_drafter},
+            "target_bytes": weight_bytes(target),
+            "drafter_bytes": weight_bytes(drafter_fp)
+            if a.drafter_quantization == "none"
+            else _quantized_bytes(drafter),
+        }
+    )
+    print(
+        f"== loaded target in {load_target:.1f}s, drafter in {load_drafter:.1f}s; {len(prompts)} prompts",
+        flush=True,
+    )
+
+    # warm-up (excluded): one short generation through each in-process path
+    run_hf(target, prompts[0][1], 4, 0.0, 0)
+    run_hf(target, prompts[0][1], 4, 0.0, 0, assistant=drafter, k=2)
+    for temperature in a.temperatures:
+        if "hf" in a.systems:
+            ids_by, samples = bench.measure(
+                prompts, lambda ids: run_hf(target, ids, a.max_new_tokens, temperature, 0)
+            )
+            if temperature == 0:
+                bench.baseline_ids.update(ids_by)
+            bench.record("hf", temperature, 1, samples)
+        for k in a.ks if "assisted" in a.systems else []:
+            ids_by, samples = bench.measure(
+                prompts,
+                lambda ids: run_hf(target, ids, a.max_new_tokens, temperature, 0, assistant=drafter, k=k),
+            )
+            bench.record("assisted", temperature, k, samples, ids_by_prompt=ids_by)
+
+    if "core" in a.systems:
+        meta["fast_verify"] = enable_fast_linear(target, a.fast_verify)
+        for temperature in a.temperatures:
+            run_core(bench, target, tok, drafter, prompts, temperature)
+    return prompts
+
+
+def _quantized_bytes(model) -> int:
+    total = 0
+    for m in model.modules():
+        if isinstance(m, torch.ao.nn.quantized.dynamic.Linear):
+            total += m.weight().numel()  # one byte per int8 weight
+    return total + sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def core_policy(k):
+    return AdaptiveDraftLength(k_max=8) if k == "adaptive" else FixedDraftLength(k)
+
+
+def run_core(bench: Bench, target, tok, drafter, prompts, temperature) -> None:
+    a = bench.a
+    decoder = SpeculativeDecoder(ModelRunner(target), tok)
+    draft_runner = ModelRunner(drafter)
+    for k in a.ks + (["adaptive"] if a.adaptive else []):
+        stats_list: list[dict] = []
+
+        def gen(ids, k=k):
+            stats = GenerationStats()
+            out = []
+            params = SamplingParams(temperature=temperature, seed=0 if temperature else None)
+            for chunk in decoder.generate(
+                ids,
+                params,
+                StopCriteria(max_new_tokens=a.max_new_tokens),
+                ModelDrafter(draft_runner),
+                core_policy(k),
+                stats,
+            ):
+                out.extend(chunk.token_ids)
+            stats_list.append(stats.to_dict())
+            return out
+
+        ids_by, samples = bench.measure(prompts, gen)
+        bench.record("core", temperature, k, samples, stats=stats_list[-len(prompts) :], ids_by_prompt=ids_by)
+
+
+def run_grpc(bench: Bench, layout: str, prompts) -> None:
+    from client import SpecDecClient
+    from client.local import launch
+
+    a = bench.a
+    pinned = layout == "grpc" and a.device == "cpu" and (os.cpu_count() or 1) >= 2
+    d_args = ["--device", a.device, "--dtype", a.dtype, "--quantization", a.drafter_quantization]
+    v_args = ["--device", a.device, "--dtype", a.dtype, "--fast-verify", a.fast_verify]
+    if pinned:
+        d_args += ["--threads", "1"]
+        v_args += ["--threads", "1"]
+    logs = Path(a.out)
+    logs.mkdir(parents=True, exist_ok=True)
+    with (
+        open(logs / f"{layout}-drafter.log", "w") as dlog,
+        open(logs / f"{layout}-verifier.log", "w") as vlog,
+    ):
+        drafter = launch("drafter", a.drafter_model, args=d_args, cpus=[1] if pinned else None, log_file=dlog)
+        verifier = launch(
+            "verifier",
+            a.target_model,
+            args=v_args + ["--drafter", drafter.address],
+            cpus=[0] if pinned else None,
+            log_file=vlog,
+        )
+        try:
+            with SpecDecClient(verifier.address, drafter.address) as client:
+                client.generate(prompts[0][1], max_new_tokens=4, ignore_eos=True)  # warm-up
+                for temperature in a.temperatures:
+                    for k in a.ks + (["adaptive"] if a.adaptive else []):
+                        stats_list: list[dict] = []
+
+                        def gen(ids, k=k):
+                            r = client.generate(
+                                ids,
+                                max_new_tokens=a.max_new_tokens,
+                                temperature=temperature,
+                                seed=0 if temperature else None,
+                                ignore_eos=True,
+                                num_draft_tokens=8 if k == "adaptive" else k,
+                                adaptive=k == "adaptive",
+                            )
+                            stats_list.append(r.stats)
+                            return r.token_ids
+
+                        ids_by, samples = bench.measure(prompts, gen)
+                        rss = {
+                            "verifier": peak_rss_mb(verifier.proc.pid),
+                            "drafter": peak_rss_mb(drafter.proc.pid),
+                        }
+                        bench.record(
+                            layout,
+                            temperature,
+                            k,
+                            samples,
+                            stats=stats_list[-len(prompts) :],
+                            ids_by_prompt=ids_by,
+                            rss=rss,
+                        )
+        finally:
+            verifier.stop()
+            drafter.stop()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

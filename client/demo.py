@@ -1,0 +1,84 @@
+"""``specdec demo``: both services as local processes on the built-in Qwen pair, with and without drafting."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+from specdec_core import models
+
+from .client import SpecDecClient
+from .local import launch
+
+DEMO_PROMPTS = [
+    "Write a Python function that returns the n-th Fibonacci number iteratively.",
+    "Write a Python function that checks whether a string is a palindrome, ignoring case and spaces.",
+    "Explain in two sentences what a hash map is.",
+]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser("specdec demo", description=__doc__)
+    p.add_argument("--drafter-model", default=models.DEFAULT_DRAFTER)
+    p.add_argument("--target-model", default=models.DEFAULT_TARGET)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--num-draft-tokens", type=int, default=5)
+    p.add_argument("--prompts", type=int, default=len(DEMO_PROMPTS), help="how many demo prompts to run")
+    p.add_argument("--device", default="cpu")
+    a = p.parse_args(argv)
+
+    for name in (a.drafter_model, a.target_model):
+        if name in models.BUILTIN_MODELS:
+            print(f"== model {name}: {models.fetch(name)}", flush=True)
+    logs = Path(tempfile.mkdtemp(prefix="specdec-demo-"))
+    print(f"== starting drafter and verifier (logs in {logs})", flush=True)
+    with open(logs / "drafter.log", "w") as dlog, open(logs / "verifier.log", "w") as vlog:
+        drafter = launch("drafter", a.drafter_model, args=["--device", a.device], log_file=dlog)
+        try:
+            verifier = launch(
+                "verifier",
+                a.target_model,
+                log_file=vlog,
+                args=["--device", a.device, "--drafter", drafter.address],
+            )
+        except Exception:
+            drafter.stop()
+            raise
+        try:
+            run_prompts(verifier.address, drafter.address, a)
+        finally:
+            codes = verifier.stop(), drafter.stop()
+            print(f"== services stopped (exit codes {codes[0]}, {codes[1]})")
+    return 0
+
+
+def run_prompts(verifier: str, drafter: str, a) -> None:
+    totals = {"spec": [0, 0.0], "base": [0, 0.0]}
+    with SpecDecClient(verifier, drafter) as client:
+        for prompt in DEMO_PROMPTS[: a.prompts]:
+            print(f"\n--- prompt: {prompt}\n", flush=True)
+            stats = {}
+            for piece in client.stream(
+                prompt, chat=True, max_new_tokens=a.max_new_tokens, num_draft_tokens=a.num_draft_tokens
+            ):
+                sys.stdout.write(piece.text)
+                sys.stdout.flush()
+                stats = piece.stats or stats
+            base = client.generate(prompt, chat=True, max_new_tokens=a.max_new_tokens, no_draft=True).stats
+            print(
+                f"\n\n    speculative: {stats['tokens_per_s']:.2f} tok/s, acceptance {stats['acceptance_rate']:.2f}, "
+                f"{stats['accepted'] / max(stats['rounds'], 1):.2f} accepted/round, "
+                f"{stats['target_passes']} target passes for {stats['new_tokens']} tokens"
+            )
+            print(
+                f"    target only: {base['tokens_per_s']:.2f} tok/s  ->  speed-up {stats['tokens_per_s'] / base['tokens_per_s']:.2f}x"
+            )
+            for key, s in (("spec", stats), ("base", base)):
+                totals[key][0] += s["new_tokens"]
+                totals[key][1] += s["wall_s"]
+    spec, base = (totals[k][0] / totals[k][1] for k in ("spec", "base"))
+    print(
+        f"\n== overall: speculative {spec:.2f} tok/s, target only {base:.2f} tok/s, speed-up {spec / base:.2f}x"
+    )

@@ -1,0 +1,76 @@
+"""Multi-process end to end: real `specdec serve-*` processes and the real CLI."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+from tiny import hf_greedy, perturbed, save_tiny, tiny_model, tiny_tokenizer
+from transformers import AutoModelForCausalLM
+
+from client.local import ROOT, launch
+
+
+@pytest.fixture(scope="module")
+def model_dirs(tmp_path_factory):
+    base = tmp_path_factory.mktemp("models")
+    target = save_tiny("llama", base / "target", seed=0)
+    draft = base / "drafter"
+    perturbed(tiny_model("llama", seed=0), 0.1).save_pretrained(draft)
+    tiny_tokenizer().save_pretrained(draft)
+    return target, draft
+
+
+def test_cli_generate_against_real_processes(model_dirs, tmp_path):
+    target_dir, drafter_dir = model_dirs
+    drafter = launch("drafter", str(drafter_dir), args=["--threads", "1"], timeout_s=120)
+    verifier = None
+    try:
+        verifier = launch(
+            "verifier", str(target_dir), args=["--threads", "1", "--fast-verify", "off"], timeout_s=120
+        )
+        prompt = "def add(a, b):\n"
+        cmd = [
+            sys.executable,
+            "-m",
+            "client.cli",
+            "generate",
+            "--verifier",
+            verifier.address,
+            "--drafter",
+            drafter.address,
+            "--prompt",
+            prompt,
+            "--max-new-tokens",
+            "32",
+            "--num-draft-tokens",
+            "3",
+            "--ignore-eos",
+            "--json",
+        ]
+        out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120, check=True)
+        result = json.loads(out.stdout)
+        target = AutoModelForCausalLM.from_pretrained(target_dir)
+        expected = hf_greedy(target, tiny_tokenizer()(prompt)["input_ids"], 32)
+        assert result["token_ids"] == expected
+        stats = result["stats"]
+        for key in (
+            "rounds",
+            "drafted",
+            "accepted",
+            "acceptance_rate",
+            "accepted_per_position",
+            "target_passes",
+            "draft_s",
+            "verify_s",
+            "network_s",
+            "tokens_per_s",
+        ):
+            assert key in stats, key
+        assert stats["drafted"] > 0 and stats["rounds"] < 32
+        # the plain streaming mode prints the same text
+        plain = subprocess.run(cmd[:-1], cwd=ROOT, capture_output=True, text=True, timeout=120, check=True)
+        assert plain.stdout.rstrip("\n") == result["text"]
+    finally:
+        codes = [s.stop() for s in (verifier, drafter) if s is not None]
+    assert codes == [0] * len(codes)  # SIGTERM -> graceful exit 0

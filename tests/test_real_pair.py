@@ -1,0 +1,78 @@
+"""Slow: the real Qwen2.5-Coder pair (0.5B drafter, 1.5B target), fetched through `specdec models fetch`."""
+
+import pytest
+import torch
+
+from specdec_core import models
+from specdec_core.draft_length import FixedDraftLength
+from specdec_core.drafting import ModelDrafter
+from specdec_core.engine import GenerationStats, SpeculativeDecoder, StopCriteria
+from specdec_core.optimize import enable_fast_linear, prepare_drafter
+from specdec_core.runner import ModelRunner
+from specdec_core.sampling import SamplingParams
+
+pytestmark = pytest.mark.slow
+
+CODE_PROMPTS = [
+    "def fibonacci(n: int) -> int:\n",
+    "# Merge two sorted lists into one sorted list\ndef merge(a, b):\n",
+    "class Stack:\n    def __init__(self):\n",
+    "import os\n\ndef list_python_files(root):\n",
+    "def is_palindrome(s: str) -> bool:\n",
+]
+NEW_TOKENS = 64
+
+
+@pytest.fixture(scope="module")
+def pair():
+    target, tok = models.load_model(models.DEFAULT_TARGET, "cpu", "float32")
+    drafter, dtok = models.load_model(models.DEFAULT_DRAFTER, "cpu", "float32")
+    models.check_tokenizer_pair(dtok, tok)
+    return target, drafter, tok
+
+
+def speculative(target, drafter, tok, ids, k=5):
+    stats = GenerationStats()
+    out = []
+    for chunk in SpeculativeDecoder(ModelRunner(target), tok).generate(
+        ids,
+        SamplingParams(),
+        StopCriteria(max_new_tokens=NEW_TOKENS),
+        ModelDrafter(ModelRunner(drafter)),
+        FixedDraftLength(k),
+        stats,
+    ):
+        out.extend(chunk.token_ids)
+    return out, stats
+
+
+def reference(target, ids):
+    gc = target.generation_config
+    gc.eos_token_id = None
+    x = torch.tensor([ids])
+    return target.generate(
+        x, attention_mask=torch.ones_like(x), max_new_tokens=NEW_TOKENS, do_sample=False, generation_config=gc
+    )[0, len(ids) :].tolist()
+
+
+def test_speculative_greedy_equals_target_generate(pair):
+    target, drafter, tok = pair
+    refs = {}
+    for prompt in CODE_PROMPTS:
+        ids = tok(prompt)["input_ids"]
+        refs[prompt] = reference(target, ids)
+        out, stats = speculative(target, drafter, tok, ids)
+        assert out == refs[prompt], prompt
+        print(f"{prompt!r}: acceptance {stats.acceptance_rate:.2f}, {stats.rounds} rounds")
+    pair[0]._refs = refs
+
+
+def test_fast_verify_and_int8_drafter_leave_output_unchanged(pair):
+    target, drafter, tok = pair
+    refs = getattr(target, "_refs", None) or {p: reference(target, tok(p)["input_ids"]) for p in CODE_PROMPTS}
+    enable_fast_linear(target, "on")
+    q_drafter = prepare_drafter(drafter, "int8")
+    for prompt in CODE_PROMPTS:
+        out, stats = speculative(target, q_drafter, tok, tok(prompt)["input_ids"])
+        assert out == refs[prompt], prompt
+        print(f"{prompt!r} int8 drafter + fast verify: acceptance {stats.acceptance_rate:.2f}")
