@@ -41,19 +41,34 @@ def check_correctness(device: str) -> dict:
             target = tiny_model(family).to(device, dtype)
             drafter = perturbed(tiny_model(family), 0.1).to(device, dtype)
             x = torch.tensor([prompt], device=device)
-            ref = target.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=48, do_sample=False,
-                                  eos_token_id=None)[0, len(prompt):].tolist()
+            ref = target.generate(
+                x, attention_mask=torch.ones_like(x), max_new_tokens=48, do_sample=False, eos_token_id=None
+            )[0, len(prompt) :].tolist()
             dec = SpeculativeDecoder(ModelRunner(target), tiny_tokenizer())
 
             def run(params, dec=dec, drafter=drafter):
-                return [t for c in dec.generate(prompt, params, StopCriteria(max_new_tokens=48),
-                                                 ModelDrafter(ModelRunner(drafter)), FixedDraftLength(4))
-                        for t in c.token_ids]
+                return [
+                    t
+                    for c in dec.generate(
+                        prompt,
+                        params,
+                        StopCriteria(max_new_tokens=48),
+                        ModelDrafter(ModelRunner(drafter)),
+                        FixedDraftLength(4),
+                    )
+                    for t in c.token_ids
+                ]
 
             greedy = run(SamplingParams())
-            s1, s2 = run(SamplingParams(temperature=0.9, seed=3)), run(SamplingParams(temperature=0.9, seed=3))
-            out[f"{family}/{str(dtype).split('.')[-1]}"] = {"greedy_equal": greedy == ref, "seeded_equal": s1 == s2,
-                                                            "first_diff": next((i for i, (a, b) in enumerate(zip(greedy, ref)) if a != b), None)}
+            s1, s2 = (
+                run(SamplingParams(temperature=0.9, seed=3)),
+                run(SamplingParams(temperature=0.9, seed=3)),
+            )
+            out[f"{family}/{str(dtype).split('.')[-1]}"] = {
+                "greedy_equal": greedy == ref,
+                "seeded_equal": s1 == s2,
+                "first_diff": next((i for i, (a, b) in enumerate(zip(greedy, ref)) if a != b), None),
+            }
     out["grpc"] = check_grpc(device)
     return out
 
@@ -70,8 +85,10 @@ def check_grpc(device: str) -> bool:
 
     target = tiny_model("qwen2").to(device)
     drafter = perturbed(tiny_model("qwen2"), 0.1).to(device)
-    d_srv, d_port, _ = start_drafter(DrafterConfig(port=0, host="127.0.0.1"),
-                                     DrafterEngine(DrafterConfig(device=device), drafter, tiny_tokenizer()))
+    d_srv, d_port, _ = start_drafter(
+        DrafterConfig(port=0, host="127.0.0.1"),
+        DrafterEngine(DrafterConfig(device=device), drafter, tiny_tokenizer()),
+    )
     v_cfg = VerifierConfig(port=0, host="127.0.0.1", device=device, drafters=(f"127.0.0.1:{d_port}",))
     v_srv, v_port, _ = start_verifier(v_cfg, VerifierEngine(v_cfg, target, tiny_tokenizer()))
     try:
@@ -142,8 +159,11 @@ def main() -> int:
     import transformers
 
     device = a.device
-    report = {"gpu": torch.cuda.get_device_name(0) if device.startswith("cuda") else "none",
-              "torch": torch.__version__, "transformers": transformers.__version__}
+    report = {
+        "gpu": torch.cuda.get_device_name(0) if device.startswith("cuda") else "none",
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+    }
     t0 = time.time()
     report["correctness"] = check_correctness(device)
     report["correctness_s"] = time.time() - t0

@@ -33,7 +33,9 @@ class DrafterConfig(CommonConfig):
     model: str = DEFAULT_DRAFTER
     port: int = 50052
     max_support: int = 64
-    quantization: str = "none"  # "int8": dynamic int8 linear layers (CPU)
+    quantization: str = (
+        "auto"  # none | int8 (CPU dynamic int8) | bf16 | fp16 | auto (probe: int8 if >= 1.5x on CPU)
+    )
 
 
 @dataclass(frozen=True)

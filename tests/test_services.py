@@ -36,7 +36,9 @@ class Pair:
         self.d_server, d_port, _ = start_drafter(
             DrafterConfig(port=0, host="127.0.0.1", model="tiny-drafter"),
             DrafterEngine(
-                DrafterConfig(model="tiny-drafter"), drafter, drafter_tokenizer or tiny_tokenizer()
+                DrafterConfig(model="tiny-drafter", quantization="none"),
+                drafter,
+                drafter_tokenizer or tiny_tokenizer(),
             ),
         )
         self.drafter_addr = f"127.0.0.1:{d_port}"
