@@ -35,7 +35,7 @@ def check_correctness(device: str) -> dict:
     from specdec_core.sampling import SamplingParams
 
     prompt = tiny_tokenizer()("def add(a, b):\n")["input_ids"]
-    out = {}
+    out: dict = {}
     for family in FAMILIES:
         for dtype in (torch.float32, torch.bfloat16):
             target = tiny_model(family).to(device, dtype)
@@ -120,7 +120,7 @@ def measure_costs(config_dir: Path, device: str) -> dict:
     from specdec_core.optimize import probe_fast_linear
     from specdec_core.runner import ModelRunner
 
-    result = {}
+    result: dict = {}
     runners = {}
     for role, name in (("target", "qwen2.5-coder-1.5b-instruct"), ("drafter", "qwen2.5-coder-0.5b-instruct")):
         cfg = AutoConfig.from_pretrained(config_dir / name)
@@ -159,7 +159,7 @@ def main() -> int:
     import transformers
 
     device = a.device
-    report = {
+    report: dict = {
         "gpu": torch.cuda.get_device_name(0) if device.startswith("cuda") else "none",
         "torch": torch.__version__,
         "transformers": transformers.__version__,

@@ -63,7 +63,7 @@ def _spec_columns(r, meta, base, bw) -> dict:
         sum(x["accepted_per_position"][i] for x in s if i < len(x["accepted_per_position"])) / len(s)
         for i in range(positions)
     ]
-    out = {
+    out: dict = {
         "acceptance_rate": alpha,
         "mean_accepted_per_round": accepted / rounds if rounds else 0.0,
         "mean_draft_length": k_mean,

@@ -67,7 +67,7 @@ def cmd_generate(argv: list[str]) -> int:
                 )
             )
             return 0
-        stats = {}
+        stats: dict = {}
         for piece in client.stream(a.prompt, **kwargs):
             sys.stdout.write(piece.text)
             sys.stdout.flush()

@@ -148,7 +148,10 @@ class SpecDecClient:
 
     def generate(self, prompt: str | list[int], **kwargs) -> GenerationResult:
         """Run a generation to the end and return its text, generated ids and stats."""
-        text, ids, finish, stats = [], [], "", {}
+        text: list[str] = []
+        ids: list[int] = []
+        finish = ""
+        stats: dict = {}
         for piece in self.stream(prompt, **kwargs):
             text.append(piece.text)
             ids.extend(piece.token_ids)

@@ -59,7 +59,7 @@ def run_prompts(verifier: str, drafter: str, a) -> None:
     with SpecDecClient(verifier, drafter) as client:
         for prompt in DEMO_PROMPTS[: a.prompts]:
             print(f"\n--- prompt: {prompt}\n", flush=True)
-            stats = {}
+            stats: dict = {}
             for piece in client.stream(
                 prompt, chat=True, max_new_tokens=a.max_new_tokens, num_draft_tokens=a.num_draft_tokens
             ):
@@ -78,7 +78,8 @@ def run_prompts(verifier: str, drafter: str, a) -> None:
             for key, s in (("spec", stats), ("base", base)):
                 totals[key][0] += s["new_tokens"]
                 totals[key][1] += s["wall_s"]
-    spec, base = (totals[k][0] / totals[k][1] for k in ("spec", "base"))
+    spec_tps, base_tps = (totals[k][0] / totals[k][1] for k in ("spec", "base"))
     print(
-        f"\n== overall: speculative {spec:.2f} tok/s, target only {base:.2f} tok/s, speed-up {spec / base:.2f}x"
+        f"\n== overall: speculative {spec_tps:.2f} tok/s, target only {base_tps:.2f} tok/s, "
+        f"speed-up {spec_tps / base_tps:.2f}x"
     )

@@ -65,7 +65,7 @@ def launch(
     role: str,
     model: str,
     port: int | None = None,
-    args: list[str] = (),
+    args: tuple[str, ...] | list[str] = (),
     env: dict | None = None,
     cpus: list[int] | None = None,
     log_file=None,

@@ -54,7 +54,7 @@ class VerifierConfig(CommonConfig):
 def add_config_args(parser: argparse.ArgumentParser, cls: type, prefix: str) -> None:
     """One flag per config field, defaulting to $SPECDEC_<PREFIX>_<FIELD> or the field default."""
     for f in dataclasses.fields(cls):
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc,operator]
         env = f"SPECDEC_{prefix}_{f.name.upper()}"
         flag = "--" + f.name.replace("_", "-")
         if f.name == "drafters":

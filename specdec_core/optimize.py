@@ -47,14 +47,12 @@ def _fast_conv1d_forward(self, x: torch.Tensor) -> torch.Tensor:
 
 def _fast_forwards(model: nn.Module):
     """(module, fast forward) for every layer the fast path covers."""
-    try:
-        from transformers.pytorch_utils import Conv1D
-    except ImportError:  # pragma: no cover - very old transformers
-        Conv1D = ()  # noqa: N806
+    from transformers.pytorch_utils import Conv1D
+
     for module in model.modules():
         if type(module) is nn.Linear:
             yield module, _fast_linear_forward
-        elif Conv1D and isinstance(module, Conv1D):
+        elif isinstance(module, Conv1D):
             yield module, _fast_conv1d_forward
 
 
@@ -133,7 +131,7 @@ def _step_time(model: nn.Module, repeats: int = 3) -> float:
     """Best time of one single-token decoding step after a 32-token context."""
     from .runner import ModelRunner
 
-    runner = ModelRunner(model)
+    runner = ModelRunner(model)  # type: ignore[arg-type]
     seq = runner.new_sequence()
     runner.prefill(seq, list(range(32)))
     best = float("inf")

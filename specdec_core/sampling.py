@@ -110,5 +110,5 @@ def truncate_support(probs: torch.Tensor, max_support: int = DEFAULT_MAX_SUPPORT
 
 def sample_sparse(dist: SparseDist, generator: torch.Generator | None) -> int:
     """Draw a token id from a sparse distribution."""
-    idx = torch.multinomial(dist.probs, 1, generator=generator).item()
+    idx = int(torch.multinomial(dist.probs, 1, generator=generator).item())
     return int(dist.token_ids[idx].item())

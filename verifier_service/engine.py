@@ -285,6 +285,7 @@ class VerifierEngine:
             entry = self.sessions.get(session_id)
         with entry.lock:
             session = entry.session
+            assert session is not None  # created above, or get() which refuses empty entries
             session.append(tokens if not reset else [])
             if len(session.context) + len(block.tokens) + 1 > self.config.max_session_tokens:
                 self.sessions.remove(session_id)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import queue
 from collections.abc import Callable
+from typing import Any
 
 import grpc
 
@@ -26,7 +27,7 @@ class RemoteDrafter(Drafter):
     def __init__(
         self,
         addresses: list[str],
-        stub_for: Callable[[str], object],
+        stub_for: Callable[[str], Any],
         request_id: str = "",
         max_support: int = 0,
         timeout_s: float = 60.0,
@@ -43,8 +44,8 @@ class RemoteDrafter(Drafter):
         self._verdict: tuple[int, int] | None = None
         self._last: list[int] = []
         self._outbox: queue.Queue | None = None
-        self._replies = None
-        self._call = None
+        self._replies: Any = None
+        self._call: Any = None
         self.connects = 0
 
     # -- Drafter interface -----------------------------------------------------------------------------
@@ -82,6 +83,8 @@ class RemoteDrafter(Drafter):
         if self._verdict is not None:
             step.has_verdict = True
             step.num_accepted, step.next_token = self._verdict
+        if self._outbox is None or self._replies is None:
+            raise DrafterUnavailable("no drafter stream")
         self._outbox.put(pb.DraftRequest(step=step))
         reply = next(self._replies, None)
         if reply is None:
