@@ -38,7 +38,7 @@ class DrafterEngine:
             if self._active >= self.config.max_sessions:
                 raise LimitExceeded(f"drafter at its limit of {self.config.max_sessions} concurrent sessions")
             self._active += 1
-        return ModelDrafter(self.runner, max_support=self.config.max_support)
+        return ModelDrafter(self.runner, max_support=self.config.max_support, lookahead=self.config.lookahead)
 
     def close_session(self, drafter: ModelDrafter) -> None:
         drafter.close()

@@ -15,6 +15,14 @@ def _env(name: str, default, cast=str):
     return default if raw in (None, "") else cast(raw)
 
 
+def _parse_bool(raw: str) -> bool:
+    if raw.lower() in ("1", "true", "yes", "on"):
+        return True
+    if raw.lower() in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"not a boolean: {raw!r}")
+
+
 @dataclass(frozen=True)
 class CommonConfig:
     model: str
@@ -33,6 +41,7 @@ class DrafterConfig(CommonConfig):
     model: str = DEFAULT_DRAFTER
     port: int = 50052
     max_support: int = 64
+    lookahead: bool = False  # keep drafting while the verifier works (needs spare compute on the drafter)
     quantization: str = (
         "auto"  # none | int8 (CPU dynamic int8) | bf16 | fp16 | auto (probe: int8 if >= 1.5x on CPU)
     )
@@ -67,6 +76,15 @@ def add_config_args(parser: argparse.ArgumentParser, cls: type, prefix: str) -> 
                 help=f"drafter address host:port, repeatable (env {env}, comma-separated)",
             )
             parser.set_defaults(_drafters_env=value)
+            continue
+        if isinstance(default, bool):
+            parser.add_argument(
+                flag,
+                dest=f.name,
+                action=argparse.BooleanOptionalAction,
+                default=_env(env, default, _parse_bool),
+                help=f"(env {env})",
+            )
             continue
         cast = type(default) if default is not None else str
         parser.add_argument(

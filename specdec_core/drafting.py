@@ -4,6 +4,7 @@ drafter at all are interchangeable in the generation loop.
 
 from __future__ import annotations
 
+import threading
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
@@ -62,52 +63,103 @@ class Drafter(ABC):
 
 
 class ModelDrafter(Drafter):
-    """Drafts with a local small model, keeping its KV cache across rounds and rolling it back."""
+    """Drafts with a local small model, keeping its KV cache across rounds and rolling it back.
 
-    def __init__(self, runner: ModelRunner, max_support: int = DEFAULT_MAX_SUPPORT) -> None:
+    With ``lookahead`` the drafter keeps drafting while the verifier works: after returning a block it
+    assumes the whole block will be accepted, guesses the verifier's bonus token and drafts the next block
+    in a background thread. If the verdict confirms the guess, the next block is already there; otherwise
+    the speculative work is rolled back. Each drafted position draws from a generator keyed by (seed,
+    position), so the drafts, and hence a seeded generation, do not depend on that thread's timing.
+    """
+
+    def __init__(
+        self, runner: ModelRunner, max_support: int = DEFAULT_MAX_SUPPORT, lookahead: bool = False
+    ) -> None:
         self.runner = runner
         self.max_support = max_support
+        self.lookahead = lookahead
         self.context: list[int] = []
         self._seq = runner.new_sequence()
         self._params = SamplingParams()
-        self._gen = make_generator(0)
+        self._seed = 0
         self._drafted: list[int] = []
+        self._ready: list[tuple[int, SparseDist]] = []  # drafts already made for the current context
+        self._ahead: tuple[int, list[tuple[int, SparseDist]]] | None = (
+            None  # (guessed bonus, drafts after it)
+        )
+        self._thread: threading.Thread | None = None
+        self._cancel = threading.Event()
+        self.lookahead_hits = 0
 
     def start(self, context: list[int], params: SamplingParams) -> None:
         if not context:
             raise ValueError("a generation needs at least one context token")
+        self._stop_lookahead()
         self.context = list(context)
         self._params = params
-        self._gen = make_generator(params.seed, stream=1)
+        self._seed = params.seed if params.seed is not None else int(torch.randint(0, 2**62, (1,)).item())
         self._seq = self.runner.new_sequence()
         self.runner.prefill(self._seq, self.context[:-1])
-        self._drafted = []
+        self._drafted, self._ready, self._ahead = [], [], None
+
+    def _draft(self, feed: list[int], position: int, n: int, cancel: threading.Event | None = None):
+        """Feed ``feed`` then sample up to ``n`` tokens from ``position`` on; the last one is not fed."""
+        out: list[tuple[int, SparseDist]] = []
+        for i in range(n):
+            if cancel is not None and cancel.is_set():
+                break
+            logits = self.runner.extend(self._seq, feed, keep=1)[0]  # [vocab]
+            dist = truncate_support(logits_to_probs(logits, self._params), self.max_support)
+            token = sample_sparse(dist, make_generator(self._seed, stream=position + i))
+            out.append((token, dist))
+            feed = [token]
+        return out
 
     def propose(self, k: int) -> DraftBlock:
         t0 = time.perf_counter()
-        tokens: list[int] = []
-        dists: list[SparseDist] = []
-        feed = self.context[len(self._seq) :]  # the pending token(s) not yet in the cache
-        for i in range(k):
-            logits = self.runner.extend(self._seq, feed, keep=1)[0]  # [vocab]
-            dist = truncate_support(logits_to_probs(logits, self._params), self.max_support)
-            token = sample_sparse(dist, self._gen)
-            tokens.append(token)
-            dists.append(dist)
-            feed = [token]
-            if i == k - 1:
-                break
-        self._drafted = tokens
-        return DraftBlock(tokens=tokens, dists=dists, draft_s=time.perf_counter() - t0)
+        self._stop_lookahead()
+        ready, self._ready = self._ready[:k], []
+        if len(ready) < k:  # the cache covers context + ready[:-1]: continue after the last ready token
+            feed = [ready[-1][0]] if ready else self.context[len(self._seq) :]
+            ready += self._draft(feed, len(self.context) + len(ready), k - len(ready))
+        else:
+            self.runner.rollback(self._seq, len(self.context) + max(k - 1, 0))
+        self._drafted = [t for t, _ in ready]
+        if self.lookahead and k > 0:
+            self._cancel.clear()
+            self._thread = threading.Thread(target=self._look_ahead, args=(k,), daemon=True)
+            self._thread.start()
+        return DraftBlock(tokens=self._drafted, dists=[d for _, d in ready], draft_s=time.perf_counter() - t0)
+
+    def _look_ahead(self, k: int) -> None:
+        # assume the block is accepted: feed its last token, guess the bonus, draft k tokens after it
+        position = len(self.context) + len(self._drafted)
+        guess = self._draft([self._drafted[-1]], position, 1, self._cancel)
+        if guess:
+            self._ahead = (guess[0][0], [])
+            self._ahead[1].extend(self._draft([guess[0][0]], position + 1, k, self._cancel))
+
+    def _stop_lookahead(self) -> None:
+        if self._thread is not None:
+            self._cancel.set()
+            self._thread.join()
+            self._thread = None
 
     def accept(self, num_accepted: int, next_token: int) -> None:
+        self._stop_lookahead()
         base = len(self.context)
-        self.context.extend(self._drafted[:num_accepted])
+        drafted, ahead = self._drafted, self._ahead
+        self._drafted, self._ahead = [], None
+        self.context.extend(drafted[:num_accepted])
         self.context.append(next_token)
-        # the cache holds context + drafted[:k-1]; keep what the verifier accepted
+        if ahead and ahead[1] and num_accepted == len(drafted) and next_token == ahead[0]:
+            self.lookahead_hits += 1
+            self._ready = ahead[1]  # the cache covers context + ready[:-1]
+            return
+        # the cache holds old context + drafted (+ speculative tokens); keep what the verifier accepted
         self.runner.rollback(self._seq, min(len(self._seq), base + num_accepted))
-        self._drafted = []
 
     def close(self) -> None:
+        self._stop_lookahead()
         self._seq = self.runner.new_sequence()
         self.context = []

@@ -122,3 +122,25 @@ def test_adaptive_draft_length_is_lossless_and_moves():
     out, stats, _ = run(target, target, SamplingParams(), max_new=60, policy=policy)
     assert out == hf_greedy(target, PROMPT, 60)
     assert max(stats.draft_lengths) > 2  # perfect drafter: the policy grows k
+
+
+@pytest.mark.parametrize("params", [SamplingParams(), SamplingParams(temperature=0.9, top_p=0.95, seed=21)])
+def test_lookahead_drafter_changes_nothing_but_hides_drafting(params):
+    target = tiny_model("qwen2")
+    drafter_model = perturbed(target, 0.05)
+    outputs = {}
+    for lookahead in (False, True):
+        decoder = SpeculativeDecoder(ModelRunner(target), tiny_tokenizer())
+        drafter = ModelDrafter(ModelRunner(drafter_model), lookahead=lookahead)
+        stop = StopCriteria(max_new_tokens=50)
+        outputs[lookahead] = [
+            t
+            for c in decoder.generate(PROMPT, params, stop, drafter, FixedDraftLength(3))
+            for t in c.token_ids
+        ]
+        if lookahead and params.greedy:
+            assert drafter.lookahead_hits > 0  # some blocks were ready before they were asked for
+    # drafts are keyed by (seed, position), so the background thread cannot change a seeded generation
+    assert outputs[True] == outputs[False]
+    if params.greedy:
+        assert outputs[True] == hf_greedy(target, PROMPT, 50)

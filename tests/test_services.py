@@ -31,12 +31,12 @@ def models():
 
 
 class Pair:
-    def __init__(self, target, drafter, verifier_cfg=None, drafter_tokenizer=None):
+    def __init__(self, target, drafter, verifier_cfg=None, drafter_tokenizer=None, lookahead=False):
         self.target, self.drafter = target, drafter
         self.d_server, d_port, _ = start_drafter(
             DrafterConfig(port=0, host="127.0.0.1", model="tiny-drafter"),
             DrafterEngine(
-                DrafterConfig(model="tiny-drafter", quantization="none"),
+                DrafterConfig(model="tiny-drafter", quantization="none", lookahead=lookahead),
                 drafter,
                 drafter_tokenizer or tiny_tokenizer(),
             ),
@@ -220,3 +220,13 @@ def test_bad_input_maps_to_invalid_argument(pair):
     with pytest.raises(grpc.RpcError) as err:
         list(stub.Generate(pb.GenerateRequest(text="x", sampling=pb.SamplingParams(temperature=-1))))
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_lookahead_drafter_service_is_lossless(models):
+    p = Pair(*models, lookahead=True)
+    try:
+        with SpecDecClient(p.verifier_addr, p.drafter_addr) as c:
+            r = c.generate(PROMPT, max_new_tokens=40, num_draft_tokens=3, ignore_eos=True)
+        assert r.token_ids == hf_greedy(models[0], PROMPT_IDS, 40)
+    finally:
+        p.stop()
