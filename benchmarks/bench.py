@@ -230,6 +230,11 @@ def parse_args(argv):
     )
     p.add_argument("--fast-verify", default="auto", help="auto | on | off (specdec verifiers)")
     p.add_argument("--adaptive", action="store_true", help="add adaptive-k rows for core and grpc")
+    p.add_argument(
+        "--lookahead",
+        action="store_true",
+        help="gRPC drafters keep drafting while the verifier works (pinned layout: the drafter's own core)",
+    )
     p.add_argument("--out", default=str(ROOT / "bench-results"))
     p.add_argument("--docs", action="store_true", help="also write docs/benchmarks.md and the plot")
     a = p.parse_args(argv)
@@ -355,6 +360,7 @@ def run_grpc(bench: Bench, layout: str, prompts) -> None:
     a = bench.a
     pinned = layout == "grpc" and a.device == "cpu" and (os.cpu_count() or 1) >= 2
     d_args = ["--device", a.device, "--dtype", a.dtype, "--quantization", a.drafter_quantization]
+    d_args += ["--lookahead"] if a.lookahead else []
     v_args = ["--device", a.device, "--dtype", a.dtype, "--fast-verify", a.fast_verify]
     if pinned:
         d_args += ["--threads", "1"]

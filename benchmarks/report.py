@@ -107,6 +107,7 @@ def markdown(rows, meta, command: str) -> str:
         f"{meta['target_bytes'] / 1e9:.2f} GB, drafter {meta['drafter_bytes'] / 1e9:.2f} GB.",
         f"Options: drafter quantization `{meta['args']['drafter_quantization']}`, fast verify "
         f"`{meta['args']['fast_verify']}` (installed: {meta.get('fast_verify')}), "
+        f"gRPC drafter lookahead {'on' if meta['args'].get('lookahead') else 'off'}, "
         f"{meta['args']['max_new_tokens']} new tokens per prompt, {meta['args']['prompts']} prompts, "
         f"median of {meta['args']['repeats']} repeat(s), warm-up excluded.",
         "",

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import argparse
 import logging
 
 from specdec import convert
-from specdec.config import DrafterConfig, add_config_args, config_from_args
-from specdec.rpc import make_server, map_errors, serve_until_signal
+from specdec.config import DrafterConfig
+from specdec.rpc import make_server, map_errors, run_service
 from specdec.v1 import specdec_pb2_grpc as pb_grpc
 
 from .engine import DrafterEngine
@@ -72,15 +71,7 @@ def start(config: DrafterConfig, engine: DrafterEngine | None = None):
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser("specdec serve-drafter", description="Serve a drafter model over gRPC.")
-    add_config_args(parser, DrafterConfig, "DRAFTER")
-    config = config_from_args(DrafterConfig, parser.parse_args(argv))
-    logging.basicConfig(
-        level=config.log_level, format="%(asctime)s %(levelname)s drafter %(name)s: %(message)s"
-    )
-    server, port, health_servicer = start(config)
-    log.info("drafter %s serving on port %d (%s)", config.model, port, config.device)
-    serve_until_signal(server, health_servicer, config.grace_s)
+    run_service(argv, "drafter", "Serve a drafter model over gRPC.", DrafterConfig, start)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import functools
 import logging
 import signal
@@ -12,6 +13,7 @@ from concurrent import futures
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from specdec.config import add_config_args, config_from_args
 from specdec_core.models import ModelError, TokenizerMismatch
 
 log = logging.getLogger(__name__)
@@ -125,3 +127,21 @@ def channel(address: str) -> grpc.Channel:
         address,
         options=[("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)],
     )
+
+
+def run_service(
+    argv: list[str] | None, role: str, description: str, config_cls: type, start: Callable
+) -> None:
+    """Entry point shared by both services: config from flags/env, logging, start, serve until a signal."""
+    parser = argparse.ArgumentParser(f"specdec serve-{role}", description=description)
+    add_config_args(parser, config_cls, role.upper())
+    config = config_from_args(config_cls, parser.parse_args(argv))
+    logging.basicConfig(
+        level=config.log_level, format=f"%(asctime)s %(levelname)s {role} %(name)s: %(message)s"
+    )
+    server, port, health_servicer = start(config)
+    extra = (
+        f", drafters {', '.join(config.drafters) or 'none configured'}" if hasattr(config, "drafters") else ""
+    )
+    log.info("%s %s serving on port %d (%s)%s", role, config.model, port, config.device, extra)
+    serve_until_signal(server, health_servicer, config.grace_s)

@@ -218,50 +218,45 @@ class SpeculativeDecoder:
             if drafter is not None:
                 drafter.close()
 
-    def _start_drafter(self, drafter, prompt_ids, params, stats) -> Drafter | None:
+    @staticmethod
+    def _drafter_call(drafter: Drafter | None, stats: GenerationStats, what: str, call):
+        """Run ``call(drafter)``; a ``DrafterUnavailable`` is logged and counted, and drops the drafter.
+
+        Returns (result, drafter) with drafter None once it is gone; the time spent counts as drafting.
+        """
         if drafter is None:
-            return None
+            return None, None
         t0 = time.perf_counter()
         try:
-            drafter.start(prompt_ids, params)
+            return call(drafter), drafter
         except DrafterUnavailable as exc:
-            log.warning("drafter unavailable at start, decoding with the target alone: %s", exc)
+            log.warning("drafter lost %s, continuing with the target alone: %s", what, exc)
             stats.drafter_failures += 1
-            return None
+            return None, None
         finally:
             stats.draft_s += time.perf_counter() - t0
-        return drafter
 
-    @staticmethod
-    def _draft(drafter: Drafter | None, k: int, stats: GenerationStats) -> tuple[DraftBlock, Drafter | None]:
+    def _start_drafter(self, drafter, prompt_ids, params, stats) -> Drafter | None:
+        return self._drafter_call(drafter, stats, "at start", lambda d: d.start(prompt_ids, params))[1]
+
+    def _draft(
+        self, drafter: Drafter | None, k: int, stats: GenerationStats
+    ) -> tuple[DraftBlock, Drafter | None]:
         if drafter is None or k == 0:
             return DraftBlock(tokens=[], dists=[]), drafter
         t0 = time.perf_counter()
-        try:
-            block = drafter.propose(k)
-        except DrafterUnavailable as exc:
-            log.warning("drafter lost mid-generation, continuing with the target alone: %s", exc)
-            stats.drafter_failures += 1
+        draft_before = stats.draft_s
+        block, drafter = self._drafter_call(drafter, stats, "mid-generation", lambda d: d.propose(k))
+        if block is None:
             return DraftBlock(tokens=[], dists=[]), None
-        wall = time.perf_counter() - t0
-        stats.draft_s += block.draft_s
-        stats.network_s += max(wall - block.draft_s, 0.0)
+        # the drafter reports its own compute time; the rest of the round trip is network (+ serialisation)
+        stats.draft_s = draft_before + block.draft_s
+        stats.network_s += max(time.perf_counter() - t0 - block.draft_s, 0.0)
         return block, drafter
 
-    @staticmethod
-    def _feedback(drafter: Drafter | None, verdict: Verdict, stats: GenerationStats) -> Drafter | None:
-        if drafter is None:
-            return None
-        t0 = time.perf_counter()
-        try:
-            drafter.accept(verdict.num_accepted, verdict.next_token)
-        except DrafterUnavailable as exc:
-            log.warning("drafter lost while accepting, continuing with the target alone: %s", exc)
-            stats.drafter_failures += 1
-            return None
-        finally:
-            stats.draft_s += time.perf_counter() - t0
-        return drafter
+    def _feedback(self, drafter: Drafter | None, verdict: Verdict, stats: GenerationStats) -> Drafter | None:
+        call = lambda d: d.accept(verdict.num_accepted, verdict.next_token)  # noqa: E731
+        return self._drafter_call(drafter, stats, "while accepting", call)[1]
 
 
 class _Stopper:

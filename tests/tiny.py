@@ -47,8 +47,11 @@ def tiny_model(family: str, seed: int = 0, layers: int = 2, hidden: int = 64) ->
     """A random-weight causal LM of ``family`` over the tiny tokenizer's vocabulary."""
     vocab = len(tiny_tokenizer())
     torch.manual_seed(seed)
-    if family == "llama":
-        cfg = LlamaConfig(
+    if family in ("llama", "qwen2"):
+        config_cls, model_cls = (
+            (LlamaConfig, LlamaForCausalLM) if family == "llama" else (Qwen2Config, Qwen2ForCausalLM)
+        )
+        cfg = config_cls(
             vocab_size=vocab,
             hidden_size=hidden,
             intermediate_size=2 * hidden,
@@ -57,21 +60,11 @@ def tiny_model(family: str, seed: int = 0, layers: int = 2, hidden: int = 64) ->
             num_key_value_heads=2,
             max_position_embeddings=512,
         )
-        model = LlamaForCausalLM(cfg)
-    elif family == "qwen2":
-        cfg = Qwen2Config(
-            vocab_size=vocab,
-            hidden_size=hidden,
-            intermediate_size=2 * hidden,
-            num_hidden_layers=layers,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=512,
-        )
-        model = Qwen2ForCausalLM(cfg)
+        model = model_cls(cfg)
     elif family == "gpt2":
-        cfg = GPT2Config(vocab_size=vocab, n_embd=hidden, n_layer=layers, n_head=4, n_positions=512)
-        model = GPT2LMHeadModel(cfg)
+        model = GPT2LMHeadModel(
+            GPT2Config(vocab_size=vocab, n_embd=hidden, n_layer=layers, n_head=4, n_positions=512)
+        )
     else:
         raise ValueError(family)
     model.generation_config.pad_token_id = tiny_tokenizer().eos_token_id

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import argparse
 import logging
 
 from specdec import convert
-from specdec.config import VerifierConfig, add_config_args, config_from_args
-from specdec.rpc import make_server, map_errors, serve_until_signal
+from specdec.config import VerifierConfig
+from specdec.rpc import make_server, map_errors, run_service
 from specdec.v1 import specdec_pb2 as pb
 from specdec.v1 import specdec_pb2_grpc as pb_grpc
 
@@ -99,21 +98,7 @@ def start(config: VerifierConfig, engine: VerifierEngine | None = None):
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser("specdec serve-verifier", description="Serve a target model over gRPC.")
-    add_config_args(parser, VerifierConfig, "VERIFIER")
-    config = config_from_args(VerifierConfig, parser.parse_args(argv))
-    logging.basicConfig(
-        level=config.log_level, format="%(asctime)s %(levelname)s verifier %(name)s: %(message)s"
-    )
-    server, port, health_servicer = start(config)
-    log.info(
-        "verifier %s serving on port %d (%s), drafters %s",
-        config.model,
-        port,
-        config.device,
-        ", ".join(config.drafters) or "none configured",
-    )
-    serve_until_signal(server, health_servicer, config.grace_s)
+    run_service(argv, "verifier", "Serve a target model over gRPC.", VerifierConfig, start)
 
 
 if __name__ == "__main__":
