@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import json
 import os
 import platform
@@ -260,7 +261,8 @@ def main(argv: list[str] | None = None) -> int:
     bandwidth = measure_bandwidth(a.device)
     print(f"== hardware: {hardware}; copy bandwidth {bandwidth:.1f} GB/s", flush=True)
     meta = {"hardware": hardware, "bandwidth_gbs": bandwidth, "args": dict(vars(a))}
-    prompts = run_in_process(bench, meta)  # the models are freed before the services load their own
+    prompts = run_in_process(bench, meta)
+    gc.collect()  # the in-process models are freed before the services load their own
     for layout in ("grpc", "grpc-shared"):
         if layout in a.systems:
             run_grpc(bench, layout, prompts)
@@ -360,7 +362,7 @@ def run_grpc(bench: Bench, layout: str, prompts) -> None:
     a = bench.a
     pinned = layout == "grpc" and a.device == "cpu" and (os.cpu_count() or 1) >= 2
     d_args = ["--device", a.device, "--dtype", a.dtype, "--quantization", a.drafter_quantization]
-    d_args += ["--lookahead"] if a.lookahead else []
+    d_args += ["--lookahead"] if a.lookahead and pinned else []  # shared cores: lookahead only steals them
     v_args = ["--device", a.device, "--dtype", a.dtype, "--fast-verify", a.fast_verify]
     if pinned:
         d_args += ["--threads", "1"]

@@ -58,6 +58,7 @@ def _spec_columns(r, meta, base, bw) -> dict:
     k_mean = drafted / rounds if rounds else 0.0
     wall = _sum(s, "wall_s")
     draft_s, verify_s, network_s = _sum(s, "draft_s"), _sum(s, "verify_s"), _sum(s, "network_s")
+    prefill_s = _sum(s, "prefill_s")
     positions = max(len(x.get("accepted_per_position", [])) for x in s)
     per_pos = [
         sum(x["accepted_per_position"][i] for x in s if i < len(x["accepted_per_position"])) / len(s)
@@ -71,10 +72,14 @@ def _spec_columns(r, meta, base, bw) -> dict:
         "time_split": {
             "draft": draft_s / r.seconds,
             "verify": verify_s / r.seconds,
+            "prefill": prefill_s / r.seconds,
             "network": network_s / r.seconds,
-            "other": max(r.seconds - draft_s - verify_s - network_s, 0.0) / r.seconds,
+            "other": max(r.seconds - draft_s - verify_s - prefill_s - network_s, 0.0) / r.seconds,
         },
-        "overhead_ms_per_round": 1000 * max(r.seconds - draft_s - verify_s, 0.0) / rounds if rounds else 0.0,
+        # per round, outside both models' forwards and the prompt prefill: gRPC, sampling, Python
+        "overhead_ms_per_round": 1000 * max(r.seconds - draft_s - verify_s - prefill_s, 0.0) / rounds
+        if rounds
+        else 0.0,
         "verifier_wall_s": wall,
     }
     if base and base.seconds and drafted:
@@ -112,13 +117,15 @@ def markdown(rows, meta, command: str) -> str:
         f"median of {meta['args']['repeats']} repeat(s), warm-up excluded.",
         "",
         "| system | T | k | tok/s | vs HF | vs assisted | accept α | acc/round | per position | "
-        "draft/verify/net/other | overhead ms/round | bound (theory) | roofline tok/s (% reached) | peak RSS MB | greedy ids |",
+        "draft/verify/prefill/net/other | overhead ms/round | bound (theory) | roofline tok/s (% reached) | peak RSS MB | greedy ids |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         split = r.get("time_split")
         split_s = (
-            "/".join(f"{split[x]:.0%}" for x in ("draft", "verify", "network", "other")) if split else "–"
+            "/".join(f"{split[x]:.0%}" for x in ("draft", "verify", "prefill", "network", "other"))
+            if split
+            else "–"
         )
         roof = r.get("roofline_tokens_per_s")
         roof_s = f"{roof:.2f} ({r['tokens_per_s'] / roof:.0%})" if roof else "–"

@@ -57,7 +57,7 @@ class VerifierConfig(CommonConfig):
     session_idle_s: float = 300.0
     max_session_tokens: int = 32768
     max_total_tokens: int = 262144
-    fast_verify: str = "auto"  # "auto" | "on" | "off": the small-block linear fast path
+    fast_verify: str = "auto"  # auto | transpose (= on) | onednn | off: small-block linear path, probed
 
 
 def add_config_args(parser: argparse.ArgumentParser, cls: type, prefix: str) -> None:

@@ -45,6 +45,7 @@ class GenerationStats:
     target_tokens: int = 0  # positions the target processed (prefill included)
     draft_s: float = 0.0
     verify_s: float = 0.0
+    prefill_s: float = 0.0  # the target's prompt prefill (the drafter's counts as drafting)
     network_s: float = 0.0
     wall_s: float = 0.0
     new_tokens: int = 0
@@ -84,6 +85,7 @@ class GenerationStats:
             "target_tokens": self.target_tokens,
             "draft_s": self.draft_s,
             "verify_s": self.verify_s,
+            "prefill_s": self.prefill_s,
             "network_s": self.network_s,
             "wall_s": self.wall_s,
             "new_tokens": self.new_tokens,
@@ -183,6 +185,7 @@ class SpeculativeDecoder:
         policy = draft_length or FixedDraftLength(4)
         t_start = time.perf_counter()
         session = TargetSession(self.target, prompt_ids, params)
+        stats.prefill_s = time.perf_counter() - t_start
         drafter = self._start_drafter(drafter, prompt_ids, params, stats)
         stopper = _Stopper(stop, self.tokenizer)
         try:

@@ -1,9 +1,11 @@
 """Speed options for the two roles that cannot change what is generated.
 
 * **Small-block linear fast path (verifier).** On CPU, ``nn.Linear`` over a handful of rows goes through a
-  GEMM path that repacks the whole weight on every call; computing ``(W @ x.T).T`` keeps the weight as the
-  streaming operand and stays near the memory-bound cost. Whether it is faster is measured by a probe on
-  the actual device and largest layer at start-up (``mode="auto"``), never assumed.
+  GEMM path that repacks the whole weight on every call. Two alternatives keep such products closer to the
+  memory-bound cost: ``transpose`` computes ``(W @ x.T).T`` (the weight streams as the left operand) and
+  ``onednn`` keeps the weight of every large layer in oneDNN's layout (``torch._C._nn.mkldnn_linear``,
+  replacing the dense copy). ``mode="auto"`` times a whole forward pass of the model at one position and
+  at a verify-sized block under each available path at start-up and keeps the fastest, never assumed.
 * **Drafter precision.** The drafter only proposes; the verifier's exact check makes any drafter lossless,
   so it may run quantised: dynamic int8 linear layers on CPU, bf16/fp16 on GPUs.
 """
@@ -45,6 +47,41 @@ def _fast_conv1d_forward(self, x: torch.Tensor) -> torch.Tensor:
     return out.reshape(*x.shape[:-1], self.nf)
 
 
+ONEDNN_MIN_PARAMS = 1 << 20  # smaller layers stay dense (oneDNN's per-call overhead outweighs the gain)
+
+
+def _onednn_linear_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    flat = x.reshape(-1, x.shape[-1]).to_mkldnn()  # [rows, in]
+    weight, bias = self.__dict__["_onednn_weight"], self.__dict__["_onednn_bias"]
+    out = torch._C._nn.mkldnn_linear(flat, weight, bias).to_dense()  # [rows, out]
+    return out.reshape(*x.shape[:-1], out.shape[-1])
+
+
+def _install_onednn(model: nn.Module) -> list[nn.Linear]:
+    """Give every large fp32 ``nn.Linear`` a oneDNN copy of its weight and route its forward through it."""
+    layers = [
+        m
+        for m in model.modules()
+        if type(m) is nn.Linear and m.weight.numel() >= ONEDNN_MIN_PARAMS and m.weight.dtype == torch.float32
+    ]
+    for m in layers:
+        # plain attributes (not buffers): state_dict and .to() keep seeing the module as before
+        m.__dict__["_onednn_weight"] = m.weight.detach().to_mkldnn()
+        bias = m.bias.detach() if m.bias is not None else torch.zeros(m.out_features)
+        m.__dict__["_onednn_bias"] = bias.to_mkldnn()
+        m.__dict__["forward"] = types.MethodType(_onednn_linear_forward, m)
+    return layers
+
+
+def _drop_dense_weights(model: nn.Module, layers: list[nn.Linear]) -> None:
+    """Free the dense copies of weights now served by oneDNN (never a weight tied to the embeddings)."""
+    get_embeddings = getattr(model, "get_input_embeddings", None)
+    tied = get_embeddings().weight if callable(get_embeddings) else None
+    for m in layers:
+        if m.weight is not tied:
+            m.weight.data = torch.empty(0, dtype=m.weight.dtype)
+
+
 def _fast_forwards(model: nn.Module):
     """(module, fast forward) for every layer the fast path covers."""
     from transformers.pytorch_utils import Conv1D
@@ -67,7 +104,7 @@ def _time(fn, repeats: int = 5) -> float:
 
 
 def probe_fast_linear(model: nn.Module, rows: tuple[int, ...] = (2, 5, 9)) -> float:
-    """Speed ratio stock / fast on the model's largest linear layer at small row counts (>1: fast wins)."""
+    """Speed ratio stock / transpose on the model's largest linear layer at small row counts (>1: it wins)."""
     layer = max(
         (m for m in model.modules() if type(m) is nn.Linear), key=lambda m: m.weight.numel(), default=None
     )
@@ -84,21 +121,71 @@ def probe_fast_linear(model: nn.Module, rows: tuple[int, ...] = (2, 5, 9)) -> fl
     return min(ratios)
 
 
-def enable_fast_linear(model: nn.Module, mode: str = "auto", min_gain: float = 1.1) -> bool:
-    """Install the small-block fast path on every ``nn.Linear`` when ``mode`` is "on", or "auto" and the
-    probe measures at least ``min_gain`` speed-up. Returns whether it was installed."""
-    if mode not in ("auto", "on", "off"):
-        raise ValueError(f"fast verify mode must be auto, on or off, got {mode!r}")
-    if mode == "off":
-        return False
+FAST_MODES = ("auto", "on", "off", "transpose", "onednn")
+
+
+def _restore(model: nn.Module) -> None:
+    """Undo a probed path: the class's own forward, no oneDNN copies."""
+    for module in model.modules():
+        for attr in ("forward", "_onednn_weight", "_onednn_bias"):
+            module.__dict__.pop(attr, None)
+
+
+def _forward_time(model: nn.Module, block: int) -> float:
+    """Best of 2 timed forwards over ``block`` new positions after a 64-token context."""
+    from .runner import ModelRunner
+
+    runner = ModelRunner(model)  # type: ignore[arg-type]
+    seq = runner.new_sequence()
+    runner.prefill(seq, list(range(64)))
+    times = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        runner.extend(seq, list(range(100, 100 + block)))
+        times.append(time.perf_counter() - t0)
+        runner.rollback(seq, 64)
+    return min(times[1:])
+
+
+def enable_fast_linear(model: nn.Module, mode: str = "auto", min_gain: float = 1.05, block: int = 6) -> str:
+    """Install a small-block linear path; returns the one installed ("off", "transpose" or "onednn").
+
+    "on" means "transpose". "auto" is CPU-only (GPUs keep the stock path, measured slower there): it times a
+    forward at 1 position plus one at ``block`` positions under each path and keeps the fastest when it
+    beats the stock path by ``min_gain``.
+    """
+    if mode not in FAST_MODES:
+        raise ValueError(f"fast verify mode must be one of {', '.join(FAST_MODES)}, got {mode!r}")
+    mode = "transpose" if mode == "on" else mode
     if mode == "auto":
-        gain = probe_fast_linear(model)
-        log.info("small-block linear probe: fast path %.2fx the stock path", gain)
-        if gain < min_gain:
-            return False
-    for module, forward in _fast_forwards(model):
-        module.forward = types.MethodType(forward, module)
-    return True
+        if next(model.parameters()).device.type != "cpu":
+            return "off"
+        candidates = ["transpose"] + (["onednn"] if torch.backends.mkldnn.is_available() else [])
+        timings = {"off": _forward_time(model, 1) + _forward_time(model, block)}
+        for candidate in candidates:
+            _install(model, candidate, drop_dense=False)
+            timings[candidate] = _forward_time(model, 1) + _forward_time(model, block)
+            _restore(model)
+        best = min(timings, key=timings.__getitem__)
+        log.info(
+            "linear path probe (1 + %d positions): %s -> %s",
+            block,
+            ", ".join(f"{k} {v:.3f}s" for k, v in timings.items()),
+            best,
+        )
+        mode = best if timings["off"] / timings[best] >= min_gain else "off"
+    _install(model, mode, drop_dense=True)
+    return mode
+
+
+def _install(model: nn.Module, mode: str, drop_dense: bool) -> None:
+    if mode == "transpose":
+        for module, forward in _fast_forwards(model):
+            module.forward = types.MethodType(forward, module)
+    elif mode == "onednn":
+        layers = _install_onednn(model)  # small layers keep the stock path (faster for them at few rows)
+        if drop_dense:
+            _drop_dense_weights(model, layers)
 
 
 def prepare_drafter(model: nn.Module, quantization: str = "none") -> nn.Module:
