@@ -7,7 +7,7 @@ from __future__ import annotations
 import threading
 import time
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -34,7 +34,6 @@ class DraftBlock:
     tokens: list[int]
     dists: list[SparseDist]
     draft_s: float = 0.0  # compute time spent on the drafter's side
-    meta: dict = field(default_factory=dict)
 
     def dense_probs(self, vocab_size: int, device: torch.device | str) -> torch.Tensor:
         """[k, vocab] dense draft probabilities (zeros outside each support)."""

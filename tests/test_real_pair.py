@@ -31,14 +31,14 @@ def pair():
     return target, drafter, tok
 
 
-def speculative(target, drafter, tok, ids, k=5):
+def speculative(target, drafter, tok, ids, k=5, lookahead=False):
     stats = GenerationStats()
     out = []
     for chunk in SpeculativeDecoder(ModelRunner(target), tok).generate(
         ids,
         SamplingParams(),
         StopCriteria(max_new_tokens=NEW_TOKENS),
-        ModelDrafter(ModelRunner(drafter)),
+        ModelDrafter(ModelRunner(drafter), lookahead=lookahead),
         FixedDraftLength(k),
         stats,
     ):
@@ -67,12 +67,12 @@ def test_speculative_greedy_equals_target_generate(pair):
     pair[0]._refs = refs
 
 
-def test_fast_verify_and_int8_drafter_leave_output_unchanged(pair):
+def test_onednn_verify_int8_lookahead_drafter_leave_output_unchanged(pair):
     target, drafter, tok = pair
     refs = getattr(target, "_refs", None) or {p: reference(target, tok(p)["input_ids"]) for p in CODE_PROMPTS}
-    enable_fast_linear(target, "on")
+    assert enable_fast_linear(target, "onednn") == "onednn"
     q_drafter = prepare_drafter(drafter, "int8")
     for prompt in CODE_PROMPTS:
-        out, stats = speculative(target, q_drafter, tok, tok(prompt)["input_ids"])
+        out, stats = speculative(target, q_drafter, tok, tok(prompt)["input_ids"], lookahead=True)
         assert out == refs[prompt], prompt
-        print(f"{prompt!r} int8 drafter + fast verify: acceptance {stats.acceptance_rate:.2f}")
+        print(f"{prompt!r} int8 lookahead drafter + oneDNN verify: acceptance {stats.acceptance_rate:.2f}")

@@ -117,9 +117,6 @@ class SessionStore:
         with self._lock:
             self._entries.pop(session_id, None)
 
-    def __len__(self) -> int:
-        return len(self._entries)
-
     @contextmanager
     def reserve(self, session_id: str, tokens: int):
         """Hold a slot (and token budget) for a streaming generation while it runs."""

@@ -46,7 +46,6 @@ class RemoteDrafter(Drafter):
         self._outbox: queue.Queue | None = None
         self._replies: Any = None
         self._call: Any = None
-        self.connects = 0
 
     # -- Drafter interface -----------------------------------------------------------------------------
     def start(self, context: list[int], params: SamplingParams) -> None:
@@ -109,4 +108,3 @@ class RemoteDrafter(Drafter):
         outbox.put(pb.DraftRequest(start=start))
         call = self.stub_for(address).Draft(iter(outbox.get, None), timeout=None, wait_for_ready=False)
         self._outbox, self._call, self._replies = outbox, call, call
-        self.connects += 1

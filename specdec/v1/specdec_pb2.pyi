@@ -81,7 +81,7 @@ class GenerateResponse(_message.Message):
     def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., text: _Optional[str] = ..., finish_reason: _Optional[str] = ..., stats: _Optional[_Union[GenerationStats, _Mapping]] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class GenerationStats(_message.Message):
-    __slots__ = ("rounds", "drafted", "accepted", "acceptance_rate", "accepted_per_position", "target_passes", "draft_s", "verify_s", "network_s", "tokens_per_s", "new_tokens", "wall_s", "mean_draft_length", "drafter_failures", "target_tokens")
+    __slots__ = ("rounds", "drafted", "accepted", "acceptance_rate", "accepted_per_position", "target_passes", "draft_s", "verify_s", "network_s", "tokens_per_s", "new_tokens", "wall_s", "mean_draft_length", "drafter_failures", "target_tokens", "prefill_s")
     ROUNDS_FIELD_NUMBER: _ClassVar[int]
     DRAFTED_FIELD_NUMBER: _ClassVar[int]
     ACCEPTED_FIELD_NUMBER: _ClassVar[int]
@@ -97,6 +97,7 @@ class GenerationStats(_message.Message):
     MEAN_DRAFT_LENGTH_FIELD_NUMBER: _ClassVar[int]
     DRAFTER_FAILURES_FIELD_NUMBER: _ClassVar[int]
     TARGET_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_S_FIELD_NUMBER: _ClassVar[int]
     rounds: int
     drafted: int
     accepted: int
@@ -112,7 +113,8 @@ class GenerationStats(_message.Message):
     mean_draft_length: float
     drafter_failures: int
     target_tokens: int
-    def __init__(self, rounds: _Optional[int] = ..., drafted: _Optional[int] = ..., accepted: _Optional[int] = ..., acceptance_rate: _Optional[float] = ..., accepted_per_position: _Optional[_Iterable[float]] = ..., target_passes: _Optional[int] = ..., draft_s: _Optional[float] = ..., verify_s: _Optional[float] = ..., network_s: _Optional[float] = ..., tokens_per_s: _Optional[float] = ..., new_tokens: _Optional[int] = ..., wall_s: _Optional[float] = ..., mean_draft_length: _Optional[float] = ..., drafter_failures: _Optional[int] = ..., target_tokens: _Optional[int] = ...) -> None: ...
+    prefill_s: float
+    def __init__(self, rounds: _Optional[int] = ..., drafted: _Optional[int] = ..., accepted: _Optional[int] = ..., acceptance_rate: _Optional[float] = ..., accepted_per_position: _Optional[_Iterable[float]] = ..., target_passes: _Optional[int] = ..., draft_s: _Optional[float] = ..., verify_s: _Optional[float] = ..., network_s: _Optional[float] = ..., tokens_per_s: _Optional[float] = ..., new_tokens: _Optional[int] = ..., wall_s: _Optional[float] = ..., mean_draft_length: _Optional[float] = ..., drafter_failures: _Optional[int] = ..., target_tokens: _Optional[int] = ..., prefill_s: _Optional[float] = ...) -> None: ...
 
 class VerifyRequest(_message.Message):
     __slots__ = ("session_id", "tokens", "reset", "sampling", "draft_tokens", "draft_dists", "return_logprobs")
