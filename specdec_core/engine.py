@@ -215,8 +215,6 @@ class SpeculativeDecoder:
                 if chunk.finish_reason:
                     break
         finally:
-            stats.target_passes = session.passes
-            stats.target_tokens = session.tokens_processed
             stats.wall_s = time.perf_counter() - t_start
             if drafter is not None:
                 drafter.close()
