@@ -227,7 +227,9 @@ def parse_args(argv):
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--systems", default="hf,assisted,core,grpc,grpc-shared")
     p.add_argument(
-        "--drafter-quantization", default="none", help="none | int8 | bf16 | fp16 (specdec drafters)"
+        "--drafter-quantization",
+        default="auto",
+        help="auto | none | int8 | bf16 | fp16 (the drafter every system uses)",
     )
     p.add_argument("--fast-verify", default="auto", help="auto | on | off (specdec verifiers)")
     p.add_argument("--adaptive", action="store_true", help="add adaptive-k rows for core and grpc")
