@@ -35,6 +35,7 @@ from specdec_core.engine import GenerationStats, SpeculativeDecoder, StopCriteri
 from specdec_core.optimize import enable_fast_linear, prepare_drafter
 from specdec_core.runner import ModelRunner
 from specdec_core.sampling import SamplingParams
+from specdec_core.text import encode_prompt
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -114,20 +115,11 @@ def peak_rss_mb(pid: int | None = None) -> float:
 
 
 def load_prompts(tokenizer, count: int) -> list[tuple[str, list[int]]]:
-    out = []
-    for p in json.loads((HERE / "prompts.json").read_text())["prompts"][:count]:
-        if p["chat"]:
-            ids = tokenizer.apply_chat_template(
-                [{"role": "user", "content": p["text"]}], add_generation_prompt=True, tokenize=True
-            )
-            ids = ids["input_ids"] if hasattr(ids, "keys") else ids
-        else:
-            ids = tokenizer(p["text"])["input_ids"]
-        out.append((p["id"], list(ids)))
-    return out
+    prompts = json.loads((HERE / "prompts.json").read_text())["prompts"][:count]
+    return [(p["id"], encode_prompt(tokenizer, p["text"], p["chat"])) for p in prompts]
 
 
-def hf_config(model, max_new: int, temperature: float, seed_k: int | None = None):
+def hf_config(model, max_new: int, temperature: float):
     gc = copy.deepcopy(model.generation_config)
     gc.eos_token_id = None
     gc.max_new_tokens = max_new

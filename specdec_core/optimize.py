@@ -132,7 +132,7 @@ def _restore(model: nn.Module) -> None:
 
 
 def _forward_time(model: nn.Module, block: int) -> float:
-    """Best of 2 timed forwards over ``block`` new positions after a 64-token context."""
+    """Best of 2 timed forwards (after a warm-up) over ``block`` new positions after a 64-token context."""
     from .runner import ModelRunner
 
     runner = ModelRunner(model)  # type: ignore[arg-type]
@@ -211,29 +211,14 @@ def prepare_drafter(model: nn.Module, quantization: str = "none") -> nn.Module:
             return quantize_dynamic(model.float(), {nn.Linear}, dtype=torch.qint8)
     if quantization in ("bf16", "fp16"):
         return model.to(torch.bfloat16 if quantization == "bf16" else torch.float16)
-    raise ValueError(f"unknown drafter quantization {quantization!r}: none, int8, bf16 or fp16")
-
-
-def _step_time(model: nn.Module, repeats: int = 3) -> float:
-    """Best time of one single-token decoding step after a 32-token context."""
-    from .runner import ModelRunner
-
-    runner = ModelRunner(model)  # type: ignore[arg-type]
-    seq = runner.new_sequence()
-    runner.prefill(seq, list(range(32)))
-    best = float("inf")
-    for i in range(repeats + 1):
-        t0 = time.perf_counter()
-        runner.extend(seq, [40 + i], keep=1)
-        best = min(best, time.perf_counter() - t0) if i else best  # first step is a warm-up
-    return best
+    raise ValueError(f"unknown drafter quantization {quantization!r}: auto, none, int8, bf16 or fp16")
 
 
 def _auto_drafter(model: nn.Module) -> nn.Module:
     if next(model.parameters()).device.type != "cpu":
         return model
     quantized = prepare_drafter(model, "int8")
-    gain = _step_time(model) / _step_time(quantized)
+    gain = _forward_time(model, 1) / _forward_time(quantized, 1)
     log.info(
         "drafter precision probe: int8 step %.2fx float32 -> %s", gain, "int8" if gain >= 1.5 else "float32"
     )

@@ -3,6 +3,15 @@
 from __future__ import annotations
 
 
+def encode_prompt(tokenizer, text: str, chat: bool = False) -> list[int]:
+    """Token ids of a prompt; with ``chat`` it is wrapped in the model's chat template as one user turn."""
+    if not chat:
+        return list(tokenizer(text)["input_ids"])
+    messages = [{"role": "user", "content": text}]
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    return list(ids["input_ids"] if hasattr(ids, "keys") else ids)  # transformers 5 returns an encoding
+
+
 class IncrementalText:
     """Turns a growing list of token ids into text deltas.
 

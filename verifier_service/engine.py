@@ -30,7 +30,7 @@ from specdec_core.models import (
 from specdec_core.optimize import enable_fast_linear
 from specdec_core.runner import ModelRunner
 from specdec_core.sampling import SamplingParams
-from specdec_core.text import IncrementalText
+from specdec_core.text import IncrementalText, encode_prompt
 from specdec_core.verification import Verdict
 
 from .remote_drafter import RemoteDrafter
@@ -204,12 +204,7 @@ class VerifierEngine:
             return ids
         if not args.prompt_text:
             raise ValueError("empty prompt")
-        if args.chat:
-            messages = [{"role": "user", "content": args.prompt_text}]
-            ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-            ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
-            return list(ids)
-        return list(self.tokenizer(args.prompt_text)["input_ids"])
+        return encode_prompt(self.tokenizer, args.prompt_text, args.chat)
 
     # -- drafters -------------------------------------------------------------------------------------
     def _remote_drafter(self, address: str, request_id: str) -> RemoteDrafter | None:
