@@ -1,5 +1,7 @@
 """Integration tests of the runner and the generation loop on tiny random models of each family."""
 
+import time
+
 import pytest
 import torch
 from tiny import FAMILIES, hf_greedy, perturbed, tiny_model, tiny_tokenizer
@@ -124,13 +126,23 @@ def test_adaptive_draft_length_is_lossless_and_moves():
     assert max(stats.draft_lengths) > 2  # perfect drafter: the policy grows k
 
 
+class SlowRunner(ModelRunner):
+    """A target runner whose every forward takes at least 30 ms longer (sleeping, so the GIL is free)."""
+
+    def extend(self, seq, token_ids, keep=None):
+        time.sleep(0.03)
+        return super().extend(seq, token_ids, keep)
+
+
 @pytest.mark.parametrize("params", [SamplingParams(), SamplingParams(temperature=0.9, top_p=0.95, seed=21)])
 def test_lookahead_drafter_changes_nothing_but_hides_drafting(params):
     target = tiny_model("qwen2")
     drafter_model = perturbed(target, 0.05)
     outputs = {}
     for lookahead in (False, True):
-        decoder = SpeculativeDecoder(ModelRunner(target), tiny_tokenizer())
+        # a verifier slower than the drafter, as on real pairs: the background thread then has time to
+        # draft (a tiny target verifies faster than a thread switch, so without this no block is early)
+        decoder = SpeculativeDecoder(SlowRunner(target), tiny_tokenizer())
         drafter = ModelDrafter(ModelRunner(drafter_model), lookahead=lookahead)
         stop = StopCriteria(max_new_tokens=50)
         outputs[lookahead] = [
