@@ -9,6 +9,7 @@ import torch
 
 from specdec.config import DrafterConfig
 from specdec.rpc import LimitExceeded
+from specdec_core.compute import ComputeThread
 from specdec_core.drafting import ModelDrafter
 from specdec_core.models import load_model, vocab_fingerprint
 from specdec_core.optimize import prepare_drafter
@@ -22,23 +23,35 @@ class DrafterEngine:
 
     def __init__(self, config: DrafterConfig, model=None, tokenizer=None) -> None:
         self.config = config
-        if config.threads:
-            torch.set_num_threads(config.threads)
-        if model is None:
-            model, tokenizer = load_model(config.model, config.device, config.dtype)
-        model = prepare_drafter(model, config.quantization)
+        self.compute = ComputeThread("drafter-compute")  # every forward of this process runs there
+        model, tokenizer = self.compute.call(self._load, model, tokenizer)
         self.runner = ModelRunner(model, name=config.model)
         self.tokenizer = tokenizer
         self.fingerprint = vocab_fingerprint(tokenizer)
         self._active = 0
         self._lock = threading.Lock()
 
+    def _load(self, model, tokenizer):
+        if self.config.threads:
+            torch.set_num_threads(self.config.threads)
+        if model is None:
+            model, tokenizer = load_model(self.config.model, self.config.device, self.config.dtype)
+        return prepare_drafter(model, self.config.quantization), tokenizer
+
+    def close(self) -> None:
+        self.compute.close()
+
     def open_session(self) -> ModelDrafter:
         with self._lock:
             if self._active >= self.config.max_sessions:
                 raise LimitExceeded(f"drafter at its limit of {self.config.max_sessions} concurrent sessions")
             self._active += 1
-        return ModelDrafter(self.runner, max_support=self.config.max_support, lookahead=self.config.lookahead)
+        return ModelDrafter(
+            self.runner,
+            max_support=self.config.max_support,
+            lookahead=self.config.lookahead,
+            compute=self.compute,
+        )
 
     def close_session(self, drafter: ModelDrafter) -> None:
         drafter.close()

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .compute import ComputeThread
 from .draft_length import DraftLengthPolicy, FixedDraftLength
 from .drafting import DraftBlock, Drafter, DrafterUnavailable
 from .runner import ModelRunner
@@ -164,9 +165,14 @@ class Chunk:
 class SpeculativeDecoder:
     """Speculative generation against one target model; any ``Drafter`` (or none) proposes tokens."""
 
-    def __init__(self, target: ModelRunner, tokenizer=None) -> None:
+    def __init__(self, target: ModelRunner, tokenizer=None, compute: ComputeThread | None = None) -> None:
+        """``compute``: run the target's work (prefill, verification) on that thread (see ``compute.py``)."""
         self.target = target
         self.tokenizer = tokenizer
+        self.compute = compute
+
+    def _run(self, fn, *args):
+        return self.compute.call(fn, *args) if self.compute is not None else fn(*args)
 
     def generate(
         self,
@@ -184,17 +190,19 @@ class SpeculativeDecoder:
         stats = stats if stats is not None else GenerationStats()
         policy = draft_length or FixedDraftLength(4)
         t_start = time.perf_counter()
-        session = TargetSession(self.target, prompt_ids, params)
-        stats.prefill_s = time.perf_counter() - t_start
+        # a remote drafter prefills on its own device while the target prefills here
         drafter = self._start_drafter(drafter, prompt_ids, params, stats)
         stopper = _Stopper(stop, self.tokenizer)
         try:
+            t0 = time.perf_counter()
+            session = self._run(TargetSession, self.target, prompt_ids, params)
+            stats.prefill_s = time.perf_counter() - t0
             while True:
                 k = min(policy.next_length(), stop.max_new_tokens - stopper.produced - 1) if drafter else 0
                 net_before = stats.network_s
                 block, drafter = self._draft(drafter, max(k, 0), stats)
                 t0 = time.perf_counter()
-                verdict, _ = session.verify(block.tokens, block)
+                verdict, _ = self._run(session.verify, block.tokens, block)
                 verify_s = time.perf_counter() - t0
                 stats.verify_s += verify_s
                 stats.record_round(len(block.tokens), verdict.num_accepted)

@@ -1,6 +1,7 @@
 """In-process gRPC tests: both services on port 0 with tiny models, driven through the client library."""
 
 import copy
+import threading
 
 import grpc
 import pytest
@@ -33,13 +34,13 @@ def models():
 class Pair:
     def __init__(self, target, drafter, verifier_cfg=None, drafter_tokenizer=None, lookahead=False):
         self.target, self.drafter = target, drafter
+        self.d_engine = DrafterEngine(
+            DrafterConfig(model="tiny-drafter", quantization="none", lookahead=lookahead),
+            drafter,
+            drafter_tokenizer or tiny_tokenizer(),
+        )
         self.d_server, d_port, _ = start_drafter(
-            DrafterConfig(port=0, host="127.0.0.1", model="tiny-drafter"),
-            DrafterEngine(
-                DrafterConfig(model="tiny-drafter", quantization="none", lookahead=lookahead),
-                drafter,
-                drafter_tokenizer or tiny_tokenizer(),
-            ),
+            DrafterConfig(port=0, host="127.0.0.1", model="tiny-drafter"), self.d_engine
         )
         self.drafter_addr = f"127.0.0.1:{d_port}"
         self.v_cfg = verifier_cfg or VerifierConfig(
@@ -56,6 +57,8 @@ class Pair:
     def stop(self):
         self.v_server.stop(0)
         self.d_server.stop(0)
+        self.v_engine.close()
+        self.d_engine.close()
 
 
 @pytest.fixture
@@ -222,11 +225,24 @@ def test_bad_input_maps_to_invalid_argument(pair):
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
-def test_lookahead_drafter_service_is_lossless(models):
+def test_lookahead_drafter_service_is_lossless_and_each_model_runs_on_one_thread(models):
+    # one thread per process runs every forward (gRPC handler threads never do): see specdec_core/compute.py
+    expected = hf_greedy(models[0], PROMPT_IDS, 40)
+    threads: dict[str, set[int]] = {"target": set(), "drafter": set()}
+    hooks = [
+        m.register_forward_pre_hook(lambda *_, name=name: threads[name].add(threading.get_ident()))
+        for name, m in zip(("target", "drafter"), models, strict=True)
+    ]
     p = Pair(*models, lookahead=True)
     try:
         with SpecDecClient(p.verifier_addr, p.drafter_addr) as c:
             r = c.generate(PROMPT, max_new_tokens=40, num_draft_tokens=3, ignore_eos=True)
-        assert r.token_ids == hf_greedy(models[0], PROMPT_IDS, 40)
+            r2 = c.generate(PROMPT, max_new_tokens=12, temperature=0.8, seed=3, num_draft_tokens=3)
+        assert r.token_ids == expected
+        assert r2.token_ids
+        assert threads["target"] == {p.v_engine.compute.call(threading.get_ident)}
+        assert threads["drafter"] == {p.d_engine.compute.call(threading.get_ident)}
     finally:
         p.stop()
+        for h in hooks:
+            h.remove()

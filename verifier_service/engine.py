@@ -17,6 +17,7 @@ from specdec.config import VerifierConfig
 from specdec.rpc import DependencyUnavailable, LimitExceeded, SessionNotFound, channel
 from specdec.v1 import specdec_pb2 as pb
 from specdec.v1 import specdec_pb2_grpc as pb_grpc
+from specdec_core.compute import ComputeThread
 from specdec_core.draft_length import AdaptiveDraftLength, FixedDraftLength
 from specdec_core.drafting import DraftBlock
 from specdec_core.engine import GenerationStats, SpeculativeDecoder, StopCriteria, TargetSession
@@ -133,20 +134,28 @@ class VerifierEngine:
 
     def __init__(self, config: VerifierConfig, model=None, tokenizer=None) -> None:
         self.config = config
-        if config.threads:
-            torch.set_num_threads(config.threads)
-        if model is None:
-            model, tokenizer = load_model(config.model, config.device, config.dtype)
-        self.fast_verify = enable_fast_linear(model, config.fast_verify)
+        self.compute = ComputeThread("verifier-compute")  # every forward of this process runs there
+        model, tokenizer = self.compute.call(self._load, model, tokenizer)
         self.runner = ModelRunner(model, name=config.model)
         self.tokenizer = tokenizer
         self.fingerprint = vocab_fingerprint(tokenizer)
-        self.decoder = SpeculativeDecoder(self.runner, tokenizer)
+        self.decoder = SpeculativeDecoder(self.runner, tokenizer, compute=self.compute)
         self.sessions = SessionStore(config)
         self._stubs: dict[str, pb_grpc.DrafterStub] = {}
         self._paired: set[str] = set()
         self._lock = threading.Lock()
         self._next_drafter = 0
+
+    def _load(self, model, tokenizer):
+        if self.config.threads:
+            torch.set_num_threads(self.config.threads)
+        if model is None:
+            model, tokenizer = load_model(self.config.model, self.config.device, self.config.dtype)
+        self.fast_verify = enable_fast_linear(model, self.config.fast_verify)
+        return model, tokenizer
+
+    def close(self) -> None:
+        self.compute.close()
 
     # -- public generation -------------------------------------------------------------------------
     def generate(self, args: GenerateArgs) -> Iterator[GenerateEvent]:
@@ -272,7 +281,7 @@ class VerifierEngine:
                 raise ValueError("a reset needs the full token history")
             entry = self.sessions.add(session_id, _Entry(session=None, tokens=len(tokens)))
             with entry.lock:
-                entry.session = TargetSession(self.runner, tokens, params)
+                entry.session = self.compute.call(TargetSession, self.runner, tokens, params)
         else:
             entry = self.sessions.get(session_id)
         with entry.lock:
@@ -284,7 +293,7 @@ class VerifierEngine:
                 raise LimitExceeded(
                     f"session {session_id} reached max_session_tokens {self.config.max_session_tokens}"
                 )
-            verdict, logprobs = session.verify(block.tokens, block, want_logprobs)
+            verdict, logprobs = self.compute.call(session.verify, block.tokens, block, want_logprobs)
             entry.tokens = len(session.context)
             entry.last_used = time.monotonic()
             return verdict, logprobs, len(session.context)
