@@ -40,7 +40,7 @@ class DrafterServicer(pb_grpc.DrafterServicer):
                 step = req.step
                 if step.has_verdict:
                     drafter.accept(step.num_accepted, step.next_token)
-                block = drafter.propose(step.num_draft_tokens)
+                block = drafter.propose(step.num_draft_tokens, convert.early_stop_from_pb(step))
                 log.debug("[%s] drafted %d tokens in %.4fs", request_id, len(block.tokens), block.draft_s)
                 yield convert.block_to_pb(block)
         finally:

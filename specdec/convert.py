@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from specdec.v1 import specdec_pb2 as pb
-from specdec_core.drafting import DraftBlock
+from specdec_core.drafting import CONFIDENCE_BINS, DraftBlock, EarlyStop
 from specdec_core.engine import GenerationStats, StopCriteria
 from specdec_core.models import vocab_by_id
 from specdec_core.sampling import SamplingParams, SparseDist
@@ -51,18 +51,33 @@ def dist_from_pb(msg: pb.SparseDistribution) -> SparseDist:
     )
 
 
+def early_stop_from_pb(step: pb.DraftStep) -> EarlyStop:
+    if not 0.0 <= step.stop_below <= 1.0:
+        raise ValueError("stop_below must be in [0, 1]")
+    table = tuple(float(a) for a in step.acceptance_by_confidence)
+    if table and len(table) != CONFIDENCE_BINS:
+        raise ValueError(f"acceptance_by_confidence needs {CONFIDENCE_BINS} entries (or none)")
+    return EarlyStop(below=float(step.stop_below), acceptance=table)
+
+
 def block_to_pb(block: DraftBlock) -> pb.DraftResponse:
     return pb.DraftResponse(
-        tokens=block.tokens, dists=[dist_to_pb(d) for d in block.dists], draft_s=block.draft_s
+        tokens=block.tokens,
+        dists=[dist_to_pb(d) for d in block.dists],
+        draft_s=block.draft_s,
+        confidences=block.confidences,
     )
 
 
 def block_from_pb(msg: pb.DraftResponse | pb.VerifyRequest) -> DraftBlock:
     if isinstance(msg, pb.DraftResponse):
         tokens, dists, draft_s = list(msg.tokens), list(msg.dists), msg.draft_s
+        confidences = list(msg.confidences) if len(msg.confidences) == len(tokens) else []
     else:
-        tokens, dists, draft_s = list(msg.draft_tokens), list(msg.draft_dists), 0.0
-    return DraftBlock(tokens=tokens, dists=[dist_from_pb(d) for d in dists], draft_s=draft_s)
+        tokens, dists, draft_s, confidences = list(msg.draft_tokens), list(msg.draft_dists), 0.0, []
+    return DraftBlock(
+        tokens=tokens, dists=[dist_from_pb(d) for d in dists], draft_s=draft_s, confidences=confidences
+    )
 
 
 def stats_to_pb(stats: GenerationStats) -> pb.GenerationStats:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -24,6 +24,35 @@ from .sampling import (
 )
 
 
+@dataclass(frozen=True)
+class EarlyStop:
+    """When a drafter may end a block before ``k`` tokens.
+
+    Each drafted token's chance of acceptance is ``acceptance[bin]`` for the bin of its confidence (the
+    drafter model's probability of the token, ``CONFIDENCE_BINS`` equal bins on [0, 1]), or the
+    confidence itself without a table. The block ends after the token at which the product of these
+    chances (the estimated chance that the whole block is accepted) falls below ``below``.
+    """
+
+    below: float = 0.0
+    acceptance: tuple[float, ...] = ()
+
+    def chance(self, confidence: float) -> float:
+        if len(self.acceptance) != CONFIDENCE_BINS:
+            return confidence
+        return self.acceptance[confidence_bin(confidence)]
+
+
+CONFIDENCE_BINS = 10
+
+
+def confidence_bin(confidence: float) -> int:
+    return min(max(int(confidence * CONFIDENCE_BINS), 0), CONFIDENCE_BINS - 1)
+
+
+_Drafted = tuple[int, SparseDist, float]  # (token, the distribution it was drawn from, confidence)
+
+
 class DrafterUnavailable(RuntimeError):
     """The drafter cannot serve this generation any more (process died, connection lost)."""
 
@@ -35,6 +64,8 @@ class DraftBlock:
     tokens: list[int]
     dists: list[SparseDist]
     draft_s: float = 0.0  # compute time spent on the drafter's side
+    # the drafter model's own probability of each drafted token (softmax at temperature 1); may be empty
+    confidences: list[float] = field(default_factory=list)
 
     def dense_probs(self, vocab_size: int, device: torch.device | str) -> torch.Tensor:
         """[k, vocab] dense draft probabilities (zeros outside each support)."""
@@ -51,8 +82,12 @@ class Drafter(ABC):
         """Begin (or rebuild) a generation whose committed tokens are ``context``."""
 
     @abstractmethod
-    def propose(self, k: int) -> DraftBlock:
-        """Draft ``k`` tokens continuing the committed context."""
+    def propose(self, k: int, stop: EarlyStop | None = None) -> DraftBlock:
+        """Draft up to ``k`` tokens continuing the committed context.
+
+        A drafter that knows its confidence may end the block early by ``stop``; it always drafts at
+        least one token.
+        """
 
     @abstractmethod
     def accept(self, num_accepted: int, next_token: int) -> None:
@@ -92,10 +127,8 @@ class ModelDrafter(Drafter):
         self._params = SamplingParams()
         self._seed = 0
         self._drafted: list[int] = []
-        self._ready: list[tuple[int, SparseDist]] = []  # drafts already made for the current context
-        self._ahead: tuple[int, list[tuple[int, SparseDist]]] | None = (
-            None  # (guessed bonus, drafts after it)
-        )
+        self._ready: list[_Drafted] = []  # drafts already made for the current context
+        self._ahead: tuple[int, list[_Drafted]] | None = None  # (guessed bonus, drafts after it)
         self.lookahead_hits = 0
 
     def _run(self, fn, *args):
@@ -117,48 +150,59 @@ class ModelDrafter(Drafter):
         self.runner.prefill(self._seq, self.context[:-1])
         self._drafted, self._ready, self._ahead = [], [], None
 
-    def _sample(self, feed: list[int], position: int) -> tuple[int, SparseDist]:
+    def _sample(self, feed: list[int], position: int) -> _Drafted:
         """Feed ``feed`` and sample the token at ``position`` (not fed)."""
         logits = self.runner.extend(self._seq, feed, keep=1)[0]  # [vocab]
         dist = truncate_support(logits_to_probs(logits, self._params), self.max_support)
-        return sample_sparse(dist, make_generator(self._seed, stream=position)), dist
+        token = sample_sparse(dist, make_generator(self._seed, stream=position))
+        confidence = float(torch.softmax(logits.float(), dim=-1)[token])
+        return token, dist, confidence
 
-    def _draft(self, feed: list[int], position: int, n: int) -> list[tuple[int, SparseDist]]:
-        """Feed ``feed`` then sample ``n`` tokens from ``position`` on; the last one is not fed."""
-        out: list[tuple[int, SparseDist]] = []
-        for i in range(n):
-            out.append(self._sample(feed, position + i))
-            feed = [out[-1][0]]
-        return out
+    def propose(self, k: int, stop: EarlyStop | None = None) -> DraftBlock:
+        return self._run(self._propose, k, stop or EarlyStop())
 
-    def propose(self, k: int) -> DraftBlock:
-        return self._run(self._propose, k)
-
-    def _propose(self, k: int) -> DraftBlock:
+    def _propose(self, k: int, stop: EarlyStop) -> DraftBlock:
         t0 = time.perf_counter()
         self._stop_lookahead()
-        ready, self._ready = self._ready[:k], []
-        if len(ready) < k:  # the cache covers context + ready[:-1]: continue after the last ready token
-            feed = [ready[-1][0]] if ready else self.context[len(self._seq) :]
-            ready += self._draft(feed, len(self.context) + len(ready), k - len(ready))
-        else:
-            self.runner.rollback(self._seq, len(self.context) + max(k - 1, 0))
-        self._drafted = [t for t, _ in ready]
-        if self.lookahead and self.compute is not None and k > 0:
+        made, self._ready = self._ready, []  # the cache covers context + made[:-1]
+        block: list[_Drafted] = []
+        chance = 1.0  # estimated chance that the whole block so far is accepted
+
+        def more() -> bool:
+            return len(block) < k and not (block and chance < stop.below)
+
+        for item in made:
+            if not more():
+                break
+            block.append(item)
+            chance *= stop.chance(item[2])
+        keep = len(self.context) + len(block) - 1  # the cache must cover context + block[:-1]
+        if len(self._seq) > keep:
+            self.runner.rollback(self._seq, keep)
+        while more():
+            feed = [block[-1][0]] if block else self.context[len(self._seq) :]
+            block.append(self._sample(feed, len(self.context) + len(block)))
+            chance *= stop.chance(block[-1][2])
+        self._drafted = [t for t, _, _ in block]
+        if self.lookahead and self.compute is not None and block:
             self.compute.set_background(self, self._look_ahead(k))
-        return DraftBlock(tokens=self._drafted, dists=[d for _, d in ready], draft_s=time.perf_counter() - t0)
+        return DraftBlock(
+            tokens=self._drafted,
+            dists=[d for _, d, _ in block],
+            draft_s=time.perf_counter() - t0,
+            confidences=[c for _, _, c in block],
+        )
 
     def _look_ahead(self, k: int) -> Iterator[None]:
         """Background steps: assume the block is accepted, guess the bonus token, draft k tokens after it."""
         position = len(self.context) + len(self._drafted)
-        guess, _ = self._sample([self._drafted[-1]], position)
+        guess = self._sample([self._drafted[-1]], position)[0]
         self._ahead = (guess, [])
         yield
         feed = [guess]
         for i in range(k):
-            token, dist = self._sample(feed, position + 1 + i)
-            self._ahead[1].append((token, dist))
-            feed = [token]
+            self._ahead[1].append(self._sample(feed, position + 1 + i))
+            feed = [self._ahead[1][-1][0]]
             yield
 
     def _stop_lookahead(self) -> None:

@@ -16,7 +16,7 @@ import torch
 
 from .compute import ComputeThread
 from .draft_length import DraftLengthPolicy, FixedDraftLength
-from .drafting import DraftBlock, Drafter, DrafterUnavailable
+from .drafting import DraftBlock, Drafter, DrafterUnavailable, EarlyStop
 from .runner import ModelRunner
 from .sampling import SamplingParams, logits_to_probs, make_generator
 from .verification import Verdict, verify_greedy, verify_sampled
@@ -200,7 +200,7 @@ class SpeculativeDecoder:
             while True:
                 k = min(policy.next_length(), stop.max_new_tokens - stopper.produced - 1) if drafter else 0
                 net_before = stats.network_s
-                block, drafter = self._draft(drafter, max(k, 0), stats)
+                block, drafter = self._draft(drafter, max(k, 0), policy.early_stop(), stats)
                 t0 = time.perf_counter()
                 verdict, _ = self._run(session.verify, block.tokens, block)
                 verify_s = time.perf_counter() - t0
@@ -214,6 +214,7 @@ class SpeculativeDecoder:
                     verify_s,
                     block.draft_s,
                     stats.network_s - net_before,
+                    block.confidences,
                 )
                 emitted = block.tokens[: verdict.num_accepted] + [verdict.next_token]
                 chunk = stopper.cut(emitted)
@@ -249,13 +250,13 @@ class SpeculativeDecoder:
         return self._drafter_call(drafter, stats, "at start", lambda d: d.start(prompt_ids, params))[1]
 
     def _draft(
-        self, drafter: Drafter | None, k: int, stats: GenerationStats
+        self, drafter: Drafter | None, k: int, stop: EarlyStop | None, stats: GenerationStats
     ) -> tuple[DraftBlock, Drafter | None]:
         if drafter is None or k == 0:
             return DraftBlock(tokens=[], dists=[]), drafter
         t0 = time.perf_counter()
         draft_before = stats.draft_s
-        block, drafter = self._drafter_call(drafter, stats, "mid-generation", lambda d: d.propose(k))
+        block, drafter = self._drafter_call(drafter, stats, "mid-generation", lambda d: d.propose(k, stop))
         if block is None:
             return DraftBlock(tokens=[], dists=[]), None
         # the drafter reports its own compute time; the rest of the round trip is network (+ serialisation)

@@ -7,7 +7,7 @@ import torch
 from tiny import FAMILIES, hf_greedy, perturbed, tiny_model, tiny_tokenizer
 
 from specdec_core.draft_length import AdaptiveDraftLength, FixedDraftLength
-from specdec_core.drafting import ModelDrafter
+from specdec_core.drafting import EarlyStop, ModelDrafter
 from specdec_core.engine import GenerationStats, SpeculativeDecoder, StopCriteria
 from specdec_core.runner import ModelRunner
 from specdec_core.sampling import SamplingParams
@@ -156,3 +156,44 @@ def test_lookahead_drafter_changes_nothing_but_hides_drafting(params):
     assert outputs[True] == outputs[False]
     if params.greedy:
         assert outputs[True] == hf_greedy(target, PROMPT, 50)
+
+
+class AlternatingStop(FixedDraftLength):
+    """Every other round asks the drafter to stop once its raw confidence product drops below 0.9."""
+
+    def __init__(self, k):
+        super().__init__(k)
+        self.rounds = 0
+
+    def early_stop(self):
+        self.rounds += 1
+        return EarlyStop(below=0.9) if self.rounds % 2 else None
+
+
+@pytest.mark.parametrize("lookahead", [False, True])
+def test_early_stopped_blocks_keep_the_drafter_cache_consistent(lookahead):
+    target = tiny_model("llama")
+    decoder = SpeculativeDecoder(ModelRunner(target), tiny_tokenizer())
+    drafter = ModelDrafter(ModelRunner(target), lookahead=lookahead)  # a perfect drafter, unsure of itself
+    stats = GenerationStats()
+    stop = StopCriteria(max_new_tokens=40)
+    out = [
+        t
+        for c in decoder.generate(PROMPT, SamplingParams(), stop, drafter, AlternatingStop(4), stats)
+        for t in c.token_ids
+    ]
+    assert out == hf_greedy(target, PROMPT, 40)
+    assert 1 in stats.draft_lengths and 4 in stats.draft_lengths  # stopped early, and not
+
+
+def test_adaptive_policy_calibrates_confidence_and_stops_by_cost():
+    policy = AdaptiveDraftLength(k_max=8)
+    assert policy.early_stop() is None  # nothing measured yet
+    for _ in range(50):  # confident tokens are accepted, unsure ones rejected
+        policy.update(3, 2, verify_s=0.5, draft_s=0.15, confidences=[0.95, 0.92, 0.15])
+    assert policy.next_length() == 8
+    stop = policy.early_stop()
+    table = stop.acceptance
+    assert table[9] > 0.9 and table[1] < 0.1  # bins of 0.95 / 0.15
+    assert 0.0 < stop.below <= 0.95
+    assert stop.chance(0.15) < stop.below  # an unsure token ends the block

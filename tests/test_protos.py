@@ -30,3 +30,24 @@ def test_every_rpc_and_field_is_documented():
         is_field = s.endswith(";") and "=" in s and not s.startswith(("syntax", "package", "option", "//"))
         if s.startswith("rpc ") or is_field or s.startswith(("message ", "service ")):
             assert text[i - 1].strip().startswith("///"), f"line {i + 1} undocumented: {s}"
+
+
+def test_draft_messages_carry_the_early_stop_and_confidences():
+    from specdec import convert
+    from specdec.v1 import specdec_pb2 as pb
+    from specdec_core.drafting import DraftBlock
+    from specdec_core.sampling import SparseDist
+
+    table = [0.1 * i for i in range(10)]
+    stop = convert.early_stop_from_pb(pb.DraftStep(stop_below=0.4, acceptance_by_confidence=table))
+    assert stop.below == pytest.approx(0.4) and stop.chance(0.95) == pytest.approx(0.9)
+    with pytest.raises(ValueError):
+        convert.early_stop_from_pb(pb.DraftStep(acceptance_by_confidence=[0.5, 0.5]))
+    with pytest.raises(ValueError):
+        convert.early_stop_from_pb(pb.DraftStep(stop_below=2.0))
+    import torch
+
+    dist = SparseDist(torch.tensor([3]), torch.tensor([1.0]))
+    block = DraftBlock(tokens=[3, 3], dists=[dist, dist], draft_s=0.5, confidences=[0.25, 0.75])
+    back = convert.block_from_pb(convert.block_to_pb(block))
+    assert back.tokens == [3, 3] and back.confidences == [0.25, 0.75]

@@ -17,7 +17,7 @@ import grpc
 
 from specdec import convert
 from specdec.v1 import specdec_pb2 as pb
-from specdec_core.drafting import DraftBlock, Drafter, DrafterUnavailable
+from specdec_core.drafting import DraftBlock, Drafter, DrafterUnavailable, EarlyStop
 from specdec_core.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -52,10 +52,10 @@ class RemoteDrafter(Drafter):
         self.context, self.params = list(context), params
         self._connect(self.addresses[0])  # a dead address surfaces at the first round trip
 
-    def propose(self, k: int) -> DraftBlock:
+    def propose(self, k: int, stop: EarlyStop | None = None) -> DraftBlock:
         for _attempt in range(len(self.addresses) + 1):
             try:
-                return self._round_trip(k)
+                return self._round_trip(k, stop)
             except (grpc.RpcError, DrafterUnavailable) as exc:
                 reason = exc.code() if isinstance(exc, grpc.RpcError) else exc
                 log.warning("[%s] drafter %s failed: %s", self.request_id, self.addresses[0], reason)
@@ -77,8 +77,11 @@ class RemoteDrafter(Drafter):
         self._outbox = self._replies = self._call = None
 
     # -- transport ------------------------------------------------------------------------------------
-    def _round_trip(self, k: int) -> DraftBlock:
+    def _round_trip(self, k: int, stop: EarlyStop | None) -> DraftBlock:
         step = pb.DraftStep(num_draft_tokens=k)
+        if stop is not None:
+            step.stop_below = stop.below
+            step.acceptance_by_confidence.extend(stop.acceptance)
         if self._verdict is not None:
             step.has_verdict = True
             step.num_accepted, step.next_token = self._verdict
@@ -90,8 +93,8 @@ class RemoteDrafter(Drafter):
             raise DrafterUnavailable("drafter closed the stream")
         self._verdict = None
         block = convert.block_from_pb(reply)
-        if len(block.tokens) != k:
-            raise DrafterUnavailable(f"drafter returned {len(block.tokens)} tokens, asked for {k}")
+        if not 1 <= len(block.tokens) <= k:
+            raise DrafterUnavailable(f"drafter returned {len(block.tokens)} tokens, asked for up to {k}")
         self._last = block.tokens
         return block
 

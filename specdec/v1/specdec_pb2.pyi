@@ -177,26 +177,32 @@ class DraftStart(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., context: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., max_support: _Optional[int] = ...) -> None: ...
 
 class DraftStep(_message.Message):
-    __slots__ = ("has_verdict", "num_accepted", "next_token", "num_draft_tokens")
+    __slots__ = ("has_verdict", "num_accepted", "next_token", "num_draft_tokens", "stop_below", "acceptance_by_confidence")
     HAS_VERDICT_FIELD_NUMBER: _ClassVar[int]
     NUM_ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     NEXT_TOKEN_FIELD_NUMBER: _ClassVar[int]
     NUM_DRAFT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    STOP_BELOW_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTANCE_BY_CONFIDENCE_FIELD_NUMBER: _ClassVar[int]
     has_verdict: bool
     num_accepted: int
     next_token: int
     num_draft_tokens: int
-    def __init__(self, has_verdict: _Optional[bool] = ..., num_accepted: _Optional[int] = ..., next_token: _Optional[int] = ..., num_draft_tokens: _Optional[int] = ...) -> None: ...
+    stop_below: float
+    acceptance_by_confidence: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, has_verdict: _Optional[bool] = ..., num_accepted: _Optional[int] = ..., next_token: _Optional[int] = ..., num_draft_tokens: _Optional[int] = ..., stop_below: _Optional[float] = ..., acceptance_by_confidence: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class DraftResponse(_message.Message):
-    __slots__ = ("tokens", "dists", "draft_s")
+    __slots__ = ("tokens", "dists", "draft_s", "confidences")
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     DISTS_FIELD_NUMBER: _ClassVar[int]
     DRAFT_S_FIELD_NUMBER: _ClassVar[int]
+    CONFIDENCES_FIELD_NUMBER: _ClassVar[int]
     tokens: _containers.RepeatedScalarFieldContainer[int]
     dists: _containers.RepeatedCompositeFieldContainer[SparseDistribution]
     draft_s: float
-    def __init__(self, tokens: _Optional[_Iterable[int]] = ..., dists: _Optional[_Iterable[_Union[SparseDistribution, _Mapping]]] = ..., draft_s: _Optional[float] = ...) -> None: ...
+    confidences: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, tokens: _Optional[_Iterable[int]] = ..., dists: _Optional[_Iterable[_Union[SparseDistribution, _Mapping]]] = ..., draft_s: _Optional[float] = ..., confidences: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class InfoRequest(_message.Message):
     __slots__ = ("include_vocab",)
