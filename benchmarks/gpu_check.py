@@ -85,20 +85,22 @@ def check_grpc(device: str) -> bool:
 
     target = tiny_model("qwen2").to(device)
     drafter = perturbed(tiny_model("qwen2"), 0.1).to(device)
-    d_srv, d_port, _ = start_drafter(
-        DrafterConfig(port=0, host="127.0.0.1"),
-        DrafterEngine(DrafterConfig(device=device), drafter, tiny_tokenizer()),
-    )
+    d_engine = DrafterEngine(DrafterConfig(device=device, lookahead=True), drafter, tiny_tokenizer())
+    d_srv, d_port, _ = start_drafter(DrafterConfig(port=0, host="127.0.0.1"), d_engine)
     v_cfg = VerifierConfig(port=0, host="127.0.0.1", device=device, drafters=(f"127.0.0.1:{d_port}",))
-    v_srv, v_port, _ = start_verifier(v_cfg, VerifierEngine(v_cfg, target, tiny_tokenizer()))
+    v_engine = VerifierEngine(v_cfg, target, tiny_tokenizer())
+    v_srv, v_port, _ = start_verifier(v_cfg, v_engine)
     try:
         with SpecDecClient(f"127.0.0.1:{v_port}") as c:
             spec = c.generate("def add(a, b):\n", max_new_tokens=32, ignore_eos=True)
+            adaptive = c.generate("def add(a, b):\n", max_new_tokens=32, ignore_eos=True, adaptive=True)
             base = c.generate("def add(a, b):\n", max_new_tokens=32, ignore_eos=True, no_draft=True)
-        return spec.token_ids == base.token_ids and spec.stats["drafted"] > 0
+        return spec.token_ids == base.token_ids == adaptive.token_ids and spec.stats["drafted"] > 0
     finally:
         v_srv.stop(0)
         d_srv.stop(0)
+        v_engine.close()
+        d_engine.close()
 
 
 def timed_forward(runner, seq, block: int, repeats: int = 20) -> float:
