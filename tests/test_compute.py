@@ -35,7 +35,9 @@ def test_background_work_runs_between_calls_and_yields_to_them():
 
     try:
         compute.call(lambda: compute.set_background("w", work()))
-        time.sleep(0.05)
+        deadline = time.monotonic() + 5
+        while not steps and time.monotonic() < deadline:
+            time.sleep(0.01)
         assert steps, "background work ran while the thread was idle"
         seen = compute.call(lambda: len(steps))  # served between two steps, long before the work ends
         assert seen < 10_000
