@@ -99,3 +99,8 @@ class ComputeThread:
             log.exception("background work of %r failed; dropped", key)
             return
         self._background[key] = steps
+
+
+def run_on(compute: ComputeThread | None, fn: Callable[..., T], *args: Any) -> T:
+    """``fn(*args)`` on ``compute`` when there is one, else right here (in-process use without a service)."""
+    return compute.call(fn, *args) if compute is not None else fn(*args)

@@ -110,8 +110,9 @@ class AdaptiveDraftLength(DraftLengthPolicy):
     ) -> None:
         self.uses_confidence = len(confidences) == k > 0
         for i, c in enumerate(confidences[: min(k, num_accepted + 1)]):  # positions the verifier judged
-            self.bin_tried[confidence_bin(c)] += 1
-            self.bin_passed[confidence_bin(c)] += int(i < num_accepted)
+            b = confidence_bin(c)
+            self.bin_tried[b] += 1
+            self.bin_passed[b] += int(i < num_accepted)
         self.emitted += num_accepted + 1
         self.round_s += verify_s + draft_s + network_s
         for i in range(1, min(k, num_accepted + 1) + 1):  # positions the verifier actually judged

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .compute import ComputeThread
+from .compute import ComputeThread, run_on
 from .runner import ModelRunner
 from .sampling import (
     DEFAULT_MAX_SUPPORT,
@@ -131,15 +131,12 @@ class ModelDrafter(Drafter):
         self._ahead: tuple[int, list[_Drafted]] | None = None  # (guessed bonus, drafts after it)
         self.lookahead_hits = 0
 
-    def _run(self, fn, *args):
-        return self.compute.call(fn, *args) if self.compute is not None else fn(*args)
-
     def start(self, context: list[int], params: SamplingParams) -> None:
         if not context:
             raise ValueError("a generation needs at least one context token")
         if self.lookahead and self.compute is None:
             self.compute, self._owns_compute = ComputeThread("specdec-drafter"), True
-        self._run(self._start, context, params)
+        run_on(self.compute, self._start, context, params)
 
     def _start(self, context: list[int], params: SamplingParams) -> None:
         self._stop_lookahead()
@@ -159,7 +156,7 @@ class ModelDrafter(Drafter):
         return token, dist, confidence
 
     def propose(self, k: int, stop: EarlyStop | None = None) -> DraftBlock:
-        return self._run(self._propose, k, stop or EarlyStop())
+        return run_on(self.compute, self._propose, k, stop or EarlyStop())
 
     def _propose(self, k: int, stop: EarlyStop) -> DraftBlock:
         t0 = time.perf_counter()
@@ -210,7 +207,7 @@ class ModelDrafter(Drafter):
             self.compute.clear_background(self)
 
     def accept(self, num_accepted: int, next_token: int) -> None:
-        self._run(self._accept, num_accepted, next_token)
+        run_on(self.compute, self._accept, num_accepted, next_token)
 
     def _accept(self, num_accepted: int, next_token: int) -> None:
         self._stop_lookahead()

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .compute import ComputeThread
+from .compute import ComputeThread, run_on
 from .draft_length import DraftLengthPolicy, FixedDraftLength
 from .drafting import DraftBlock, Drafter, DrafterUnavailable, EarlyStop
 from .runner import ModelRunner
@@ -171,9 +171,6 @@ class SpeculativeDecoder:
         self.tokenizer = tokenizer
         self.compute = compute
 
-    def _run(self, fn, *args):
-        return self.compute.call(fn, *args) if self.compute is not None else fn(*args)
-
     def generate(
         self,
         prompt_ids: list[int],
@@ -195,14 +192,14 @@ class SpeculativeDecoder:
         stopper = _Stopper(stop, self.tokenizer)
         try:
             t0 = time.perf_counter()
-            session = self._run(TargetSession, self.target, prompt_ids, params)
+            session = run_on(self.compute, TargetSession, self.target, prompt_ids, params)
             stats.prefill_s = time.perf_counter() - t0
             while True:
                 k = min(policy.next_length(), stop.max_new_tokens - stopper.produced - 1) if drafter else 0
                 net_before = stats.network_s
                 block, drafter = self._draft(drafter, max(k, 0), policy.early_stop(), stats)
                 t0 = time.perf_counter()
-                verdict, _ = self._run(session.verify, block.tokens, block)
+                verdict, _ = run_on(self.compute, session.verify, block.tokens, block)
                 verify_s = time.perf_counter() - t0
                 stats.verify_s += verify_s
                 stats.record_round(len(block.tokens), verdict.num_accepted)
