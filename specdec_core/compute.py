@@ -80,6 +80,7 @@ class ComputeThread:
                 item = self._queue.get()
             if item is _STOP:
                 self._background.clear()
+                self._fail_pending()
                 return
             fn, args, kwargs, future = item
             if not future.set_running_or_notify_cancel():
@@ -88,6 +89,16 @@ class ComputeThread:
                 future.set_result(fn(*args, **kwargs))
             except BaseException as exc:  # noqa: BLE001 - handed to the caller
                 future.set_exception(exc)
+
+    def _fail_pending(self) -> None:
+        """Calls queued after ``close()`` raced its check: hand them an error instead of waiting forever."""
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                return
+            if item is not _STOP and item[3].set_running_or_notify_cancel():
+                item[3].set_exception(RuntimeError("compute thread is closed"))
 
     def _step_background(self) -> None:
         key, steps = self._background.popitem(last=False)  # round robin over the owners

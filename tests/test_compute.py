@@ -2,9 +2,11 @@
 
 import threading
 import time
+from concurrent.futures import Future
 
 import pytest
 
+import specdec_core.compute as compute_module
 from specdec_core.compute import ComputeThread
 
 
@@ -47,3 +49,19 @@ def test_background_work_runs_between_calls_and_yields_to_them():
         assert len(steps) == stopped_at  # cleared work is never resumed
     finally:
         compute.close()
+
+
+def test_a_call_queued_behind_close_gets_an_error_not_a_hang():
+    compute = ComputeThread()
+    started, release = threading.Event(), threading.Event()
+    compute._queue.put((lambda: (started.set(), release.wait()), (), {}, Future()))  # keep the thread busy
+    started.wait()
+    compute._closed = True  # close() has begun: its stop marker is queued ...
+    compute._queue.put(compute_module._STOP)
+    late: Future = Future()  # ... and a call that passed the closed check before it lands behind it
+    compute._queue.put((lambda: 1, (), {}, late))
+    release.set()
+    with pytest.raises(RuntimeError, match="closed"):
+        late.result(timeout=5)
+    compute._thread.join(5)
+    assert not compute._thread.is_alive()
