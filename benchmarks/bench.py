@@ -29,7 +29,7 @@ import psutil
 import torch
 
 from specdec_core import models
-from specdec_core.draft_length import AdaptiveDraftLength, FixedDraftLength
+from specdec_core.draft_length import FixedDraftLength, LengthMemory
 from specdec_core.drafting import ModelDrafter
 from specdec_core.engine import GenerationStats, SpeculativeDecoder, StopCriteria
 from specdec_core.optimize import enable_fast_linear, prepare_drafter
@@ -51,6 +51,7 @@ class Run:
     stats: list[dict] = field(default_factory=list)
     mismatches: list[str] = field(default_factory=list)
     peak_rss_mb: dict = field(default_factory=dict)
+    per_prompt_s: dict[str, float] = field(default_factory=dict)  # median seconds by prompt id
 
 
 # -- environment --------------------------------------------------------------------------------------
@@ -159,8 +160,10 @@ class Bench:
         self.runs: list[Run] = []
         self.baseline_ids: dict[tuple, list[int]] = {}
 
-    def record(self, system, temperature, k, samples, stats=None, ids_by_prompt=None, rss=None) -> Run:
-        run = Run(system, temperature, k)
+    def record(
+        self, system, temperature, k, samples, stats=None, ids_by_prompt=None, rss=None, per_prompt=None
+    ) -> Run:
+        run = Run(system, temperature, k, per_prompt_s=per_prompt or {})
         for seconds, tokens in samples:
             run.seconds += seconds
             run.tokens += tokens
@@ -183,22 +186,30 @@ class Bench:
         )
         return run
 
-    def measure(self, prompts, generate) -> tuple[dict, list]:
-        """Run ``generate(ids)`` on every prompt; returns ({prompt id: ids}, [(median seconds, tokens)])."""
-        ids_by, samples = {}, []
-        for pid, ids in prompts:
-            out, t = self.repeat(lambda ids=ids: generate(ids))
-            ids_by[pid] = out
-            samples.append((t, len(out)))
-        return ids_by, samples
+    def measure(self, prompts, generators: dict) -> dict:
+        """Run every generator of ``{config: generate(ids)}`` on every prompt, ``repeats`` times.
 
-    def repeat(self, fn):
-        """Median wall time of ``repeats`` runs of fn (returns ids of the last run, median seconds)."""
-        times, ids = [], None
-        for _ in range(self.a.repeats):
-            ids, t = timed(fn)
-            times.append(t)
-        return ids, statistics.median(times)
+        Interleaved: for each repeat and prompt the configurations run back to back, in an order rotated
+        per prompt and repeat, so a slow stretch of this shared machine hits all of them alike and the
+        per-prompt comparison between configurations is paired. Returns ``{config: (ids by prompt id,
+        [(median seconds, tokens)] in prompt order, {prompt id: median seconds})}``.
+        """
+        configs = list(generators)
+        times: dict = {(c, pid): [] for c in configs for pid, _ in prompts}
+        ids_by: dict = {c: {} for c in configs}
+        for rep in range(self.a.repeats):
+            for i, (pid, ids) in enumerate(prompts):
+                shift = (i + rep) % len(configs)
+                for c in configs[shift:] + configs[:shift]:
+                    out, t = timed(lambda c=c, ids=ids: generators[c](ids))
+                    times[c, pid].append(t)
+                    ids_by[c][pid] = out
+        result = {}
+        for c in configs:
+            per_prompt = {pid: statistics.median(times[c, pid]) for pid, _ in prompts}
+            samples = [(per_prompt[pid], len(ids_by[c][pid])) for pid, _ in prompts]
+            result[c] = (ids_by[c], samples, per_prompt)
+        return result
 
 
 def parse_args(argv):
@@ -290,18 +301,24 @@ def run_in_process(bench: Bench, meta: dict) -> list[tuple[str, list[int]]]:
     run_hf(target, prompts[0][1], 4, 0.0, 0, assistant=drafter, k=2)
     for temperature in a.temperatures:
         if "hf" in a.systems:
-            ids_by, samples = bench.measure(
-                prompts, lambda ids: run_hf(target, ids, a.max_new_tokens, temperature, 0)
-            )
+            ((ids_by, samples, per_prompt),) = bench.measure(
+                prompts, {1: lambda ids: run_hf(target, ids, a.max_new_tokens, temperature, 0)}
+            ).values()
             if temperature == 0:
                 bench.baseline_ids.update(ids_by)
-            bench.record("hf", temperature, 1, samples)
-        for k in a.ks if "assisted" in a.systems else []:
-            ids_by, samples = bench.measure(
+            bench.record("hf", temperature, 1, samples, per_prompt=per_prompt)
+        if "assisted" in a.systems:
+            measured = bench.measure(
                 prompts,
-                lambda ids: run_hf(target, ids, a.max_new_tokens, temperature, 0, assistant=drafter, k=k),
+                {
+                    k: lambda ids, k=k: run_hf(
+                        target, ids, a.max_new_tokens, temperature, 0, assistant=drafter, k=k
+                    )
+                    for k in a.ks
+                },
             )
-            bench.record("assisted", temperature, k, samples, ids_by_prompt=ids_by)
+            for k, (ids_by, samples, per_prompt) in measured.items():
+                bench.record("assisted", temperature, k, samples, ids_by_prompt=ids_by, per_prompt=per_prompt)
 
     if "core" in a.systems:
         meta["fast_verify"] = enable_fast_linear(target, a.fast_verify)
@@ -318,35 +335,44 @@ def _quantized_bytes(model) -> int:
     return total + sum(p.numel() * p.element_size() for p in model.parameters())
 
 
-def core_policy(k):
-    return AdaptiveDraftLength(k_max=8) if k == "adaptive" else FixedDraftLength(k)
-
-
 def run_core(bench: Bench, target, tok, drafter, prompts, temperature) -> None:
     a = bench.a
     decoder = SpeculativeDecoder(ModelRunner(target), tok)
     draft_runner = ModelRunner(drafter)
-    for k in a.ks + (["adaptive"] if a.adaptive else []):
-        stats_list: list[dict] = []
+    # as in a verifier: adaptive generations start from the previous one's measurements
+    memory = LengthMemory()
+    stats_by: dict = {}
 
-        def gen(ids, k=k):
-            stats = GenerationStats()
-            out = []
-            params = SamplingParams(temperature=temperature, seed=0 if temperature else None)
-            for chunk in decoder.generate(
-                ids,
-                params,
-                StopCriteria(max_new_tokens=a.max_new_tokens),
-                ModelDrafter(draft_runner),
-                core_policy(k),
-                stats,
-            ):
-                out.extend(chunk.token_ids)
-            stats_list.append(stats.to_dict())
-            return out
+    def gen(ids, k):
+        stats = GenerationStats()
+        policy = memory.policy("core", k_max=8) if k == "adaptive" else FixedDraftLength(k)
+        params = SamplingParams(temperature=temperature, seed=0 if temperature else None)
+        out = []
+        for chunk in decoder.generate(
+            ids,
+            params,
+            StopCriteria(max_new_tokens=a.max_new_tokens),
+            ModelDrafter(draft_runner),
+            policy,
+            stats,
+        ):
+            out.extend(chunk.token_ids)
+        memory.remember("core", policy)
+        stats_by.setdefault(k, []).append(stats.to_dict())
+        return out
 
-        ids_by, samples = bench.measure(prompts, gen)
-        bench.record("core", temperature, k, samples, stats=stats_list[-len(prompts) :], ids_by_prompt=ids_by)
+    configs = a.ks + (["adaptive"] if a.adaptive else [])
+    measured = bench.measure(prompts, {k: lambda ids, k=k: gen(ids, k) for k in configs})
+    for k, (ids_by, samples, per_prompt) in measured.items():
+        bench.record(
+            "core",
+            temperature,
+            k,
+            samples,
+            stats=stats_by[k][-len(prompts) :],
+            ids_by_prompt=ids_by,
+            per_prompt=per_prompt,
+        )
 
 
 def run_grpc(bench: Bench, layout: str, prompts) -> None:
@@ -379,35 +405,37 @@ def run_grpc(bench: Bench, layout: str, prompts) -> None:
             with SpecDecClient(verifier.address, drafter.address) as client:
                 client.generate(prompts[0][1], max_new_tokens=4, ignore_eos=True)  # warm-up
                 for temperature in a.temperatures:
-                    for k in a.ks + (["adaptive"] if a.adaptive else []):
-                        stats_list: list[dict] = []
+                    stats_by: dict = {}
 
-                        def gen(ids, k=k):
-                            r = client.generate(
-                                ids,
-                                max_new_tokens=a.max_new_tokens,
-                                temperature=temperature,
-                                seed=0 if temperature else None,
-                                ignore_eos=True,
-                                num_draft_tokens=8 if k == "adaptive" else k,
-                                adaptive=k == "adaptive",
-                            )
-                            stats_list.append(r.stats)
-                            return r.token_ids
+                    def gen(ids, k, temperature=temperature, stats_by=stats_by):
+                        r = client.generate(
+                            ids,
+                            max_new_tokens=a.max_new_tokens,
+                            temperature=temperature,
+                            seed=0 if temperature else None,
+                            ignore_eos=True,
+                            num_draft_tokens=8 if k == "adaptive" else k,
+                            adaptive=k == "adaptive",
+                        )
+                        stats_by.setdefault(k, []).append(r.stats)
+                        return r.token_ids
 
-                        ids_by, samples = bench.measure(prompts, gen)
-                        rss = {
-                            "verifier": peak_rss_mb(verifier.proc.pid),
-                            "drafter": peak_rss_mb(drafter.proc.pid),
-                        }
+                    configs = a.ks + (["adaptive"] if a.adaptive else [])
+                    measured = bench.measure(prompts, {k: lambda ids, k=k: gen(ids, k) for k in configs})
+                    rss = {
+                        "verifier": peak_rss_mb(verifier.proc.pid),
+                        "drafter": peak_rss_mb(drafter.proc.pid),
+                    }
+                    for k, (ids_by, samples, per_prompt) in measured.items():
                         bench.record(
                             layout,
                             temperature,
                             k,
                             samples,
-                            stats=stats_list[-len(prompts) :],
+                            stats=stats_by[k][-len(prompts) :],
                             ids_by_prompt=ids_by,
                             rss=rss,
+                            per_prompt=per_prompt,
                         )
         finally:
             verifier.stop()

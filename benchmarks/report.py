@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import shlex
 import sys
 from dataclasses import asdict
@@ -97,7 +98,7 @@ def _fmt(v, spec=".2f"):
     return "–" if v is None else format(v, spec)
 
 
-def markdown(rows, meta, command: str) -> str:
+def markdown(rows, meta, command: str, runs=()) -> str:
     hw = meta["hardware"]
     lines = [
         "# Benchmarks",
@@ -152,6 +153,7 @@ def markdown(rows, meta, command: str) -> str:
         "sampling, Python).",
         "",
     ]
+    lines += adaptive_vs_fixed(runs)
     slower = [
         r
         for r in rows
@@ -165,6 +167,42 @@ def markdown(rows, meta, command: str) -> str:
             "",
         ]
     return "\n".join(lines)
+
+
+def adaptive_vs_fixed(runs) -> list[str]:
+    """Adaptive k against each fixed k of the same system and temperature, paired per prompt."""
+    lines = []
+    for a in runs:
+        if a.k != "adaptive" or not a.per_prompt_s:
+            continue
+        fixed = [
+            r
+            for r in runs
+            if r.system == a.system and r.temperature == a.temperature and isinstance(r.k, int) and r.seconds
+        ]
+        if not fixed:
+            continue
+        best = max(fixed, key=lambda r: r.tokens / r.seconds)
+        parts = []
+        for r in sorted(fixed, key=lambda r: r.k):
+            common = [p for p in a.per_prompt_s if p in r.per_prompt_s]
+            ratios = [r.per_prompt_s[p] / a.per_prompt_s[p] for p in common]
+            geo = math.exp(sum(math.log(x) for x in ratios) / len(ratios)) if ratios else float("nan")
+            wins = sum(x >= 1 for x in ratios)
+            parts.append(f"k={r.k} {geo:.3f}x ({wins}/{len(ratios)} prompts)")
+        total = (a.tokens / a.seconds) / (best.tokens / best.seconds)
+        lines.append(
+            f"- {a.system} T={a.temperature}: adaptive {a.tokens / a.seconds:.3f} tok/s = {total:.3f}x the best "
+            f"fixed k (k={best.k}, {best.tokens / best.seconds:.3f} tok/s); per prompt, geometric mean of "
+            "fixed time / adaptive time (prompts where adaptive was at least as fast): " + ", ".join(parts)
+        )
+    if lines:
+        lines = (
+            ["Adaptive k against fixed k (same run, configurations interleaved per prompt):", ""]
+            + lines
+            + [""]
+        )
+    return lines
 
 
 def plot(rows, path: Path) -> None:
@@ -209,7 +247,7 @@ def write_reports(runs, meta, a) -> None:
     (out / "results.json").write_text(
         json.dumps({"meta": meta, "rows": rows, "runs": [asdict(r) for r in runs]}, indent=1, default=str)
     )
-    md = markdown(rows, meta, command)
+    md = markdown(rows, meta, command, runs)
     (out / "results.md").write_text(md)
     plot(rows, out / "speedup.png")
     print(md)

@@ -6,7 +6,7 @@ import pytest
 import torch
 from tiny import FAMILIES, hf_greedy, perturbed, tiny_model, tiny_tokenizer
 
-from specdec_core.draft_length import AdaptiveDraftLength, FixedDraftLength
+from specdec_core.draft_length import PRIOR_POSITIONS, AdaptiveDraftLength, FixedDraftLength, LengthMemory
 from specdec_core.drafting import EarlyStop, ModelDrafter
 from specdec_core.engine import GenerationStats, SpeculativeDecoder, StopCriteria
 from specdec_core.runner import ModelRunner
@@ -197,3 +197,23 @@ def test_adaptive_policy_calibrates_confidence_and_stops_by_cost():
     assert table[9] > 0.9 and table[1] < 0.1  # bins of 0.95 / 0.15
     assert 0.0 < stop.below <= 0.95
     assert stop.chance(0.15) < stop.below  # an unsure token ends the block
+
+
+def test_adaptive_policy_starts_from_the_last_session_of_its_kind():
+    memory = LengthMemory()
+    cold = memory.policy(("drafter", 0.0))
+    assert cold.early_stop() is None  # nothing measured for this kind yet
+    for _ in range(200):
+        cold.update(3, 2, verify_s=0.5, draft_s=0.15, confidences=[0.95, 0.92, 0.15])
+    memory.remember(("drafter", 0.0), cold)
+
+    warm = memory.policy(("drafter", 0.0))
+    stop = warm.early_stop()  # stops by confidence from its first round
+    assert stop is not None
+    assert stop.acceptance == pytest.approx(cold.acceptance_by_confidence(), abs=0.05)
+    assert stop.below == pytest.approx(cold.early_stop().below, rel=0.02)
+    assert sum(warm.bin_tried) == pytest.approx(PRIOR_POSITIONS)  # weighted down: its own rounds take over
+    assert memory.policy(("drafter", 0.8)).early_stop() is None  # another sampling setting starts cold
+    for _ in range(60):  # the new session's text: the drafter's unsure tokens are now accepted
+        warm.update(3, 3, verify_s=0.5, draft_s=0.15, confidences=[0.95, 0.92, 0.15])
+    assert warm.acceptance_by_confidence()[1] > 0.5

@@ -87,6 +87,19 @@ def test_generation_through_both_services_equals_target_greedy(pair, models):
         assert key in s
 
 
+def test_adaptive_generations_are_lossless_and_start_from_the_last_one(pair, models):
+    expected = hf_greedy(models[0], PROMPT_IDS, 40)
+    with SpecDecClient(pair.verifier_addr, pair.drafter_addr) as c:
+        first = c.generate(PROMPT, max_new_tokens=40, adaptive=True, ignore_eos=True)
+        assert len(pair.v_engine.length_memory._last) == 1  # remembered for (drafter, greedy)
+        (key,) = pair.v_engine.length_memory._last
+        warm = pair.v_engine.length_memory.policy(key)
+        assert warm.early_stop() is not None  # the next one stops by confidence from its first round
+        second = c.generate(PROMPT, max_new_tokens=40, adaptive=True, ignore_eos=True)
+    assert first.token_ids == expected and second.token_ids == expected
+    assert first.stats["drafted"] > 0 and second.stats["drafted"] > 0
+
+
 def test_no_draft_and_default_drafter(pair, models):
     expected = hf_greedy(models[0], PROMPT_IDS, 20)
     with SpecDecClient(pair.verifier_addr, drafter="") as c:

@@ -18,7 +18,7 @@ from specdec.rpc import DependencyUnavailable, LimitExceeded, SessionNotFound, c
 from specdec.v1 import specdec_pb2 as pb
 from specdec.v1 import specdec_pb2_grpc as pb_grpc
 from specdec_core.compute import ComputeThread
-from specdec_core.draft_length import AdaptiveDraftLength, FixedDraftLength
+from specdec_core.draft_length import DraftLengthPolicy, FixedDraftLength, LengthMemory
 from specdec_core.drafting import DraftBlock
 from specdec_core.engine import GenerationStats, SpeculativeDecoder, StopCriteria, TargetSession
 from specdec_core.models import (
@@ -143,6 +143,7 @@ class VerifierEngine:
         self.sessions = SessionStore(config)
         self._stubs: dict[str, pb_grpc.DrafterStub] = {}
         self._paired: set[str] = set()
+        self.length_memory = LengthMemory()  # adaptive sessions start from the last one's measurements
         self._lock = threading.Lock()
         self._next_drafter = 0
 
@@ -169,10 +170,18 @@ class VerifierEngine:
             eos_token_ids=frozenset() if args.ignore_eos or eos is None else frozenset({eos}),
         )
         k = args.num_draft_tokens or self.config.num_draft_tokens
-        policy = (
-            AdaptiveDraftLength(k_max=args.num_draft_tokens or 8) if args.adaptive else FixedDraftLength(k)
-        )
         drafter = None if args.no_draft else self._remote_drafter(args.drafter, request_id)
+        memory_key = (
+            drafter.addresses[0] if drafter else "",
+            args.params.temperature,
+            args.params.top_k,
+            args.params.top_p,
+        )
+        policy: DraftLengthPolicy = (
+            self.length_memory.policy(memory_key, k_max=args.num_draft_tokens or 8)
+            if args.adaptive
+            else FixedDraftLength(k)
+        )
         stats = GenerationStats()
         text = IncrementalText(self.tokenizer, args.stop_strings)
         log.info(
@@ -195,6 +204,8 @@ class VerifierEngine:
                     prompt_ids if first else [],
                 )
                 first = False
+        if drafter is not None:
+            self.length_memory.remember(memory_key, policy)
         log.info(
             "[%s] done: %d tokens, %d rounds, drafted %d, accepted %d, %.2f tok/s",
             request_id,
