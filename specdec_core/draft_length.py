@@ -80,18 +80,19 @@ class AdaptiveDraftLength(DraftLengthPolicy):
         self.k_max = k_max
         self.k = min(k_start, k_max)
         self.min_samples = min_samples
-        self.tried = [0] * (k_max + 1)  # rounds that reached position i (index 1..k_max)
-        self.passed = [0] * (k_max + 1)  # of those, rounds that accepted position i
-        self.draft_tokens = 0
+        # counts are floats: a warm start brings in a prior's counts weighted down
+        self.tried = [0.0] * (k_max + 1)  # rounds that reached position i (index 1..k_max)
+        self.passed = [0.0] * (k_max + 1)  # of those, rounds that accepted position i
+        self.draft_tokens = 0.0
         self.draft_s = 0.0
         self.network_s = 0.0
-        self.rounds = 0
+        self.rounds = 0.0
         self.verify_obs: dict[int, list[float]] = {}  # block size m = k + 1 -> times
-        self.emitted = 0
+        self.emitted = 0.0
         self.round_s = 0.0
         self.uses_confidence = False  # the drafter reports confidences: stop by them
-        self.bin_tried = [0] * CONFIDENCE_BINS  # judged positions by confidence bin
-        self.bin_passed = [0] * CONFIDENCE_BINS  # of those, accepted
+        self.bin_tried = [0.0] * CONFIDENCE_BINS  # judged positions by confidence bin
+        self.bin_passed = [0.0] * CONFIDENCE_BINS  # of those, accepted
         if prior is not None:
             self._start_from(prior)
 
