@@ -52,6 +52,7 @@ class Run:
     mismatches: list[str] = field(default_factory=list)
     peak_rss_mb: dict = field(default_factory=dict)
     per_prompt_s: dict[str, float] = field(default_factory=dict)  # median seconds by prompt id
+    ids_compared_with: str = ""  # the row whose greedy ids these were checked against
 
 
 # -- environment --------------------------------------------------------------------------------------
@@ -158,7 +159,8 @@ class Bench:
     def __init__(self, a) -> None:
         self.a = a
         self.runs: list[Run] = []
-        self.baseline_ids: dict[tuple, list[int]] = {}
+        self.baseline_ids: dict[tuple, list[int]] = {}  # greedy ids by prompt, from HF generate if it ran
+        self.baseline_name = "hf"
 
     def record(
         self, system, temperature, k, samples, stats=None, ids_by_prompt=None, rss=None, per_prompt=None
@@ -170,6 +172,10 @@ class Bench:
         run.stats = stats or []
         run.peak_rss_mb = rss or {"bench": peak_rss_mb()}
         if temperature == 0 and ids_by_prompt:
+            if not self.baseline_ids:  # no HF row: compare every greedy row with the first one
+                self.baseline_ids.update(ids_by_prompt)
+                self.baseline_name = f"{system} k={k}"
+            run.ids_compared_with = self.baseline_name
             for pid, ids in ids_by_prompt.items():
                 ref = self.baseline_ids.get(pid)
                 if ref is not None and ids != ref:
@@ -204,6 +210,10 @@ class Bench:
                     out, t = timed(lambda c=c, ids=ids: generators[c](ids))
                     times[c, pid].append(t)
                     ids_by[c][pid] = out
+                done = ", ".join(
+                    f"k={c}: {len(ids_by[c][pid]) / times[c, pid][-1]:.2f} tok/s" for c in configs
+                )
+                print(f"    repeat {rep + 1}/{self.a.repeats} {pid}: {done}", flush=True)
         result = {}
         for c in configs:
             per_prompt = {pid: statistics.median(times[c, pid]) for pid, _ in prompts}
@@ -306,7 +316,8 @@ def run_in_process(bench: Bench, meta: dict) -> list[tuple[str, list[int]]]:
             ).values()
             if temperature == 0:
                 bench.baseline_ids.update(ids_by)
-            bench.record("hf", temperature, 1, samples, per_prompt=per_prompt)
+                bench.baseline_name = "hf"
+            bench.record("hf", temperature, 1, samples, ids_by_prompt=ids_by, per_prompt=per_prompt)
         if "assisted" in a.systems:
             measured = bench.measure(
                 prompts,

@@ -33,6 +33,7 @@ def summarise(runs, meta) -> list[dict]:
             "tokens_per_s": tps,
             "peak_rss_mb": r.peak_rss_mb,
             "mismatches": r.mismatches,
+            "ids_compared_with": r.ids_compared_with,
         }
         base = hf.get(r.temperature)
         if base and base.seconds:
@@ -94,8 +95,8 @@ def _spec_columns(r, meta, base, bw) -> dict:
     return out
 
 
-def _fmt(v, spec=".2f"):
-    return "–" if v is None else format(v, spec)
+def _fmt(v, spec=".2f", unit=""):
+    return "–" if v is None else format(v, spec) + unit
 
 
 def markdown(rows, meta, command: str, runs=()) -> str:
@@ -134,14 +135,14 @@ def markdown(rows, meta, command: str, runs=()) -> str:
         ids = (
             ("MISMATCH: " + "; ".join(r["mismatches"]))
             if r["mismatches"]
-            else ("same" if r["temperature"] == 0 else "n/a")
+            else (f"same as {r['ids_compared_with']}" if r.get("ids_compared_with") else "n/a")
         )
         rss = ", ".join(f"{k} {v:.0f}" for k, v in r["peak_rss_mb"].items())
         lines.append(
-            f"| {r['system']} | {r['temperature']} | {r['k']} | {r['tokens_per_s']:.3f} | {_fmt(r.get('speedup_vs_hf'))}x | "
-            f"{_fmt(r.get('speedup_vs_assisted'))}x | {_fmt(r.get('acceptance_rate'))} | "
+            f"| {r['system']} | {r['temperature']} | {r['k']} | {r['tokens_per_s']:.3f} | {_fmt(r.get('speedup_vs_hf'), unit='x')} | "
+            f"{_fmt(r.get('speedup_vs_assisted'), unit='x')} | {_fmt(r.get('acceptance_rate'))} | "
             f"{_fmt(r.get('mean_accepted_per_round'))} | {per_pos} | {split_s} | {_fmt(r.get('overhead_ms_per_round'), '.1f')} | "
-            f"{_fmt(r.get('theoretical_speedup'))}x | {roof_s} | {rss} | {ids} |"
+            f"{_fmt(r.get('theoretical_speedup'), unit='x')} | {roof_s} | {rss} | {ids} |"
         )
     lines += [
         "",

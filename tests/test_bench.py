@@ -34,7 +34,17 @@ def test_bench_runs_every_in_process_system_and_compares_adaptive_with_fixed_k(t
         assert {("grpc-shared", t, 2), ("grpc-shared", t, "adaptive")} <= rows
     for r in result["rows"]:
         assert r["tokens"] == 2 * 12 and r["mismatches"] == []  # exact length; greedy ids == HF generate
+        assert r["ids_compared_with"] == ("hf" if r["temperature"] == 0 else "")
     for run in result["runs"]:
         assert len(run["per_prompt_s"]) == 2
     md = (out / "results.md").read_text()
     assert "core T=0.0: adaptive" in md and "grpc-shared T=0.8: adaptive" in md
+
+
+def test_without_an_hf_row_greedy_ids_are_checked_against_the_first_row():
+    b = bench.Bench(bench.parse_args(["--repeats", "1"]))
+    b.record("core", 0.0, 4, [(1.0, 3)], ids_by_prompt={"p": [1, 2, 3]})
+    same = b.record("core", 0.0, "adaptive", [(1.0, 3)], ids_by_prompt={"p": [1, 2, 3]})
+    other = b.record("core", 0.0, 5, [(1.0, 3)], ids_by_prompt={"p": [1, 2, 4]})
+    assert same.ids_compared_with == "core k=4" and same.mismatches == []
+    assert other.mismatches == ["p: differs from the baseline at generated token 2"]
