@@ -395,6 +395,7 @@ def run_grpc(bench: Bench, layout: str, prompts) -> None:
     d_args = ["--device", a.device, "--dtype", a.dtype, "--quantization", a.drafter_quantization]
     d_args += ["--lookahead"] if a.lookahead and pinned else []  # shared cores: lookahead only steals them
     v_args = ["--device", a.device, "--dtype", a.dtype, "--fast-verify", a.fast_verify]
+    v_args += ["--no-overlap-prefill"] if layout == "grpc-shared" and a.device == "cpu" else []
     if pinned:
         d_args += ["--threads", "1"]
         v_args += ["--threads", "1"]

@@ -41,7 +41,9 @@ def main(argv: list[str] | None = None) -> int:
                 "verifier",
                 a.target_model,
                 log_file=vlog,
-                args=["--device", a.device, "--drafter", drafter.address],
+                # both roles on this machine's cores: prefill one after the other (see SpeculativeDecoder)
+                args=["--device", a.device, "--drafter", drafter.address]
+                + (["--no-overlap-prefill"] if a.device == "cpu" else []),
             )
         except Exception:
             drafter.stop()

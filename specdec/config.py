@@ -58,6 +58,8 @@ class VerifierConfig(CommonConfig):
     max_session_tokens: int = 32768
     max_total_tokens: int = 262144
     fast_verify: str = "auto"  # auto | transpose (= on) | onednn | off: small-block linear path, probed
+    # start remote drafters' prefill while the target prefills; off when both roles share CPU cores
+    overlap_prefill: bool = True
 
 
 def add_config_args(parser: argparse.ArgumentParser, cls: type, prefix: str) -> None:

@@ -217,3 +217,25 @@ def test_adaptive_policy_starts_from_the_last_session_of_its_kind():
     for _ in range(60):  # the new session's text: the drafter's unsure tokens are now accepted
         warm.update(3, 3, verify_s=0.5, draft_s=0.15, confidences=[0.95, 0.92, 0.15])
     assert warm.acceptance_by_confidence()[1] > 0.5
+
+
+@pytest.mark.parametrize("overlap", [True, False])
+def test_drafter_starts_before_or_after_the_target_prefill(overlap):
+    target = tiny_model("llama", seed=0)
+    runner = ModelRunner(target)
+    seen = []
+
+    class Recording(ModelDrafter):
+        def start(self, context, params):
+            seen.append(runner.forward_passes)  # target forwards done when the drafter starts
+            super().start(context, params)
+
+    decoder = SpeculativeDecoder(runner, tiny_tokenizer(), overlap_prefill=overlap)
+    drafter = Recording(ModelRunner(perturbed(target, 0.05)))
+    out = [
+        t
+        for c in decoder.generate(PROMPT, SamplingParams(), StopCriteria(max_new_tokens=20), drafter)
+        for t in c.token_ids
+    ]
+    assert seen == [0 if overlap else 1]
+    assert out == hf_greedy(target, PROMPT, 20)

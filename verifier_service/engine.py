@@ -139,7 +139,9 @@ class VerifierEngine:
         self.runner = ModelRunner(model, name=config.model)
         self.tokenizer = tokenizer
         self.fingerprint = vocab_fingerprint(tokenizer)
-        self.decoder = SpeculativeDecoder(self.runner, tokenizer, compute=self.compute)
+        self.decoder = SpeculativeDecoder(
+            self.runner, tokenizer, compute=self.compute, overlap_prefill=self.config.overlap_prefill
+        )
         self.sessions = SessionStore(config)
         self._stubs: dict[str, pb_grpc.DrafterStub] = {}
         self._paired: set[str] = set()
