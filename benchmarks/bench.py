@@ -221,6 +221,19 @@ class Bench:
             result[c] = (ids_by[c], samples, per_prompt)
         return result
 
+    def measure_and_record(self, system, temperature, prompts, generators, stats_by=None, rss=None) -> None:
+        """``measure`` the configurations, then record a row for each (``stats_by``: {config: stats per
+        generation, in order}; ``rss``: a callable giving the peak RSS to report, read after the runs)."""
+        measured = self.measure(prompts, generators)
+        rss_mb = rss() if rss is not None else None
+        for k, (ids_by, samples, per_prompt) in measured.items():
+            stats = stats_by[k][-len(prompts) :] if stats_by else None
+            self.record(system, temperature, k, samples, stats, ids_by, rss_mb, per_prompt)
+
+    def spec_configs(self) -> list:
+        """The draft lengths specdec's systems run: each fixed k, then adaptive if asked for."""
+        return self.a.ks + (["adaptive"] if self.a.adaptive else [])
+
 
 def parse_args(argv):
     p = argparse.ArgumentParser(
@@ -319,7 +332,9 @@ def run_in_process(bench: Bench, meta: dict) -> list[tuple[str, list[int]]]:
                 bench.baseline_name = "hf"
             bench.record("hf", temperature, 1, samples, ids_by_prompt=ids_by, per_prompt=per_prompt)
         if "assisted" in a.systems:
-            measured = bench.measure(
+            bench.measure_and_record(
+                "assisted",
+                temperature,
                 prompts,
                 {
                     k: lambda ids, k=k: run_hf(
@@ -328,8 +343,6 @@ def run_in_process(bench: Bench, meta: dict) -> list[tuple[str, list[int]]]:
                     for k in a.ks
                 },
             )
-            for k, (ids_by, samples, per_prompt) in measured.items():
-                bench.record("assisted", temperature, k, samples, ids_by_prompt=ids_by, per_prompt=per_prompt)
 
     if "core" in a.systems:
         meta["fast_verify"] = enable_fast_linear(target, a.fast_verify)
@@ -372,18 +385,8 @@ def run_core(bench: Bench, target, tok, drafter, prompts, temperature) -> None:
         stats_by.setdefault(k, []).append(stats.to_dict())
         return out
 
-    configs = a.ks + (["adaptive"] if a.adaptive else [])
-    measured = bench.measure(prompts, {k: lambda ids, k=k: gen(ids, k) for k in configs})
-    for k, (ids_by, samples, per_prompt) in measured.items():
-        bench.record(
-            "core",
-            temperature,
-            k,
-            samples,
-            stats=stats_by[k][-len(prompts) :],
-            ids_by_prompt=ids_by,
-            per_prompt=per_prompt,
-        )
+    generators = {k: lambda ids, k=k: gen(ids, k) for k in bench.spec_configs()}
+    bench.measure_and_record("core", temperature, prompts, generators, stats_by)
 
 
 def run_grpc(bench: Bench, layout: str, prompts) -> None:
@@ -432,23 +435,17 @@ def run_grpc(bench: Bench, layout: str, prompts) -> None:
                         stats_by.setdefault(k, []).append(r.stats)
                         return r.token_ids
 
-                    configs = a.ks + (["adaptive"] if a.adaptive else [])
-                    measured = bench.measure(prompts, {k: lambda ids, k=k: gen(ids, k) for k in configs})
-                    rss = {
-                        "verifier": peak_rss_mb(verifier.proc.pid),
-                        "drafter": peak_rss_mb(drafter.proc.pid),
-                    }
-                    for k, (ids_by, samples, per_prompt) in measured.items():
-                        bench.record(
-                            layout,
-                            temperature,
-                            k,
-                            samples,
-                            stats=stats_by[k][-len(prompts) :],
-                            ids_by_prompt=ids_by,
-                            rss=rss,
-                            per_prompt=per_prompt,
-                        )
+                    bench.measure_and_record(
+                        layout,
+                        temperature,
+                        prompts,
+                        {k: lambda ids, k=k: gen(ids, k) for k in bench.spec_configs()},
+                        stats_by,
+                        rss=lambda: {
+                            "verifier": peak_rss_mb(verifier.proc.pid),
+                            "drafter": peak_rss_mb(drafter.proc.pid),
+                        },
+                    )
         finally:
             verifier.stop()
             drafter.stop()
