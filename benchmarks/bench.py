@@ -33,7 +33,7 @@ from specdec_core.draft_length import FixedDraftLength, LengthMemory
 from specdec_core.drafting import ModelDrafter
 from specdec_core.engine import GenerationStats, SpeculativeDecoder, StopCriteria
 from specdec_core.optimize import enable_fast_linear, prepare_drafter
-from specdec_core.runner import ModelRunner
+from specdec_core.runtime.runner import ModelRunner
 from specdec_core.sampling import SamplingParams
 from specdec_core.text import encode_prompt
 
@@ -398,7 +398,6 @@ def run_grpc(bench: Bench, layout: str, prompts) -> None:
     d_args = ["--device", a.device, "--dtype", a.dtype, "--quantization", a.drafter_quantization]
     d_args += ["--lookahead"] if a.lookahead and pinned else []  # shared cores: lookahead only steals them
     v_args = ["--device", a.device, "--dtype", a.dtype, "--fast-verify", a.fast_verify]
-    v_args += ["--no-overlap-prefill"] if layout == "grpc-shared" and a.device == "cpu" else []
     if pinned:
         d_args += ["--threads", "1"]
         v_args += ["--threads", "1"]

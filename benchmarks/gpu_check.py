@@ -31,7 +31,7 @@ def check_correctness(device: str) -> dict:
     from specdec_core.draft_length import FixedDraftLength
     from specdec_core.drafting import ModelDrafter
     from specdec_core.engine import SpeculativeDecoder, StopCriteria
-    from specdec_core.runner import ModelRunner
+    from specdec_core.runtime.runner import ModelRunner
     from specdec_core.sampling import SamplingParams
 
     prompt = tiny_tokenizer()("def add(a, b):\n")["input_ids"]
@@ -120,7 +120,7 @@ def measure_costs(config_dir: Path, device: str) -> dict:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from specdec_core.optimize import probe_fast_linear
-    from specdec_core.runner import ModelRunner
+    from specdec_core.runtime.runner import ModelRunner
 
     result: dict = {}
     runners = {}

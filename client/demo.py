@@ -41,9 +41,8 @@ def main(argv: list[str] | None = None) -> int:
                 "verifier",
                 a.target_model,
                 log_file=vlog,
-                # both roles on this machine's cores: prefill one after the other (see SpeculativeDecoder)
-                args=["--device", a.device, "--drafter", drafter.address]
-                + (["--no-overlap-prefill"] if a.device == "cpu" else []),
+                # both roles on this machine's cores: the verifier sees it (drafter Info) and prefills alone
+                args=["--device", a.device, "--drafter", drafter.address],
             )
         except Exception:
             drafter.stop()

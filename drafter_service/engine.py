@@ -9,22 +9,31 @@ import torch
 
 from specdec.config import DrafterConfig
 from specdec.rpc import LimitExceeded
-from specdec_core.compute import ComputeThread
 from specdec_core.drafting import ModelDrafter
 from specdec_core.models import load_model, vocab_fingerprint
 from specdec_core.optimize import prepare_drafter
-from specdec_core.runner import ModelRunner
+from specdec_core.runtime.runner import ModelRunner
+from specdec_core.runtime.scheduler import Scheduler
 
 log = logging.getLogger(__name__)
 
 
 class DrafterEngine:
-    """Loads the drafter model once; hands out a ``ModelDrafter`` (own KV cache) per generation stream."""
+    """Loads the drafter model once; hands out a ``ModelDrafter`` (own KV cache) per generation stream.
+
+    Every forward runs on the scheduler's thread: the draft steps of all streams that are drafting go
+    through one forward per drafted position.
+    """
 
     def __init__(self, config: DrafterConfig, model=None, tokenizer=None) -> None:
         self.config = config
-        self.compute = ComputeThread("drafter-compute")  # every forward of this process runs there
-        model, tokenizer = self.compute.call(self._load, model, tokenizer)
+        self.scheduler = Scheduler(
+            "drafter-compute",
+            max_rows=config.max_batch_rows,
+            max_tokens=config.max_batch_tokens,
+            prefill_chunk=config.prefill_chunk,
+        )
+        model, tokenizer = self.scheduler.call(self._load, model, tokenizer)
         self.runner = ModelRunner(model, name=config.model)
         self.tokenizer = tokenizer
         self.fingerprint = vocab_fingerprint(tokenizer)
@@ -39,7 +48,7 @@ class DrafterEngine:
         return prepare_drafter(model, self.config.quantization), tokenizer
 
     def close(self) -> None:
-        self.compute.close()
+        self.scheduler.close()
 
     def open_session(self) -> ModelDrafter:
         with self._lock:
@@ -50,7 +59,7 @@ class DrafterEngine:
             self.runner,
             max_support=self.config.max_support,
             lookahead=self.config.lookahead,
-            compute=self.compute,
+            executor=self.scheduler,
         )
 
     def close_session(self, drafter: ModelDrafter) -> None:

@@ -23,6 +23,7 @@ class DrafterServicer(pb_grpc.DrafterServicer):
     @map_errors
     def Draft(self, request_iterator, context):
         drafter = self.engine.open_session()
+        context.add_callback(drafter.cancel)  # the verifier went away: drop its rows at the next iteration
         request_id = ""
         try:
             for req in request_iterator:
@@ -40,6 +41,7 @@ class DrafterServicer(pb_grpc.DrafterServicer):
                 step = req.step
                 if step.has_verdict:
                     drafter.accept(step.num_accepted, step.next_token)
+                drafter.extend(list(step.committed))
                 block = drafter.propose(step.num_draft_tokens, convert.early_stop_from_pb(step))
                 log.debug("[%s] drafted %d tokens in %.4fs", request_id, len(block.tokens), block.draft_s)
                 yield convert.block_to_pb(block)

@@ -31,7 +31,13 @@ class CommonConfig:
     device: str = "cpu"
     dtype: str = "auto"
     threads: int = 0  # torch intra-op threads; 0 keeps torch's default
+    # OpenMP idle threads: auto (passive unless pinned to cores of its own) | passive | active; read by the
+    # CLI before torch starts (specdec/layout.py); an OMP_WAIT_POLICY in the environment wins
+    omp_wait_policy: str = "auto"
     max_sessions: int = 64
+    max_batch_rows: int = 32  # rows (sequences) per forward
+    max_batch_tokens: int = 512  # tokens per forward (prompt chunks fill what decoding rows leave)
+    prefill_chunk: int = 128  # while other sequences are active, feed prompts this many tokens at a time
     grace_s: float = 5.0
     log_level: str = "INFO"
 
@@ -52,14 +58,17 @@ class VerifierConfig(CommonConfig):
     model: str = DEFAULT_TARGET
     port: int = 50051
     drafters: tuple[str, ...] = field(default_factory=tuple)  # default drafter addresses
-    num_draft_tokens: int = 4
+    num_draft_tokens: int = 0  # 0: adaptive length by default (k <= 8); k > 0: fixed k by default
+    max_running: int = 16  # generations decoding at once; more wait in the queue
+    max_waiting: int = 64  # generations waiting for a running spot; past it: RESOURCE_EXHAUSTED
     max_new_tokens: int = 256
     session_idle_s: float = 300.0
     max_session_tokens: int = 32768
     max_total_tokens: int = 262144
     fast_verify: str = "auto"  # auto | transpose (= on) | onednn | off: small-block linear path, probed
-    # start remote drafters' prefill while the target prefills; off when both roles share CPU cores
-    overlap_prefill: bool = True
+    # start remote drafters' prefill while the target prefills: auto (unless the drafter shares this
+    # host's CPU cores, from its Info) | on | off
+    overlap_prefill: str = "auto"
 
 
 def add_config_args(parser: argparse.ArgumentParser, cls: type, prefix: str) -> None:

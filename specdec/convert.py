@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from specdec import layout
 from specdec.v1 import specdec_pb2 as pb
 from specdec_core.drafting import CONFIDENCE_BINS, DraftBlock, EarlyStop
 from specdec_core.engine import GenerationStats, StopCriteria
@@ -102,6 +103,8 @@ def info_to_pb(model_name, runner, tokenizer, fingerprint, include_vocab) -> pb.
         dtype=str(next(runner.model.parameters()).dtype),
         eos_token_id=-1 if eos is None else eos,
     )
+    msg.host_id = layout.host_id()
+    msg.cpus.extend(layout.cpus())
     if include_vocab:
         msg.vocab.extend(vocab_by_id(tokenizer))
     return msg

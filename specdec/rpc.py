@@ -15,6 +15,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from specdec.config import add_config_args, config_from_args
 from specdec_core.models import ModelError, TokenizerMismatch
+from specdec_core.runtime.admission import GenerationCancelled, QueueFull
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +36,8 @@ class DependencyUnavailable(RuntimeError):
 STATUS_OF: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (SessionNotFound, grpc.StatusCode.NOT_FOUND),
     (LimitExceeded, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (QueueFull, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (GenerationCancelled, grpc.StatusCode.CANCELLED),
     (DependencyUnavailable, grpc.StatusCode.UNAVAILABLE),
     (TokenizerMismatch, grpc.StatusCode.FAILED_PRECONDITION),
     (ModelError, grpc.StatusCode.FAILED_PRECONDITION),

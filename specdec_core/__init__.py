@@ -7,7 +7,8 @@ and the client import this package, never the other way round.
 
 from .drafting import DraftBlock, Drafter, DrafterUnavailable, ModelDrafter
 from .engine import Chunk, GenerationStats, SpeculativeDecoder, StopCriteria, TargetSession
-from .runner import ModelRunner, Sequence
+from .runtime.runner import ModelRunner, Row, Sequence
+from .runtime.scheduler import Scheduler
 from .sampling import SamplingParams, SparseDist, logits_to_probs
 from .verification import Verdict, verify_greedy, verify_sampled
 
@@ -19,7 +20,9 @@ __all__ = [
     "GenerationStats",
     "ModelDrafter",
     "ModelRunner",
+    "Row",
     "SamplingParams",
+    "Scheduler",
     "Sequence",
     "SparseDist",
     "SpeculativeDecoder",

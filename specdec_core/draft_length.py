@@ -21,6 +21,18 @@ The adaptive policy works in one of two ways:
   ``E[tokens | k] / T(k)`` with ``E[tokens | k] = 1 + sum_{j=1..k} prod_{i<=j} a_i`` and ``a_i`` counted
   per position (falling back to the pooled rate while a position has few samples).
 
+**Under load** (a batched verifier), a drafted token is one more token in a forward that every session in
+the batch waits for. The policy then takes a ``Load``: the forward cost curve ``F(N)`` learned from all
+forwards by the total tokens ``N`` they feed, the tokens ``N0`` the other rows feed and ``G0`` they emit
+per forward. A round of k costs ``k * t_draft + F(N0 + k + 1) + t_network`` and yields ``E[tokens | k] +
+G0`` tokens to the whole batch; k = 0 (a plain decoding round, no drafter call) costs ``F(N0 + 1)`` and
+yields ``1 + G0``. The length (or, with confidences, the stop threshold, whose rate ``R`` becomes the
+batch's rate and whose ``t_verify'`` the slope of ``F`` at ``N0``) maximises the batch's tokens per second:
+blocks shorten as the batch grows and drafting stops (k = 0) where it no longer pays, as it does for a
+drafter nearly as costly as its target or for text the drafter does not predict. A session that stopped
+drafting probes with one drafted round after ``PROBE_START`` plain rounds, then after twice as many each
+time drafting still loses, so it notices when the text turns predictable again.
+
 A new session need not start blind: ``LengthMemory`` keeps, per drafter and sampling setting, what the
 last finished session measured, and a new policy starts from it scaled down to ``PRIOR_POSITIONS`` judged
 positions and ``PRIOR_ROUNDS`` rounds of costs, so its own measurements take over within a few rounds.
@@ -31,17 +43,31 @@ from __future__ import annotations
 
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass
 
 from .drafting import CONFIDENCE_BINS, EarlyStop, confidence_bin
 
 
+@dataclass(frozen=True)
+class Load:
+    """The batch a session's rounds share (see the module docstring); the zero load is a lone session."""
+
+    others_tokens: float = 0.0  # N0: tokens the other rows feed per forward
+    others_emitted: float = 0.0  # G0: tokens the other rows emit per forward
+    forward_s: Callable[[float], float] | None = None  # F(N): seconds of a forward feeding N tokens
+
+
+PROBE_START = 8  # plain rounds before a session that stopped drafting tries one drafted round
+PROBE_MAX = 64
+
+
 class DraftLengthPolicy(ABC):
     @abstractmethod
-    def next_length(self) -> int:
-        """Tokens to draft in the coming round."""
+    def next_length(self, load: Load | None = None) -> int:
+        """Tokens to draft in the coming round (0: a plain decoding round without the drafter)."""
 
-    def early_stop(self) -> EarlyStop | None:
+    def early_stop(self, load: Load | None = None) -> EarlyStop | None:
         """When the drafter may end the coming block early (None: never)."""
         return None
 
@@ -63,7 +89,7 @@ class FixedDraftLength(DraftLengthPolicy):
             raise ValueError("draft length must be >= 0")
         self.k = k
 
-    def next_length(self) -> int:
+    def next_length(self, load: Load | None = None) -> int:
         return self.k
 
 
@@ -86,13 +112,16 @@ class AdaptiveDraftLength(DraftLengthPolicy):
         self.draft_tokens = 0.0
         self.draft_s = 0.0
         self.network_s = 0.0
-        self.rounds = 0.0
+        self.rounds = 0.0  # drafted rounds
         self.verify_obs: dict[int, list[float]] = {}  # block size m = k + 1 -> times
-        self.emitted = 0.0
-        self.round_s = 0.0
+        self.emitted = 0.0  # tokens emitted by drafted rounds
+        self.round_s = 0.0  # seconds of drafted rounds
         self.uses_confidence = False  # the drafter reports confidences: stop by them
         self.bin_tried = [0.0] * CONFIDENCE_BINS  # judged positions by confidence bin
         self.bin_passed = [0.0] * CONFIDENCE_BINS  # of those, accepted
+        self.plain_rounds = 0  # rounds decoded without drafting
+        self.since_draft = 0  # plain rounds since the last drafted one
+        self.probe_every = PROBE_START
         if prior is not None:
             self._start_from(prior)
 
@@ -110,19 +139,52 @@ class AdaptiveDraftLength(DraftLengthPolicy):
         self.emitted, self.round_s = prior.emitted * r, prior.round_s * r
         self.verify_obs = {m: v[-4:] for m, v in prior.verify_obs.items() if m <= self.k_max + 1}
         self.uses_confidence = prior.uses_confidence
+        self.probe_every = prior.probe_every
         if not self.uses_confidence and self.verify_obs:
             self.k = self.best_length()
 
-    def next_length(self) -> int:
-        return self.k_max if self.uses_confidence else self.k
+    # -- the choice --------------------------------------------------------------------------------------
+    def next_length(self, load: Load | None = None) -> int:
+        if self._skip_drafting(load):
+            return 0
+        return self.k_max if self.uses_confidence else self.best_length(load)
 
-    def early_stop(self) -> EarlyStop | None:
+    def early_stop(self, load: Load | None = None) -> EarlyStop | None:
         if not self.uses_confidence or not self.draft_tokens or self.round_s <= 0:
             return None
         t_draft = self.draft_s / self.draft_tokens
-        rate = self.emitted / self.round_s
-        theta = rate * (t_draft + self.verify_slope()) / self.acceptance(0)
+        others = load.others_emitted if load else 0.0
+        rate = (self.emitted + others * self.rounds) / self.round_s  # the batch's rate while drafting
+        theta = rate * (t_draft + self.verify_slope(load)) / self.acceptance(0)
         return EarlyStop(below=min(max(theta, 0.0), 0.95), acceptance=self.acceptance_by_confidence())
+
+    def _skip_drafting(self, load: Load | None) -> bool:
+        """Decode this round without the drafter: drafting loses at this load (with periodic probes)."""
+        if self.rounds < 2 or not self.draft_tokens:
+            return False  # nothing measured yet: draft to learn
+        if self.drafting_rate(load) >= self.plain_rate(load):
+            self.probe_every = PROBE_START
+            return False
+        if self.since_draft >= self.probe_every:  # probe: has the text turned predictable?
+            self.probe_every = min(2 * self.probe_every, PROBE_MAX)
+            return False
+        return True
+
+    def plain_rate(self, load: Load | None = None) -> float:
+        """The batch's tokens per second if this session decodes one token per round."""
+        others = load.others_emitted if load else 0.0
+        return (1.0 + others) / self.verify_cost(1, load)
+
+    def drafting_rate(self, load: Load | None = None) -> float:
+        """The batch's tokens per second if this session drafts (its best k, or its mean block)."""
+        if not self.uses_confidence:
+            return max(self.expected_rate(k, load) for k in range(1, self.k_max + 1))
+        t_draft = self.draft_s / self.draft_tokens
+        t_net = self.network_s / self.rounds
+        block = self.draft_tokens / self.rounds
+        others = load.others_emitted if load else 0.0
+        cost = block * t_draft + self.verify_cost(block + 1, load) + t_net
+        return (self.emitted / self.rounds + others) / cost
 
     def acceptance_by_confidence(self) -> tuple[float, ...]:
         """Measured acceptance per confidence bin, pulled toward the pooled rate where a bin is thin."""
@@ -131,6 +193,7 @@ class AdaptiveDraftLength(DraftLengthPolicy):
             (p + prior * pooled) / (t + prior) for p, t in zip(self.bin_passed, self.bin_tried, strict=True)
         )
 
+    # -- feedback ----------------------------------------------------------------------------------------
     def update(
         self,
         k: int,
@@ -140,7 +203,15 @@ class AdaptiveDraftLength(DraftLengthPolicy):
         network_s: float = 0.0,
         confidences: Sequence[float] = (),
     ) -> None:
-        self.uses_confidence = len(confidences) == k > 0
+        obs = self.verify_obs.setdefault(k + 1, [])
+        obs.append(verify_s)
+        del obs[:-16]  # recent samples only
+        if k == 0:  # a plain round: only its verify cost is news
+            self.plain_rounds += 1
+            self.since_draft += 1
+            return
+        self.since_draft = 0
+        self.uses_confidence = len(confidences) == k
         for i, c in enumerate(confidences[: min(k, num_accepted + 1)]):  # positions the verifier judged
             b = confidence_bin(c)
             self.bin_tried[b] += 1
@@ -154,11 +225,9 @@ class AdaptiveDraftLength(DraftLengthPolicy):
         self.draft_s += draft_s
         self.network_s += network_s
         self.rounds += 1
-        obs = self.verify_obs.setdefault(k + 1, [])
-        obs.append(verify_s)
-        del obs[:-16]  # recent samples only
         self.k = self.best_length()
 
+    # -- the cost model ----------------------------------------------------------------------------------
     def acceptance(self, i: int) -> float:
         """Acceptance of position ``i`` given its predecessors were accepted (0: pooled over positions)."""
         pooled = (sum(self.passed) + 1) / (sum(self.tried) + 2)
@@ -176,29 +245,44 @@ class AdaptiveDraftLength(DraftLengthPolicy):
         slope = max(sum((p[0] - mx) * (p[1] - my) for p in points) / var, 0.0) if var > 0 else 0.0
         return mx, my, slope
 
-    def verify_slope(self) -> float:
+    def verify_slope(self, load: Load | None = None) -> float:
+        """Seconds one more token adds to this session's verify forward."""
+        if load is not None and load.forward_s is not None:
+            base = load.others_tokens + (self.draft_tokens / self.rounds if self.rounds else 1.0) + 1.0
+            return max(load.forward_s(base + 1.0) - load.forward_s(base), 0.0)
         return self._verify_line()[2] if self.verify_obs else 0.0
 
-    def verify_cost(self, m: int) -> float:
+    def verify_cost(self, m: float, load: Load | None = None) -> float:
+        """Seconds of a verify forward of ``m`` positions of this session (with the others' rows)."""
+        if load is not None and load.forward_s is not None:
+            return max(load.forward_s(load.others_tokens + m), 1e-6)
+        if not self.verify_obs:
+            return 1.0
         mx, my, slope = self._verify_line()
         return max(my + slope * (m - mx), 1e-6)
 
-    def expected_rate(self, k: int) -> float:
+    def expected_rate(self, k: int, load: Load | None = None) -> float:
+        """The batch's tokens per second if this session drafts ``k`` tokens (k = 0: plain decoding)."""
+        if k == 0:
+            return self.plain_rate(load)
         t_draft = self.draft_s / self.draft_tokens if self.draft_tokens else 0.0
         t_net = self.network_s / self.rounds if self.rounds else 0.0
         expected, survive = 1.0, 1.0
         for i in range(1, k + 1):
             survive *= self.acceptance(i)
             expected += survive
-        return expected / (k * t_draft + self.verify_cost(k + 1) + t_net)
+        others = load.others_emitted if load else 0.0
+        return (expected + others) / (k * t_draft + self.verify_cost(k + 1, load) + t_net)
 
-    def best_length(self) -> int:
+    def best_length(self, load: Load | None = None) -> int:
+        """The k >= 1 of the best expected rate (exploring one step further while the cost line is thin)."""
         if not self.verify_obs:
             return self.k
-        # explore one step beyond the current k so the verify-cost line has a slope to fit
-        if len(self.verify_obs) < 2:
+        drafted_sizes = [m for m in self.verify_obs if m > 1]
+        if len(drafted_sizes) < 2 and (load is None or load.forward_s is None):
+            # explore one step beyond the current k so the verify-cost line has a slope to fit
             return min(self.k + 1, self.k_max) if self.k < self.k_max else self.k - 1
-        return max(range(1, self.k_max + 1), key=self.expected_rate)
+        return max(range(1, self.k_max + 1), key=lambda k: self.expected_rate(k, load))
 
 
 PRIOR_POSITIONS = 100  # a warm start counts as at most this many judged positions...

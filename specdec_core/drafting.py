@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
 
-from .compute import ComputeThread, run_on
-from .runner import ModelRunner
+from .runtime.runner import ModelRunner, Row, Sequence
+from .runtime.scheduler import Executor, Inline, Job, Scheduler, Task
 from .sampling import (
     DEFAULT_MAX_SUPPORT,
     SamplingParams,
@@ -93,6 +92,13 @@ class Drafter(ABC):
     def accept(self, num_accepted: int, next_token: int) -> None:
         """The verifier kept the first ``num_accepted`` drafted tokens, then emitted ``next_token``."""
 
+    @abstractmethod
+    def extend(self, tokens: list[int]) -> None:
+        """``tokens`` were committed without drafting (plain decoding rounds): append them to the context."""
+
+    def cancel(self) -> None:  # noqa: B027 - optional hook
+        """Abandon the call in flight, from any thread (the generation is being cancelled)."""
+
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release per-generation state."""
 
@@ -100,14 +106,14 @@ class Drafter(ABC):
 class ModelDrafter(Drafter):
     """Drafts with a local small model, keeping its KV cache across rounds and rolling it back.
 
-    With ``compute`` every call runs on that thread (a service's one model thread, see ``compute.py``).
-    With ``lookahead`` the drafter keeps drafting while the verifier works: after returning a block it
-    assumes the whole block will be accepted, guesses the verifier's bonus token and drafts the next block
-    as background work of the compute thread, one token per step (a drafter with lookahead and no
-    ``compute`` starts its own). If the verdict confirms the guess, the next block is already there;
-    otherwise the speculative tokens are rolled back. Each drafted position draws from a generator keyed by
-    (seed, position), so the drafts, and hence a seeded generation, do not depend on how far the lookahead
-    got.
+    Every forward is a job of ``executor`` (a service's scheduler batches the draft steps of all its
+    streams: one forward per drafted position; in-process use drives them right here). With
+    ``lookahead`` the drafter keeps drafting while the verifier works: after returning a block it assumes
+    the whole block will be accepted, guesses the verifier's bonus token and drafts the next block as a
+    background job of the scheduler (a drafter with lookahead and no scheduler starts its own). If the
+    verdict confirms the guess, the next block is already there; otherwise the speculative tokens are
+    rolled back. Each drafted position draws from a generator keyed by (seed, position), so the drafts,
+    and hence a seeded generation, do not depend on how far the lookahead got.
     """
 
     def __init__(
@@ -115,52 +121,68 @@ class ModelDrafter(Drafter):
         runner: ModelRunner,
         max_support: int = DEFAULT_MAX_SUPPORT,
         lookahead: bool = False,
-        compute: ComputeThread | None = None,
+        executor: Executor | None = None,
     ) -> None:
         self.runner = runner
         self.max_support = max_support
         self.lookahead = lookahead
-        self.compute = compute
-        self._owns_compute = False
+        self.executor: Executor = executor or Inline()
+        self._owns_scheduler = False
         self.context: list[int] = []
-        self._seq = runner.new_sequence()
+        self._seq: Sequence | None = None
         self._params = SamplingParams()
         self._seed = 0
         self._drafted: list[int] = []
         self._ready: list[_Drafted] = []  # drafts already made for the current context
         self._ahead: tuple[int, list[_Drafted]] | None = None  # (guessed bonus, drafts after it)
+        self._lookahead_task: Task | None = None
+        self._task: Task | None = None  # the foreground job in flight (cancelled by ``cancel``)
         self.lookahead_hits = 0
+
+    def _watch(self, task: Task) -> None:
+        self._task = task
+
+    def cancel(self) -> None:
+        """Abandon the job in flight (any thread): its caller gets ``CancelledError``."""
+        if self._task is not None:
+            self._task.cancel()
 
     def start(self, context: list[int], params: SamplingParams) -> None:
         if not context:
             raise ValueError("a generation needs at least one context token")
-        if self.lookahead and self.compute is None:
-            self.compute, self._owns_compute = ComputeThread("specdec-drafter"), True
-        run_on(self.compute, self._start, context, params)
+        if self.lookahead and not isinstance(self.executor, Scheduler):
+            self.executor, self._owns_scheduler = Scheduler("specdec-drafter"), True
+        self.executor.run(self.runner, self._start_job(list(context), params), self._watch)
 
-    def _start(self, context: list[int], params: SamplingParams) -> None:
+    def _start_job(self, context: list[int], params: SamplingParams) -> Job:
         self._stop_lookahead()
-        self.context = list(context)
-        self._params = params
+        if self._seq is not None:
+            self.runner.release(self._seq)
+        self.context, self._params = context, params
         self._seed = params.seed if params.seed is not None else int(torch.randint(0, 2**62, (1,)).item())
         self._seq = self.runner.new_sequence()
-        self.runner.prefill(self._seq, self.context[:-1])
         self._drafted, self._ready, self._ahead = [], [], None
+        if len(context) > 1:
+            yield Row(self._seq, context[:-1], keep=0)
 
-    def _sample(self, feed: list[int], position: int) -> _Drafted:
-        """Feed ``feed`` and sample the token at ``position`` (not fed)."""
-        logits = self.runner.extend(self._seq, feed, keep=1)[0]  # [vocab]
-        dist = truncate_support(logits_to_probs(logits, self._params), self.max_support)
-        token = sample_sparse(dist, make_generator(self._seed, stream=position))
+    def _sample(self, logits: torch.Tensor, position: int) -> _Drafted:
+        """Sample the token at ``position`` from its logits [vocab]: (token, its sparse q, confidence)."""
+        if self._params.greedy:
+            token = int(logits.argmax())
+            dist = SparseDist(torch.tensor([token]), torch.tensor([1.0]))
+        else:
+            dist = truncate_support(logits_to_probs(logits, self._params), self.max_support)
+            token = sample_sparse(dist, make_generator(self._seed, stream=position))
         confidence = float(torch.softmax(logits.float(), dim=-1)[token])
         return token, dist, confidence
 
     def propose(self, k: int, stop: EarlyStop | None = None) -> DraftBlock:
-        return run_on(self.compute, self._propose, k, stop or EarlyStop())
+        return self.executor.run(self.runner, self._propose_job(k, stop or EarlyStop()), self._watch)
 
-    def _propose(self, k: int, stop: EarlyStop) -> DraftBlock:
+    def _propose_job(self, k: int, stop: EarlyStop) -> Job:
         t0 = time.perf_counter()
         self._stop_lookahead()
+        assert self._seq is not None, "propose before start"
         made, self._ready = self._ready, []  # the cache covers context + made[:-1]
         block: list[_Drafted] = []
         chance = 1.0  # estimated chance that the whole block so far is accepted
@@ -174,15 +196,15 @@ class ModelDrafter(Drafter):
             block.append(item)
             chance *= stop.chance(item[2])
         keep = len(self.context) + len(block) - 1  # the cache must cover context + block[:-1]
-        if len(self._seq) > keep:
-            self.runner.rollback(self._seq, keep)
+        self.runner.rollback(self._seq, keep)
         while more():
             feed = [block[-1][0]] if block else self.context[len(self._seq) :]
-            block.append(self._sample(feed, len(self.context) + len(block)))
+            logits = yield Row(self._seq, feed, keep=1)
+            block.append(self._sample(logits[0], len(self.context) + len(block)))
             chance *= stop.chance(block[-1][2])
         self._drafted = [t for t, _, _ in block]
-        if self.lookahead and self.compute is not None and block:
-            self.compute.set_background(self, self._look_ahead(k))
+        if self.lookahead and isinstance(self.executor, Scheduler) and block:
+            self._lookahead_task = self.executor.submit(self.runner, self._look_ahead(k), background=True)
         return DraftBlock(
             tokens=self._drafted,
             dists=[d for _, d, _ in block],
@@ -190,24 +212,26 @@ class ModelDrafter(Drafter):
             confidences=[c for _, _, c in block],
         )
 
-    def _look_ahead(self, k: int) -> Iterator[None]:
-        """Background steps: assume the block is accepted, guess the bonus token, draft k tokens after it."""
+    def _look_ahead(self, k: int) -> Job:
+        """Background rows: assume the block is accepted, guess the bonus token, draft k tokens after it."""
+        assert self._seq is not None
         position = len(self.context) + len(self._drafted)
-        guess = self._sample([self._drafted[-1]], position)[0]
-        self._ahead = (guess, [])
-        yield
-        feed = [guess]
+        logits = yield Row(self._seq, [self._drafted[-1]], keep=1)
+        self._ahead = (self._sample(logits[0], position)[0], [])
+        feed = [self._ahead[0]]
         for i in range(k):
-            self._ahead[1].append(self._sample(feed, position + 1 + i))
+            logits = yield Row(self._seq, feed, keep=1)
+            self._ahead[1].append(self._sample(logits[0], position + 1 + i))
             feed = [self._ahead[1][-1][0]]
-            yield
 
     def _stop_lookahead(self) -> None:
-        if self.compute is not None and self.compute.on_thread:
-            self.compute.clear_background(self)
+        """Cancel the lookahead job (on the compute thread: it is dropped before the next forward)."""
+        if self._lookahead_task is not None:
+            self._lookahead_task.cancel()
+            self._lookahead_task = None
 
     def accept(self, num_accepted: int, next_token: int) -> None:
-        run_on(self.compute, self._accept, num_accepted, next_token)
+        self.executor.call(self._accept, num_accepted, next_token)
 
     def _accept(self, num_accepted: int, next_token: int) -> None:
         self._stop_lookahead()
@@ -216,18 +240,37 @@ class ModelDrafter(Drafter):
         self._drafted, self._ahead = [], None
         self.context.extend(drafted[:num_accepted])
         self.context.append(next_token)
-        if ahead and ahead[1] and num_accepted == len(drafted) and next_token == ahead[0]:
+        if ahead and ahead[1] and drafted and num_accepted == len(drafted) and next_token == ahead[0]:
             self.lookahead_hits += 1
             self._ready = ahead[1]  # the cache covers context + ready[:-1]
             return
         # the cache holds old context + drafted (+ speculative tokens); keep what the verifier accepted
-        self.runner.rollback(self._seq, min(len(self._seq), base + num_accepted))
+        if self._seq is not None:
+            self.runner.rollback(self._seq, base + num_accepted)
+
+    def extend(self, tokens: list[int]) -> None:
+        if tokens:
+            self.executor.call(self._extend, list(tokens))
+
+    def _extend(self, tokens: list[int]) -> None:
+        self._stop_lookahead()
+        self._drafted, self._ahead, self._ready = [], None, []
+        if self._seq is not None:
+            self.runner.rollback(self._seq, len(self.context))  # keep committed positions only
+        self.context.extend(tokens)
 
     def close(self) -> None:
-        if self.compute is not None:
-            self.compute.call(self._stop_lookahead)
-            if self._owns_compute:
-                self.compute.close()
-                self.compute, self._owns_compute = None, False
-        self._seq = self.runner.new_sequence()
+        self.cancel()
+        if isinstance(self.executor, Scheduler):
+            try:
+                self.executor.call(self._stop_lookahead)
+            except RuntimeError:  # the scheduler is already closed
+                pass
+        if self._owns_scheduler:
+            assert isinstance(self.executor, Scheduler)
+            self.executor.close()
+            self.executor, self._owns_scheduler = Inline(), False
+        if self._seq is not None:
+            self.runner.release(self._seq)
+            self._seq = None
         self.context = []

@@ -10,15 +10,18 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterator
+from concurrent.futures import CancelledError
 from dataclasses import dataclass, field
 
 import torch
 
-from .compute import ComputeThread, run_on
 from .draft_length import DraftLengthPolicy, FixedDraftLength
 from .drafting import DraftBlock, Drafter, DrafterUnavailable, EarlyStop
-from .runner import ModelRunner
-from .sampling import SamplingParams, logits_to_probs, make_generator
+from .runtime.admission import Cancellation, GenerationCancelled
+from .runtime.load import BatchLoad
+from .runtime.runner import ModelRunner, Row, Sequence
+from .runtime.scheduler import Executor, Inline, Job, Task
+from .sampling import SamplingParams, logits_to_probs, make_generator, sample
 from .verification import Verdict, verify_greedy, verify_sampled
 
 log = logging.getLogger(__name__)
@@ -49,8 +52,10 @@ class GenerationStats:
     prefill_s: float = 0.0  # the target's prompt prefill (the drafter's counts as drafting)
     network_s: float = 0.0
     wall_s: float = 0.0
+    first_token_s: float = 0.0  # from the start of the generation to its first token
     new_tokens: int = 0
     drafter_failures: int = 0
+    plain_rounds: int = 0  # rounds decoded without drafting (no drafter, or the policy chose k = 0)
     draft_lengths: list[int] = field(default_factory=list)
 
     @property
@@ -68,6 +73,7 @@ class GenerationStats:
             self.drafted_per_position[i] += 1
             self.accepted_per_position[i] += int(i < n)
         self.rounds += 1
+        self.plain_rounds += int(k == 0)
         self.drafted += k
         self.accepted += n
         self.draft_lengths.append(k)
@@ -89,6 +95,8 @@ class GenerationStats:
             "prefill_s": self.prefill_s,
             "network_s": self.network_s,
             "wall_s": self.wall_s,
+            "first_token_s": self.first_token_s,
+            "plain_rounds": self.plain_rounds,
             "new_tokens": self.new_tokens,
             "tokens_per_s": self.tokens_per_s,
             "drafter_failures": self.drafter_failures,
@@ -102,20 +110,82 @@ class TargetSession:
     """The target model's state for one generation: KV cache over committed tokens, RNG, counters.
 
     Invariant between rounds: the cache covers ``context[:-1]``; the last committed token is pending
-    and is fed together with the next drafted block, so a round is exactly one forward pass.
+    and is fed together with the next drafted block, so a round is exactly one forward pass (a session
+    that was not prefilled feeds its whole context with its first block). Every forward is a job of
+    ``executor`` (the verifier's scheduler batches the rows of all sessions).
     """
 
-    def __init__(self, runner: ModelRunner, context: list[int], params: SamplingParams) -> None:
+    def __init__(
+        self,
+        runner: ModelRunner,
+        context: list[int],
+        params: SamplingParams,
+        executor: Executor | None = None,
+        load: BatchLoad | None = None,
+    ) -> None:
         if not context:
             raise ValueError("a generation needs at least one prompt token")
         self.runner = runner
         self.params = params
         self.context = list(context)
+        self.executor: Executor = executor or Inline()
+        self.load = load
         self.generator = make_generator(params.seed, device=runner.device, stream=0)
-        self.seq = runner.new_sequence()
-        self.runner.prefill(self.seq, self.context[:-1])
-        self.passes = 1 if len(self.context) > 1 else 0
-        self.tokens_processed = len(self.context) - 1
+        self.seq: Sequence | None = None
+        self.passes = 0
+        self.tokens_processed = 0
+        self.cancelled = False
+        self._task: Task | None = None
+
+    def _run(self, job: Job):
+        if self.cancelled:
+            job.close()
+            raise GenerationCancelled("generation cancelled")
+        try:
+            return self.executor.run(self.runner, job, self._watch)
+        except CancelledError:
+            raise GenerationCancelled("generation cancelled") from None
+
+    def _watch(self, task: Task) -> None:
+        self._task = task
+        if self.cancelled:  # cancelled while the job was being submitted
+            task.cancel()
+
+    def cancel(self) -> None:
+        """Abandon the session (any thread): the forward in flight is dropped at the next iteration."""
+        self.cancelled = True
+        if self._task is not None:
+            self._task.cancel()
+
+    def close(self) -> None:
+        """Free the KV cache (its slot is reused from the next iteration on)."""
+        if self.seq is not None:
+            self.runner.release(self.seq)
+            self.seq = None
+
+    def prefill(self, emit_first: bool = False) -> int | None:
+        """Cache the context. With ``emit_first`` the prompt's last position is fed too and the first new
+        token is sampled from it and committed (returned): the first token needs no drafting round."""
+        return self._run(self._prefill_job(emit_first))
+
+    def _prefill_job(self, emit_first: bool) -> Job:
+        self.seq = self.runner.new_sequence()
+        feed = self.context if emit_first else self.context[:-1]
+        if not feed:
+            return None
+        logits = yield Row(self.seq, feed, keep=1 if emit_first else 0)  # [1 | 0, vocab]
+        self.passes += 1
+        self.tokens_processed += len(feed)
+        if not emit_first:
+            return None
+        if self.params.greedy:
+            token = int(logits[0].argmax())
+        else:
+            token = sample(logits_to_probs(logits[0], self.params), self.generator)
+        self.context.append(token)
+        if self.load is not None:
+            self.load.note_emitted(1)
+        return token
 
     def append(self, tokens: list[int]) -> None:
         """Commit tokens produced elsewhere (a client re-sending history it holds)."""
@@ -128,25 +198,36 @@ class TargetSession:
         model's log-probabilities of the emitted tokens (accepted drafts, then the next token).
         """
         k = len(draft_tokens)
+        if not self.params.greedy and k and (block is None or len(block.dists) != k):
+            raise ValueError("sampled verification needs the drafter's distribution for every drafted token")
+        return self._run(self._verify_job(draft_tokens, block, want_logprobs))
+
+    def _verify_job(self, draft_tokens: list[int], block: DraftBlock | None, want_logprobs: bool) -> Job:
+        if self.seq is None:  # not prefilled: the context goes into this forward
+            self.seq = self.runner.new_sequence()
+        k = len(draft_tokens)
         feed = self.context[len(self.seq) :] + draft_tokens
-        logits = self.runner.extend(self.seq, feed, keep=k + 1)  # [k + 1, vocab]
+        logits = yield Row(self.seq, feed, keep=k + 1)  # [k + 1, vocab]
         self.passes += 1
         self.tokens_processed += len(feed)
         drafted = torch.tensor(draft_tokens, dtype=torch.long)  # [k]
         if self.params.greedy:
             verdict = verify_greedy(drafted, logits)
         else:
-            if block is None or len(block.dists) != k:
-                raise ValueError(
-                    "sampled verification needs the drafter's distribution for every drafted token"
-                )
+            assert block is not None or k == 0
             target_probs = logits_to_probs(logits, self.params)  # [k + 1, vocab]
-            draft_probs = block.dense_probs(logits.shape[-1], logits.device)  # [k, vocab]
+            draft_probs = (
+                block.dense_probs(logits.shape[-1], logits.device)
+                if block is not None
+                else torch.zeros(0, logits.shape[-1], device=logits.device)
+            )  # [k, vocab]
             verdict = verify_sampled(drafted, draft_probs, target_probs, self.generator)
         n = verdict.num_accepted
         self.runner.rollback(self.seq, len(self.context) + n)
         emitted = draft_tokens[:n] + [verdict.next_token]
         self.context.extend(emitted)
+        if self.load is not None:
+            self.load.note_emitted(n + 1)
         logprobs = None
         if want_logprobs:
             lp = torch.log_softmax(logits[: n + 1], dim=-1)  # [n + 1, vocab]
@@ -169,10 +250,14 @@ class SpeculativeDecoder:
         self,
         target: ModelRunner,
         tokenizer=None,
-        compute: ComputeThread | None = None,
+        executor: Executor | None = None,
         overlap_prefill: bool = True,
+        load: BatchLoad | None = None,
     ) -> None:
-        """``compute``: run the target's work (prefill, verification) on that thread (see ``compute.py``).
+        """``executor``: the scheduler that runs the target's forwards (default: right here, one by one).
+
+        ``load``: what the batch costs and yields (``runtime.load``), fed by the scheduler's forwards; the
+        draft-length policy weighs each block against it. Without one, the decoder measures its own.
 
         ``overlap_prefill``: start the drafter before the target's prefill, so a remote drafter prefills on
         its own device meanwhile. Turn it off when both roles share the same CPU cores: two prefills at once
@@ -181,7 +266,8 @@ class SpeculativeDecoder:
         """
         self.target = target
         self.tokenizer = tokenizer
-        self.compute = compute
+        self.load = load or BatchLoad()
+        self.executor: Executor = executor or Inline(on_forward=self.load.on_forward)
         self.overlap_prefill = overlap_prefill
 
     def generate(
@@ -192,34 +278,63 @@ class SpeculativeDecoder:
         drafter: Drafter | None = None,
         draft_length: DraftLengthPolicy | None = None,
         stats: GenerationStats | None = None,
+        cancel: Cancellation | None = None,
+        overlap_prefill: bool | None = None,
     ) -> Iterator[Chunk]:
         """Yield emitted tokens round by round until a stop condition; fills ``stats`` as it goes.
 
-        Without a drafter (or once the drafter fails) every round is a plain target decoding step.
+        The first chunk is the first token, sampled from the target's prefill (no drafting round first).
+        Without a drafter (once it fails, or in rounds where the policy drafts nothing) a round is a plain
+        target decoding step. ``cancel`` abandons the generation from another thread (a client gone);
+        ``overlap_prefill`` overrides the decoder's setting for this generation.
         """
         stats = stats if stats is not None else GenerationStats()
         policy = draft_length or FixedDraftLength(4)
+        cancel = cancel or Cancellation()
+        overlap = self.overlap_prefill if overlap_prefill is None else overlap_prefill
         t_start = time.perf_counter()
-        if self.overlap_prefill:  # a remote drafter prefills on its own device while the target prefills here
+        session = TargetSession(self.target, prompt_ids, params, self.executor, self.load)
+        cancel.on_cancel(session.cancel)
+        if drafter is not None:
+            cancel.on_cancel(drafter.cancel)
+        if overlap:  # a remote drafter prefills on its own device while the target prefills here
             drafter = self._start_drafter(drafter, prompt_ids, params, stats)
         stopper = _Stopper(stop, self.tokenizer)
         try:
             t0 = time.perf_counter()
-            session = run_on(self.compute, TargetSession, self.target, prompt_ids, params)
-            stats.prefill_s = time.perf_counter() - t0
-            if not self.overlap_prefill:
-                drafter = self._start_drafter(drafter, prompt_ids, params, stats)
+            first = session.prefill(emit_first=True)
+            assert first is not None
+            stats.prefill_s = stats.first_token_s = time.perf_counter() - t0
+            stats.target_passes, stats.target_tokens = session.passes, session.tokens_processed
+            chunk = self._emit(stopper, [first], stats, t_start)
+            yield chunk
+            if chunk.finish_reason:
+                return
+            if overlap:
+                drafter = self._feedback(drafter, Verdict(0, first), stats)
+            else:
+                drafter = self._start_drafter(drafter, session.context, params, stats)
+            unsent: list[int] = []  # committed in plain rounds, not yet told to the drafter
             while True:
-                k = min(policy.next_length(), stop.max_new_tokens - stopper.produced - 1) if drafter else 0
+                cancel.check()
+                load = self.load.snapshot()
+                room = stop.max_new_tokens - stopper.produced - 1
+                k = min(policy.next_length(load), room) if drafter else 0
+                if k > 0 and unsent:
+                    drafter = self._drafter_call(drafter, stats, "catching up", lambda d: d.extend(unsent))[1]
+                    unsent = []
                 net_before = stats.network_s
-                block, drafter = self._draft(drafter, max(k, 0), policy.early_stop(), stats)
+                block, drafter = self._draft(drafter, max(k, 0), policy.early_stop(load), stats)
                 t0 = time.perf_counter()
-                verdict, _ = run_on(self.compute, session.verify, block.tokens, block)
+                verdict, _ = session.verify(block.tokens, block)
                 verify_s = time.perf_counter() - t0
                 stats.verify_s += verify_s
                 stats.record_round(len(block.tokens), verdict.num_accepted)
                 stats.target_passes, stats.target_tokens = session.passes, session.tokens_processed
-                drafter = self._feedback(drafter, verdict, stats)
+                if block.tokens:
+                    drafter = self._feedback(drafter, verdict, stats)
+                elif drafter is not None:
+                    unsent.append(verdict.next_token)
                 policy.update(
                     len(block.tokens),
                     verdict.num_accepted,
@@ -229,16 +344,22 @@ class SpeculativeDecoder:
                     block.confidences,
                 )
                 emitted = block.tokens[: verdict.num_accepted] + [verdict.next_token]
-                chunk = stopper.cut(emitted)
-                stats.new_tokens = stopper.produced
-                stats.wall_s = time.perf_counter() - t_start
+                chunk = self._emit(stopper, emitted, stats, t_start)
                 yield chunk
                 if chunk.finish_reason:
                     break
         finally:
             stats.wall_s = time.perf_counter() - t_start
+            session.close()
             if drafter is not None:
                 drafter.close()
+
+    @staticmethod
+    def _emit(stopper: _Stopper, tokens: list[int], stats: GenerationStats, t_start: float) -> Chunk:
+        chunk = stopper.cut(tokens)
+        stats.new_tokens = stopper.produced
+        stats.wall_s = time.perf_counter() - t_start
+        return chunk
 
     @staticmethod
     def _drafter_call(drafter: Drafter | None, stats: GenerationStats, what: str, call):

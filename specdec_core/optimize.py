@@ -133,7 +133,7 @@ def _restore(model: nn.Module) -> None:
 
 def _forward_time(model: nn.Module, block: int) -> float:
     """Best of 2 timed forwards (after a warm-up) over ``block`` new positions after a 64-token context."""
-    from .runner import ModelRunner
+    from .runtime.runner import ModelRunner
 
     runner = ModelRunner(model)  # type: ignore[arg-type]
     seq = runner.new_sequence()

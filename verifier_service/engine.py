@@ -13,11 +13,11 @@ from dataclasses import dataclass, field
 import grpc
 import torch
 
+from specdec import layout
 from specdec.config import VerifierConfig
 from specdec.rpc import DependencyUnavailable, LimitExceeded, SessionNotFound, channel
 from specdec.v1 import specdec_pb2 as pb
 from specdec.v1 import specdec_pb2_grpc as pb_grpc
-from specdec_core.compute import ComputeThread
 from specdec_core.draft_length import DraftLengthPolicy, FixedDraftLength, LengthMemory
 from specdec_core.drafting import DraftBlock
 from specdec_core.engine import GenerationStats, SpeculativeDecoder, StopCriteria, TargetSession
@@ -29,7 +29,10 @@ from specdec_core.models import (
     vocab_fingerprint,
 )
 from specdec_core.optimize import enable_fast_linear
-from specdec_core.runner import ModelRunner
+from specdec_core.runtime.admission import Admission, Cancellation
+from specdec_core.runtime.load import BatchLoad
+from specdec_core.runtime.runner import ModelRunner
+from specdec_core.runtime.scheduler import Scheduler
 from specdec_core.sampling import SamplingParams
 from specdec_core.text import IncrementalText, encode_prompt
 from specdec_core.verification import Verdict
@@ -74,6 +77,11 @@ class _Entry:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
+def _close(entry: _Entry) -> None:
+    if entry.session is not None:
+        entry.session.close()  # frees its KV slot from the next iteration on
+
+
 class SessionStore:
     """Sessions by id, with an idle timeout and caps on their number and total tokens."""
 
@@ -86,7 +94,7 @@ class SessionStore:
         deadline = time.monotonic() - self.config.session_idle_s
         for sid in [s for s, e in self._entries.items() if e.last_used < deadline and not e.lock.locked()]:
             log.info("session %s expired", sid)
-            del self._entries[sid]
+            _close(self._entries.pop(sid))
 
     def add(self, session_id: str, entry: _Entry) -> _Entry:
         if entry.tokens > self.config.max_session_tokens:
@@ -96,7 +104,9 @@ class SessionStore:
             )
         with self._lock:
             self._expire()
-            self._entries.pop(session_id, None)
+            replaced = self._entries.pop(session_id, None)
+            if replaced is not None:
+                _close(replaced)
             if len(self._entries) >= self.config.max_sessions:
                 raise LimitExceeded(f"verifier at its limit of {self.config.max_sessions} sessions")
             total = sum(e.tokens for e in self._entries.values()) + entry.tokens
@@ -116,7 +126,9 @@ class SessionStore:
 
     def remove(self, session_id: str) -> None:
         with self._lock:
-            self._entries.pop(session_id, None)
+            entry = self._entries.pop(session_id, None)
+        if entry is not None:
+            _close(entry)
 
     @contextmanager
     def reserve(self, session_id: str, tokens: int):
@@ -130,21 +142,34 @@ class SessionStore:
 
 
 class VerifierEngine:
-    """Target model + sessions + drafter connections; the servicers call one method each."""
+    """Target model + scheduler + sessions + drafter connections; the servicers call one method each."""
 
     def __init__(self, config: VerifierConfig, model=None, tokenizer=None) -> None:
         self.config = config
-        self.compute = ComputeThread("verifier-compute")  # every forward of this process runs there
-        model, tokenizer = self.compute.call(self._load, model, tokenizer)
+        self.load = BatchLoad()  # what the batch costs and yields, for the draft-length policy
+        # every forward of this process runs on the scheduler's thread, batched across generations
+        self.scheduler = Scheduler(
+            "verifier-compute",
+            max_rows=config.max_batch_rows,
+            max_tokens=config.max_batch_tokens,
+            prefill_chunk=config.prefill_chunk,
+            on_forward=self.load.on_forward,
+        )
+        model, tokenizer = self.scheduler.call(self._load, model, tokenizer)
         self.runner = ModelRunner(model, name=config.model)
         self.tokenizer = tokenizer
         self.fingerprint = vocab_fingerprint(tokenizer)
         self.decoder = SpeculativeDecoder(
-            self.runner, tokenizer, compute=self.compute, overlap_prefill=self.config.overlap_prefill
+            self.runner,
+            tokenizer,
+            executor=self.scheduler,
+            overlap_prefill=config.overlap_prefill != "off",
+            load=self.load,
         )
+        self.admission = Admission(config.max_running, config.max_waiting)
         self.sessions = SessionStore(config)
         self._stubs: dict[str, pb_grpc.DrafterStub] = {}
-        self._paired: set[str] = set()
+        self._paired: dict[str, bool] = {}  # drafter address -> shares this process's compute
         self.length_memory = LengthMemory()  # adaptive sessions start from the last one's measurements
         self._lock = threading.Lock()
         self._next_drafter = 0
@@ -158,10 +183,12 @@ class VerifierEngine:
         return model, tokenizer
 
     def close(self) -> None:
-        self.compute.close()
+        self.scheduler.close()
 
     # -- public generation -------------------------------------------------------------------------
-    def generate(self, args: GenerateArgs) -> Iterator[GenerateEvent]:
+    def generate(self, args: GenerateArgs, cancel: Cancellation | None = None) -> Iterator[GenerateEvent]:
+        """Run one generation (queued first when ``max_running`` are running); ``cancel`` abandons it."""
+        cancel = cancel or Cancellation()
         request_id = args.request_id or uuid.uuid4().hex[:12]
         prompt_ids = self.prompt_ids(args)
         max_new = args.max_new_tokens or self.config.max_new_tokens
@@ -172,6 +199,7 @@ class VerifierEngine:
             eos_token_ids=frozenset() if args.ignore_eos or eos is None else frozenset({eos}),
         )
         k = args.num_draft_tokens or self.config.num_draft_tokens
+        adaptive = args.adaptive or k == 0  # the default: adaptive length
         drafter = None if args.no_draft else self._remote_drafter(args.drafter, request_id)
         memory_key = (
             drafter.addresses[0] if drafter else "",
@@ -180,41 +208,56 @@ class VerifierEngine:
             args.params.top_p,
         )
         policy: DraftLengthPolicy = (
-            self.length_memory.policy(memory_key, k_max=args.num_draft_tokens or 8)
-            if args.adaptive
-            else FixedDraftLength(k)
+            self.length_memory.policy(memory_key, k_max=k or 8) if adaptive else FixedDraftLength(k)
         )
+        overlap = self._overlap_prefill(drafter.addresses[0]) if drafter else False
         stats = GenerationStats()
         text = IncrementalText(self.tokenizer, args.stop_strings)
         log.info(
-            "[%s] generate: prompt %d tokens, max_new %d, k %s, drafter %s",
+            "[%s] generate: prompt %d tokens, max_new %d, k %s, drafter %s%s",
             request_id,
             len(prompt_ids),
             max_new,
-            "adaptive" if args.adaptive else k,
+            f"adaptive<={k or 8}" if adaptive else k,
             drafter.addresses[0] if drafter else "none",
+            f", queued behind {self.admission.waiting}"
+            if self.admission.running >= self.admission.max_running
+            else "",
         )
-        with self.sessions.reserve(f"generate:{request_id}", len(prompt_ids) + max_new + 16):
-            first = True
-            for chunk in self.decoder.generate(prompt_ids, args.params, stop, drafter, policy, stats):
-                done = chunk.finish_reason is not None
-                yield GenerateEvent(
-                    chunk.token_ids,
-                    text.add(chunk.token_ids, final=done),
-                    chunk.finish_reason,
-                    stats if done else None,
-                    prompt_ids if first else [],
+        try:
+            with (
+                self.admission.slot(cancel),
+                self.sessions.reserve(f"generate:{request_id}", len(prompt_ids) + max_new + 16),
+            ):
+                first = True
+                chunks = self.decoder.generate(
+                    prompt_ids, args.params, stop, drafter, policy, stats, cancel, overlap_prefill=overlap
                 )
-                first = False
+                for chunk in chunks:
+                    done = chunk.finish_reason is not None
+                    yield GenerateEvent(
+                        chunk.token_ids,
+                        text.add(chunk.token_ids, final=done),
+                        chunk.finish_reason,
+                        stats if done else None,
+                        prompt_ids if first else [],
+                    )
+                    first = False
+        finally:
+            if drafter is not None:
+                drafter.close()  # idempotent: the decoder closed it unless the generation never started
         if drafter is not None:
             self.length_memory.remember(memory_key, policy)
         log.info(
-            "[%s] done: %d tokens, %d rounds, drafted %d, accepted %d, %.2f tok/s",
+            "[%s] done: %d tokens, %d rounds (%d without drafting), drafted %d, accepted %d, first token "
+            "%.2fs, %.2f tok/s",
             request_id,
             stats.new_tokens,
             stats.rounds,
+            stats.plain_rounds,
             stats.drafted,
             stats.accepted,
+            stats.first_token_s,
             stats.tokens_per_s,
         )
 
@@ -261,7 +304,8 @@ class VerifierEngine:
             return self._stubs[address]
 
     def _check_pair(self, address: str) -> None:
-        """Refuse a drafter whose tokenizer differs from ours (checked once per address)."""
+        """Refuse a drafter whose tokenizer differs from ours (checked once per address); note whether it
+        shares this process's compute (same host, device type and CPU cores)."""
         if address in self._paired:
             return
         stub = self._stub(address)
@@ -275,7 +319,19 @@ class VerifierEngine:
                 )
         except grpc.RpcError as exc:
             raise DependencyUnavailable(f"drafter {address} unreachable: {exc.code()}") from exc
-        self._paired.add(address)
+        shared = layout.shares_compute(
+            (layout.host_id(), str(self.runner.device), layout.cpus()), (info.host_id, info.device, info.cpus)
+        )
+        log.info("drafter %s paired (%s)", address, "shares this host's compute" if shared else "own compute")
+        self._paired[address] = shared
+
+    def _overlap_prefill(self, address: str) -> bool:
+        """Start the drafter's prefill with the target's unless it would take the target's cores."""
+        if self.config.overlap_prefill in ("on", "true", "1", "yes"):
+            return True
+        if self.config.overlap_prefill in ("off", "false", "0", "no"):
+            return False
+        return not self._paired.get(address, False)
 
     # -- session-based verification -------------------------------------------------------------------
     def verify(
@@ -294,7 +350,8 @@ class VerifierEngine:
                 raise ValueError("a reset needs the full token history")
             entry = self.sessions.add(session_id, _Entry(session=None, tokens=len(tokens)))
             with entry.lock:
-                entry.session = self.compute.call(TargetSession, self.runner, tokens, params)
+                # the history is fed with the first verified block, in one forward
+                entry.session = TargetSession(self.runner, tokens, params, self.scheduler, self.load)
         else:
             entry = self.sessions.get(session_id)
         with entry.lock:
@@ -306,7 +363,7 @@ class VerifierEngine:
                 raise LimitExceeded(
                     f"session {session_id} reached max_session_tokens {self.config.max_session_tokens}"
                 )
-            verdict, logprobs = self.compute.call(session.verify, block.tokens, block, want_logprobs)
+            verdict, logprobs = session.verify(block.tokens, block, want_logprobs)
             entry.tokens = len(session.context)
             entry.last_used = time.monotonic()
             return verdict, logprobs, len(session.context)

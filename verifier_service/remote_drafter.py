@@ -42,6 +42,8 @@ class RemoteDrafter(Drafter):
         self.context: list[int] = []
         self.params = SamplingParams()
         self._verdict: tuple[int, int] | None = None
+        self._committed: list[int] = []  # committed without drafting since the last step
+        self._cancelled = False
         self._last: list[int] = []
         self._outbox: queue.Queue | None = None
         self._replies: Any = None
@@ -54,6 +56,8 @@ class RemoteDrafter(Drafter):
 
     def propose(self, k: int, stop: EarlyStop | None = None) -> DraftBlock:
         for _attempt in range(len(self.addresses) + 1):
+            if self._cancelled:
+                raise DrafterUnavailable("generation cancelled")
             try:
                 return self._round_trip(k, stop)
             except (grpc.RpcError, DrafterUnavailable) as exc:
@@ -68,6 +72,16 @@ class RemoteDrafter(Drafter):
         self.context.extend(self._last[:num_accepted])
         self.context.append(next_token)
         self._last = []
+
+    def extend(self, tokens: list[int]) -> None:
+        self.context.extend(tokens)
+        self._committed.extend(tokens)  # sent with the next step (a restart sends the whole context)
+
+    def cancel(self) -> None:
+        self._cancelled = True
+        call = self._call
+        if call is not None:
+            call.cancel()
 
     def close(self) -> None:
         if self._outbox is not None:
@@ -85,13 +99,14 @@ class RemoteDrafter(Drafter):
         if self._verdict is not None:
             step.has_verdict = True
             step.num_accepted, step.next_token = self._verdict
+        step.committed.extend(self._committed)
         if self._outbox is None or self._replies is None:
             raise DrafterUnavailable("no drafter stream")
         self._outbox.put(pb.DraftRequest(step=step))
         reply = next(self._replies, None)
         if reply is None:
             raise DrafterUnavailable("drafter closed the stream")
-        self._verdict = None
+        self._verdict, self._committed = None, []
         block = convert.block_from_pb(reply)
         if not 1 <= len(block.tokens) <= k:
             raise DrafterUnavailable(f"drafter returned {len(block.tokens)} tokens, asked for up to {k}")
@@ -100,7 +115,7 @@ class RemoteDrafter(Drafter):
 
     def _connect(self, address: str) -> None:
         self.close()
-        self._verdict = None  # a (re)start sends the whole committed context instead
+        self._verdict, self._committed = None, []  # a (re)start sends the whole committed context instead
         outbox: queue.Queue = queue.Queue()
         start = pb.DraftStart(
             request_id=self.request_id,

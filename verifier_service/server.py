@@ -9,6 +9,7 @@ from specdec.config import VerifierConfig
 from specdec.rpc import make_server, map_errors, run_service
 from specdec.v1 import specdec_pb2 as pb
 from specdec.v1 import specdec_pb2_grpc as pb_grpc
+from specdec_core.runtime.admission import Cancellation
 
 from .engine import GenerateArgs, VerifierEngine
 
@@ -38,7 +39,9 @@ class GenerationServicer(pb_grpc.GenerationServicer):
 
     @map_errors
     def Generate(self, request, context):
-        for event in self.engine.generate(generate_args_from_pb(request)):
+        cancel = Cancellation()
+        context.add_callback(cancel.cancel)  # the client went away: free its rows at the next iteration
+        for event in self.engine.generate(generate_args_from_pb(request), cancel):
             if not context.is_active():
                 return  # the client went away: stop generating
             yield pb.GenerateResponse(
@@ -92,7 +95,8 @@ def start(config: VerifierConfig, engine: VerifierEngine | None = None):
             lambda s: pb_grpc.add_VerifierServicer_to_server(VerifierServicer(engine), s),
         ],
         ["specdec.v1.Generation", "specdec.v1.Verifier"],
-        max_workers=config.max_sessions + 4,
+        # a handler thread per running, queued or session-based call, and a few for health and Info
+        max_workers=config.max_running + config.max_waiting + config.max_sessions + 8,
         host=config.host,
     )
 

@@ -81,7 +81,7 @@ class GenerateResponse(_message.Message):
     def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., text: _Optional[str] = ..., finish_reason: _Optional[str] = ..., stats: _Optional[_Union[GenerationStats, _Mapping]] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class GenerationStats(_message.Message):
-    __slots__ = ("rounds", "drafted", "accepted", "acceptance_rate", "accepted_per_position", "target_passes", "draft_s", "verify_s", "network_s", "tokens_per_s", "new_tokens", "wall_s", "mean_draft_length", "drafter_failures", "target_tokens", "prefill_s")
+    __slots__ = ("rounds", "drafted", "accepted", "acceptance_rate", "accepted_per_position", "target_passes", "draft_s", "verify_s", "network_s", "tokens_per_s", "new_tokens", "wall_s", "mean_draft_length", "drafter_failures", "target_tokens", "prefill_s", "first_token_s", "plain_rounds")
     ROUNDS_FIELD_NUMBER: _ClassVar[int]
     DRAFTED_FIELD_NUMBER: _ClassVar[int]
     ACCEPTED_FIELD_NUMBER: _ClassVar[int]
@@ -98,6 +98,8 @@ class GenerationStats(_message.Message):
     DRAFTER_FAILURES_FIELD_NUMBER: _ClassVar[int]
     TARGET_TOKENS_FIELD_NUMBER: _ClassVar[int]
     PREFILL_S_FIELD_NUMBER: _ClassVar[int]
+    FIRST_TOKEN_S_FIELD_NUMBER: _ClassVar[int]
+    PLAIN_ROUNDS_FIELD_NUMBER: _ClassVar[int]
     rounds: int
     drafted: int
     accepted: int
@@ -114,7 +116,9 @@ class GenerationStats(_message.Message):
     drafter_failures: int
     target_tokens: int
     prefill_s: float
-    def __init__(self, rounds: _Optional[int] = ..., drafted: _Optional[int] = ..., accepted: _Optional[int] = ..., acceptance_rate: _Optional[float] = ..., accepted_per_position: _Optional[_Iterable[float]] = ..., target_passes: _Optional[int] = ..., draft_s: _Optional[float] = ..., verify_s: _Optional[float] = ..., network_s: _Optional[float] = ..., tokens_per_s: _Optional[float] = ..., new_tokens: _Optional[int] = ..., wall_s: _Optional[float] = ..., mean_draft_length: _Optional[float] = ..., drafter_failures: _Optional[int] = ..., target_tokens: _Optional[int] = ..., prefill_s: _Optional[float] = ...) -> None: ...
+    first_token_s: float
+    plain_rounds: int
+    def __init__(self, rounds: _Optional[int] = ..., drafted: _Optional[int] = ..., accepted: _Optional[int] = ..., acceptance_rate: _Optional[float] = ..., accepted_per_position: _Optional[_Iterable[float]] = ..., target_passes: _Optional[int] = ..., draft_s: _Optional[float] = ..., verify_s: _Optional[float] = ..., network_s: _Optional[float] = ..., tokens_per_s: _Optional[float] = ..., new_tokens: _Optional[int] = ..., wall_s: _Optional[float] = ..., mean_draft_length: _Optional[float] = ..., drafter_failures: _Optional[int] = ..., target_tokens: _Optional[int] = ..., prefill_s: _Optional[float] = ..., first_token_s: _Optional[float] = ..., plain_rounds: _Optional[int] = ...) -> None: ...
 
 class VerifyRequest(_message.Message):
     __slots__ = ("session_id", "tokens", "reset", "sampling", "draft_tokens", "draft_dists", "return_logprobs")
@@ -177,20 +181,22 @@ class DraftStart(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., context: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., max_support: _Optional[int] = ...) -> None: ...
 
 class DraftStep(_message.Message):
-    __slots__ = ("has_verdict", "num_accepted", "next_token", "num_draft_tokens", "stop_below", "acceptance_by_confidence")
+    __slots__ = ("has_verdict", "num_accepted", "next_token", "num_draft_tokens", "stop_below", "acceptance_by_confidence", "committed")
     HAS_VERDICT_FIELD_NUMBER: _ClassVar[int]
     NUM_ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     NEXT_TOKEN_FIELD_NUMBER: _ClassVar[int]
     NUM_DRAFT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     STOP_BELOW_FIELD_NUMBER: _ClassVar[int]
     ACCEPTANCE_BY_CONFIDENCE_FIELD_NUMBER: _ClassVar[int]
+    COMMITTED_FIELD_NUMBER: _ClassVar[int]
     has_verdict: bool
     num_accepted: int
     next_token: int
     num_draft_tokens: int
     stop_below: float
     acceptance_by_confidence: _containers.RepeatedScalarFieldContainer[float]
-    def __init__(self, has_verdict: _Optional[bool] = ..., num_accepted: _Optional[int] = ..., next_token: _Optional[int] = ..., num_draft_tokens: _Optional[int] = ..., stop_below: _Optional[float] = ..., acceptance_by_confidence: _Optional[_Iterable[float]] = ...) -> None: ...
+    committed: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, has_verdict: _Optional[bool] = ..., num_accepted: _Optional[int] = ..., next_token: _Optional[int] = ..., num_draft_tokens: _Optional[int] = ..., stop_below: _Optional[float] = ..., acceptance_by_confidence: _Optional[_Iterable[float]] = ..., committed: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class DraftResponse(_message.Message):
     __slots__ = ("tokens", "dists", "draft_s", "confidences")
@@ -211,7 +217,7 @@ class InfoRequest(_message.Message):
     def __init__(self, include_vocab: _Optional[bool] = ...) -> None: ...
 
 class InfoResponse(_message.Message):
-    __slots__ = ("model", "vocab_fingerprint", "vocab_size", "device", "dtype", "vocab", "eos_token_id")
+    __slots__ = ("model", "vocab_fingerprint", "vocab_size", "device", "dtype", "vocab", "eos_token_id", "host_id", "cpus")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     VOCAB_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -219,6 +225,8 @@ class InfoResponse(_message.Message):
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     VOCAB_FIELD_NUMBER: _ClassVar[int]
     EOS_TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
+    HOST_ID_FIELD_NUMBER: _ClassVar[int]
+    CPUS_FIELD_NUMBER: _ClassVar[int]
     model: str
     vocab_fingerprint: str
     vocab_size: int
@@ -226,4 +234,6 @@ class InfoResponse(_message.Message):
     dtype: str
     vocab: _containers.RepeatedScalarFieldContainer[str]
     eos_token_id: int
-    def __init__(self, model: _Optional[str] = ..., vocab_fingerprint: _Optional[str] = ..., vocab_size: _Optional[int] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., vocab: _Optional[_Iterable[str]] = ..., eos_token_id: _Optional[int] = ...) -> None: ...
+    host_id: str
+    cpus: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, model: _Optional[str] = ..., vocab_fingerprint: _Optional[str] = ..., vocab_size: _Optional[int] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., vocab: _Optional[_Iterable[str]] = ..., eos_token_id: _Optional[int] = ..., host_id: _Optional[str] = ..., cpus: _Optional[_Iterable[int]] = ...) -> None: ...

@@ -1,0 +1,82 @@
+"""Where a service runs, and the start-up choices that depend on it. Imports neither torch nor grpc.
+
+* **OpenMP wait policy.** torch's CPU build uses GNU OpenMP, whose idle workers spin. When the drafter
+  and the verifier share a host's cores (docker-compose, ``specdec demo``), one process's spinning
+  threads take the cores the other one computes on: the same single Qwen stream ran at 3.06 tok/s after
+  one start of the services and 7.41 after another, and concurrent clients collapsed throughput (issue
+  #9's measurements). ``passive`` workers sleep instead. The policy must be in the environment before the
+  OpenMP runtime starts (before torch is imported), so the CLI applies it first thing. ``auto`` picks
+  ``passive`` unless the process is pinned to a strict subset of the machine's cores (cores it was given
+  for itself, where spinning costs nobody else); an ``OMP_WAIT_POLICY`` already in the environment wins.
+* **Shared compute.** The verifier compares the drafter's ``Info`` (kernel boot id, device type, CPU
+  affinity) with its own: a drafter on the same host's CPU cores competes with the target for them, so
+  the verifier does not overlap the two prefills (``--overlap-prefill auto``).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Iterable
+
+WAIT_POLICIES = ("auto", "passive", "active")
+
+
+def host_id() -> str:
+    """The kernel's boot id (shared by containers on one host), else the host name."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip()
+    except OSError:
+        return socket.gethostname()
+
+
+def cpus() -> list[int]:
+    """The CPU cores this process may run on."""
+    try:
+        return sorted(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return list(range(os.cpu_count() or 1))
+
+
+def pinned() -> bool:
+    """Whether this process was given a strict subset of the machine's cores."""
+    return len(cpus()) < (os.cpu_count() or 1)
+
+
+def choose_wait_policy(requested: str) -> str:
+    """``passive`` or ``active`` for ``requested`` (auto | passive | active); see the module docstring."""
+    requested = requested.lower() or "auto"
+    if requested not in WAIT_POLICIES:
+        raise ValueError(f"OpenMP wait policy must be one of {', '.join(WAIT_POLICIES)}, got {requested!r}")
+    if requested != "auto":
+        return requested
+    return "active" if pinned() else "passive"
+
+
+def apply_wait_policy(argv: list[str], role: str) -> str:
+    """Set ``OMP_WAIT_POLICY`` for a service from its flags / environment, before torch is imported.
+
+    Returns the policy in effect (the environment's own when it already has one).
+    """
+    if os.environ.get("OMP_WAIT_POLICY"):
+        return os.environ["OMP_WAIT_POLICY"].lower()
+    requested = os.environ.get(f"SPECDEC_{role.upper()}_OMP_WAIT_POLICY", "auto")
+    for i, arg in enumerate(argv):
+        if arg == "--omp-wait-policy" and i + 1 < len(argv):
+            requested = argv[i + 1]
+        elif arg.startswith("--omp-wait-policy="):
+            requested = arg.split("=", 1)[1]
+    policy = choose_wait_policy(requested)
+    os.environ["OMP_WAIT_POLICY"] = policy.upper()
+    return policy
+
+
+def shares_compute(mine: tuple[str, str, Iterable[int]], theirs: tuple[str, str, Iterable[int]]) -> bool:
+    """Whether two services (host id, device, cpus) compete for the same compute."""
+    (host_a, device_a, cpus_a), (host_b, device_b, cpus_b) = mine, theirs
+    if not host_a or host_a != host_b:
+        return False
+    if device_a.startswith("cuda") or device_b.startswith("cuda"):
+        return device_a == device_b  # the same GPU (a CPU and a GPU role do not compete much)
+    return bool(set(cpus_a) & set(cpus_b))

@@ -1,0 +1,198 @@
+"""What one forward does: many sequences' new positions in one pass of the model, ragged per row.
+
+A row may prefill a prompt chunk, verify a drafted block (k + 1 positions) or decode one token, each at
+its own position. Rows are padded to the longest row of the forward (padding writes past its row's new
+length and is never read, see ``kv.py``); logits are computed only for the positions each row asks for
+(the LM head runs on those hidden states alone). Rolling a sequence back moves its length: the other
+rows' caches are untouched and nothing is copied.
+
+Works with transformers causal LMs whose attention layers go through ``cache.update`` and take a 4-D
+mask as given (Llama, Qwen2, GPT-2 families on transformers 5.x).
+"""
+
+from __future__ import annotations
+
+import heapq
+import inspect
+import threading
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from transformers import PreTrainedModel
+
+from .kv import BatchCache, SlotKV
+
+
+@dataclass(eq=False)
+class Sequence:
+    """One sequence's slot in the runner's KV buffers and the token ids it caches (``len(tokens)``)."""
+
+    slot: int
+    tokens: list[int] = field(default_factory=list)
+    release: Callable[[], object] | None = field(default=None, repr=False)  # gives the slot back once
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+
+@dataclass
+class Row:
+    """One row of a forward: feed ``tokens`` to ``seq``; return logits of the last ``keep`` of them."""
+
+    seq: Sequence
+    tokens: list[int]
+    keep: int = 1
+
+
+class ModelRunner:
+    """Runs one model over many sequences' KV caches; counts the work done (tokens and forward passes).
+
+    Not thread-safe for forwards: a service runs every forward on its one compute thread. ``release`` may
+    be called from any thread (the slot is reclaimed at the next forward).
+    """
+
+    def __init__(
+        self, model: PreTrainedModel, name: str = "model", slots: int = 4, capacity: int = 256
+    ) -> None:
+        self.model = model.eval()
+        self.name = name
+        self.device = next(model.parameters()).device
+        self.base = model.base_model
+        self.head = model.get_output_embeddings()
+        params = inspect.signature(self.base.forward).parameters
+        # transformers 5.x renames past_key_values -> cache; accept both.
+        self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
+        self._softcap = getattr(model.config, "final_logit_softcapping", None)
+        self.max_positions = int(
+            getattr(model.config, "max_position_embeddings", 0)
+            or getattr(model.config, "n_positions", 0)
+            or 0
+        )
+        self.kv = SlotKV(self.device, slots, capacity)
+        self._free = list(range(slots))  # a min-heap: low slots first, so busy rows stay contiguous
+        self._released: list[int] = []
+        self._lock = threading.Lock()
+        self.tokens_processed = 0
+        self.forward_passes = 0
+        self.rows_processed = 0
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.model.config.vocab_size)
+
+    # -- sequences -------------------------------------------------------------------------------------
+    def new_sequence(self) -> Sequence:
+        """A fresh sequence with its own slot (freed when the sequence is garbage collected or released)."""
+        with self._lock:
+            self._reclaim()
+            if not self._free:
+                grown = self.kv.slots * 2
+                self._free = list(range(self.kv.slots, grown))
+                self.kv.reserve(grown, self.kv.capacity)
+            seq = Sequence(slot=heapq.heappop(self._free))
+        seq.release = weakref.finalize(seq, self._release_slot, seq.slot)
+        return seq
+
+    def release(self, seq: Sequence) -> None:
+        """Give ``seq``'s slot back (idempotent); ``seq`` must not be used afterwards."""
+        if seq.release is not None:
+            seq.release()  # a finalizer runs once: garbage collection will not free the slot again
+        seq.slot, seq.tokens = -1, []
+
+    def _release_slot(self, slot: int) -> None:
+        with self._lock:
+            if slot not in self._released and slot not in self._free:
+                self._released.append(slot)
+
+    def _reclaim(self) -> None:
+        for slot in self._released:
+            heapq.heappush(self._free, slot)
+        self._released.clear()
+
+    @property
+    def active_sequences(self) -> int:
+        with self._lock:
+            return self.kv.slots - len(self._free) - len(self._released)
+
+    def kv_tokens(self, sequences) -> int:
+        return sum(len(s) for s in sequences)
+
+    # -- the forward -----------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def forward(self, rows: list[Row]) -> list[torch.Tensor]:
+        """One forward over ``rows`` (distinct sequences); returns float32 logits [keep, vocab] per row."""
+        if not rows:
+            return []
+        if any(not r.tokens for r in rows):
+            raise ValueError("every row of a forward feeds at least one token")
+        if len({id(r.seq) for r in rows}) != len(rows):
+            raise ValueError("a sequence appears twice in one forward")
+        batch, width = len(rows), max(len(r.tokens) for r in rows)
+        lengths = torch.tensor([len(r.seq) for r in rows])  # [B]
+        counts = torch.tensor([len(r.tokens) for r in rows])  # [B]
+        kv_len = int((lengths + width).max())
+        self.kv.reserve(self.kv.slots, kv_len)
+        offsets = torch.arange(width)  # [T]
+        write_pos = lengths[:, None] + offsets[None, :]  # [B, T]
+        real = offsets[None, :] < counts[:, None]  # [B, T]
+        # padding tokens repeat their row's last position for the embeddings (within the model's range)
+        position_ids = torch.where(real, write_pos, (lengths + counts - 1)[:, None])  # [B, T]
+        input_ids = torch.zeros(batch, width, dtype=torch.long)  # [B, T]
+        for b, r in enumerate(rows):
+            input_ids[b, : len(r.tokens)] = torch.tensor(r.tokens)
+        # row b's token t attends to every cached position up to its own: j <= length_b + t
+        mask = torch.arange(kv_len)[None, None, :] <= write_pos[:, :, None]  # [B, T, L]
+        slots = torch.tensor([r.seq.slot for r in rows])  # [B]
+        dev = self.device
+        cache = BatchCache(self.kv, slots.to(dev), write_pos.to(dev), kv_len)
+        out = self.base(
+            input_ids=input_ids.to(dev),
+            attention_mask=mask[:, None].to(dev),  # [B, 1, T, L]
+            position_ids=position_ids.to(dev),
+            use_cache=True,
+            **{self._cache_kwarg: cache},
+        )
+        hidden = out.last_hidden_state  # [B, T, hidden]
+        picks = [
+            b * width + t for b, r in enumerate(rows) for t in range(len(r.tokens) - r.keep, len(r.tokens))
+        ]
+        logits = self._logits(
+            hidden.reshape(batch * width, -1)[torch.tensor(picks, dtype=torch.long, device=dev)]
+        )  # [N, V]
+        for r in rows:
+            r.seq.tokens.extend(r.tokens)
+        self.tokens_processed += int(counts.sum())
+        self.forward_passes += 1
+        self.rows_processed += batch
+        return list(logits.split([r.keep for r in rows]))
+
+    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden: [N, hidden] -> float32 logits [N, vocab] (empty N skips the head)."""
+        if hidden.shape[0] == 0:
+            return torch.zeros(0, self.vocab_size, device=hidden.device)
+        logits = self.head(hidden).float()
+        if self._softcap:
+            logits = torch.tanh(logits / self._softcap) * self._softcap
+        return logits
+
+    # -- single-sequence helpers ---------------------------------------------------------------------
+    def extend(self, seq: Sequence, token_ids: list[int], keep: int | None = None) -> torch.Tensor:
+        """Append ``token_ids`` to ``seq`` in one forward; float32 logits of the last ``keep`` positions.
+
+        ``keep`` defaults to all new positions; 0 returns an empty tensor and skips the LM head.
+        """
+        if not token_ids:
+            raise ValueError("extend needs at least one token")
+        return self.forward([Row(seq, list(token_ids), len(token_ids) if keep is None else keep)])[0]
+
+    def rollback(self, seq: Sequence, length: int) -> None:
+        """Drop cached positions past ``length`` (a no-op when the sequence is not longer)."""
+        if len(seq.tokens) > length:
+            del seq.tokens[length:]
+
+    def prefill(self, seq: Sequence, token_ids: list[int]) -> None:
+        """Cache ``token_ids`` without computing logits (the context before the pending token)."""
+        if token_ids:
+            self.extend(seq, token_ids, keep=0)
