@@ -266,7 +266,26 @@ def parse_args(argv):
     )
     p.add_argument("--out", default=str(ROOT / "bench-results"))
     p.add_argument("--docs", action="store_true", help="also write docs/benchmarks.md and the plot")
+    load = p.add_argument_group("load mode (--concurrency): many concurrent clients over gRPC, see load.py")
+    load.add_argument("--concurrency", default="", help="e.g. 1,2,4,8,16: run the concurrency benchmark")
+    load.add_argument("--layouts", default="shared", help="shared (both roles on all cores) and/or pinned")
+    load.add_argument(
+        "--ttft-probe",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="short prompt while 8 decode",
+    )
+    load.add_argument(
+        "--solo-reference",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="generate each prompt alone (no-draft) and compare every request's greedy ids with it",
+    )
     a = p.parse_args(argv)
+    a.concurrency = [int(n) for n in a.concurrency.split(",") if n]
+    a.layouts = a.layouts.split(",")
+    if a.concurrency and a.systems == p.get_default("systems"):
+        a.systems = "specdec,no-draft,hf-batch"
     if a.quick:
         a.prompts, a.ks, a.temperatures, a.max_new_tokens = (
             min(a.prompts, 2),
@@ -284,6 +303,10 @@ def main(argv: list[str] | None = None) -> int:
     from .report import write_reports
 
     a = parse_args(argv)
+    if a.concurrency:
+        from .load import main as load_main
+
+        return load_main(a)
     bench = Bench(a)
     hardware = describe_hardware()
     bandwidth = measure_bandwidth(a.device)

@@ -6,6 +6,13 @@ with SpecDecClient("localhost:50051", drafter="localhost:50052") as c:
         print(piece.text, end="", flush=True)
 """
 
-from .client import GenerationResult, SpecDecClient, StreamPiece
-
 __all__ = ["GenerationResult", "SpecDecClient", "StreamPiece"]
+
+
+def __getattr__(name: str):
+    # imported on first use: `specdec serve-*` must set the OpenMP environment before torch loads
+    if name in __all__:
+        from . import client
+
+        return getattr(client, name)
+    raise AttributeError(f"module 'client' has no attribute {name!r}")

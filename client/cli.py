@@ -122,6 +122,10 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
     command, rest = argv[0], argv[1:]
+    if command in ("serve-verifier", "serve-drafter"):
+        from specdec.layout import apply_wait_policy
+
+        apply_wait_policy(rest, command.removeprefix("serve-"))  # before torch (and its OpenMP) loads
     if command == "serve-verifier":
         from verifier_service.server import main as serve
 

@@ -7,6 +7,7 @@ import threading
 
 import torch
 
+from specdec import layout
 from specdec.config import DrafterConfig
 from specdec.rpc import LimitExceeded
 from specdec_core.drafting import ModelDrafter
@@ -32,6 +33,7 @@ class DrafterEngine:
             max_rows=config.max_batch_rows,
             max_tokens=config.max_batch_tokens,
             prefill_chunk=config.prefill_chunk,
+            lease=layout.compute_lease(config),
         )
         model, tokenizer = self.scheduler.call(self._load, model, tokenizer)
         self.runner = ModelRunner(model, name=config.model)

@@ -38,6 +38,8 @@ class CommonConfig:
     max_batch_rows: int = 32  # rows (sequences) per forward
     max_batch_tokens: int = 512  # tokens per forward (prompt chunks fill what decoding rows leave)
     prefill_chunk: int = 128  # while other sequences are active, feed prompts this many tokens at a time
+    # on CPU, forwards take turns with the other specdec processes on the same cores (runtime/lease.py)
+    compute_lease: bool = True
     grace_s: float = 5.0
     log_level: str = "INFO"
 

@@ -72,6 +72,16 @@ def apply_wait_policy(argv: list[str], role: str) -> str:
     return policy
 
 
+def compute_lease(config):
+    """The lease a CPU service's forwards take (None on GPUs or when turned off)."""
+    if not config.compute_lease or not str(config.device).startswith("cpu"):
+        return None
+    from specdec_core.models import cache_root
+    from specdec_core.runtime.lease import cpu_lease
+
+    return cpu_lease(cache_root(), host_id(), cpus())
+
+
 def shares_compute(mine: tuple[str, str, Iterable[int]], theirs: tuple[str, str, Iterable[int]]) -> bool:
     """Whether two services (host id, device, cpus) compete for the same compute."""
     (host_a, device_a, cpus_a), (host_b, device_b, cpus_b) = mine, theirs

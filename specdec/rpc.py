@@ -146,5 +146,18 @@ def run_service(
     extra = (
         f", drafters {', '.join(config.drafters) or 'none configured'}" if hasattr(config, "drafters") else ""
     )
-    log.info("%s %s serving on port %d (%s)%s", role, config.model, port, config.device, extra)
+    import os
+
+    import torch
+
+    log.info(
+        "%s %s serving on port %d (%s, %d threads, OpenMP wait policy %s)%s",
+        role,
+        config.model,
+        port,
+        config.device,
+        torch.get_num_threads(),
+        os.environ.get("OMP_WAIT_POLICY", "default"),
+        extra,
+    )
     serve_until_signal(server, health_servicer, config.grace_s)

@@ -1,37 +1,44 @@
 """How many tokens to draft next round: a fixed k, or a length chosen from a measured cost model.
 
-A round that drafts k tokens costs ``T(k) = k * t_draft + t_verify(k + 1) + t_network``, with ``t_draft``
-the mean drafting cost per token, ``t_verify(m)`` a least-squares line through the measured verify times
-by block size and ``t_network`` the mean round overhead outside both models.
+A round that drafts k tokens costs ``T(k) = k * t_draft + F(k + 1) + t_network``, with ``t_draft`` the
+mean drafting cost per token, ``F(m)`` the cost of a forward of m positions and ``t_network`` the mean
+round overhead outside both models. ``F`` comes from the verifier's forwards (``Load.forward_s``: all
+sessions' forwards, by total tokens), or, for a session on its own, from a least-squares line through
+its measured verify times by block size.
 
 The adaptive policy works in one of two ways:
 
 * **Confidence stop** (drafters that report their probability of each drafted token, as specdec's do):
-  draft up to ``k_max`` tokens but stop after the token at which ``P``, the estimated chance that the
+  draft up to ``k_max`` tokens (in a batch: the planned length, below) but stop after the token at which
+  ``P``, the estimated chance that the
   whole block is accepted, falls below ``theta``. ``P`` is the product over the block of the measured
   acceptance of each token's confidence bin (``EarlyStop``), so it stays calibrated whatever the
   temperature or the drafter. Drafting one more token gains about ``P * a`` expected tokens (``a``: the
   measured acceptance of a position whose predecessors were accepted) and costs
-  ``t_draft + t_verify'`` seconds; it pays while that gain per second beats the rate the generation
-  already achieves, ``R`` (emitted tokens per second of rounds). Hence
-  ``theta = R * (t_draft + t_verify') / a``, re-estimated every round. Blocks follow the text: long
-  where the drafter is sure, short where it is not. (Replayed offline on the Qwen pair's greedy traces of
-  the 8 benchmark prompts with measured CPU costs: 4.63-4.71 tok/s against 4.49 for the best fixed k.)
+  ``t_draft + F'`` seconds; it pays while that gain per second beats the rate already achieved, ``R``.
+  Hence ``theta = R * (t_draft + F') / a``, re-estimated every round. Blocks follow the text: long where
+  the drafter is sure, short where it is not. (Replayed offline on the Qwen pair's greedy traces of the 8
+  benchmark prompts with measured CPU costs: 4.63-4.71 tok/s against 4.49 for the best fixed k.)
 * **Expected-rate length** (drafters without confidences): k maximises
   ``E[tokens | k] / T(k)`` with ``E[tokens | k] = 1 + sum_{j=1..k} prod_{i<=j} a_i`` and ``a_i`` counted
   per position (falling back to the pooled rate while a position has few samples).
 
-**Under load** (a batched verifier), a drafted token is one more token in a forward that every session in
-the batch waits for. The policy then takes a ``Load``: the forward cost curve ``F(N)`` learned from all
-forwards by the total tokens ``N`` they feed, the tokens ``N0`` the other rows feed and ``G0`` they emit
-per forward. A round of k costs ``k * t_draft + F(N0 + k + 1) + t_network`` and yields ``E[tokens | k] +
-G0`` tokens to the whole batch; k = 0 (a plain decoding round, no drafter call) costs ``F(N0 + 1)`` and
-yields ``1 + G0``. The length (or, with confidences, the stop threshold, whose rate ``R`` becomes the
-batch's rate and whose ``t_verify'`` the slope of ``F`` at ``N0``) maximises the batch's tokens per second:
-blocks shorten as the batch grows and drafting stops (k = 0) where it no longer pays, as it does for a
-drafter nearly as costly as its target or for text the drafter does not predict. A session that stopped
-drafting probes with one drafted round after ``PROBE_START`` plain rounds, then after twice as many each
-time drafting still loses, so it notices when the text turns predictable again.
+**Under load** (a batched verifier), the sessions of a batch share every forward and, with the drafter
+batching their drafts, every drafting phase: a round of the batch costs ``F(sum_s (k_s + 1)) + K *
+t_draft + t_network`` for the longest block ``K``, and yields ``sum_s E_s[tokens | k_s]``. A session's
+choice cannot be made alone: one session drafting while the others decode makes them all wait for its
+drafts for a token or two of its own (it loses), while all of them drafting share one drafting phase (it
+can win by 1.5x on this CPU at 4 sessions). So each session plans the whole batch (``plan``), from its
+own measurements and its peers' (``Load.peers``: their acceptance, drafting cost, and fixed lengths): for
+each drafting depth K it gives every adaptive session the length ``k_s <= K`` whose marginal token gains
+more than it costs at the batch's rate (``E_s(k) - R * F' * k`` at its best), and keeps the K of the
+highest batch rate; its own ``k_s`` is what it drafts. Blocks shorten as the batch grows compute bound,
+sessions whose text the drafter does not predict stop drafting first, and drafting stops altogether
+(K = 0, plain batched decoding) where it no longer pays, as for a drafter nearly as costly as its target.
+A session that stopped drafting probes with one short drafted round after ``PROBE_START`` plain rounds,
+then after twice as many each time drafting still loses (the interval scales with the batch, whose round
+the probe delays), so it notices when the text turns predictable again. Resuming needs the plan to win
+by ``RESUME_MARGIN``, so noise does not flip a session between the two.
 
 A new session need not start blind: ``LengthMemory`` keeps, per drafter and sampling setting, what the
 last finished session measured, and a new policy starts from it scaled down to ``PRIOR_POSITIONS`` judged
@@ -50,16 +57,46 @@ from .drafting import CONFIDENCE_BINS, EarlyStop, confidence_bin
 
 
 @dataclass(frozen=True)
-class Load:
-    """The batch a session's rounds share (see the module docstring); the zero load is a lone session."""
+class Peer:
+    """Another session of the batch, as the planner sees it."""
 
-    others_tokens: float = 0.0  # N0: tokens the other rows feed per forward
-    others_emitted: float = 0.0  # G0: tokens the other rows emit per forward
+    acceptance: float = 0.0  # pooled acceptance of a drafted token
+    t_draft: float = 0.0  # seconds per drafted token
+    fixed: int | None = None  # a fixed draft length (0: decodes without drafting); None: adaptive
+
+
+@dataclass(frozen=True)
+class Load:
+    """The batch a session's rounds share; the zero load is a lone session."""
+
+    peers: tuple[Peer, ...] = ()  # the other active sessions
     forward_s: Callable[[float], float] | None = None  # F(N): seconds of a forward feeding N tokens
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The batch's round as planned: this session's length, the drafting depth, the expected rate."""
+
+    k: int
+    depth: int
+    rate: float  # tokens per second of the whole batch
+    tokens: float  # tokens fed per forward
+    drafting: int  # sessions that draft
 
 
 PROBE_START = 8  # plain rounds before a session that stopped drafting tries one drafted round
 PROBE_MAX = 64
+PROBE_LENGTH = 2
+RESUME_MARGIN = 1.05
+
+
+def expected_tokens(acceptance: Sequence[float] | float, k: int) -> float:
+    """``E[tokens | k]``: 1 + sum over j <= k of the chance that the first j drafts are accepted."""
+    total, survive = 1.0, 1.0
+    for i in range(1, k + 1):
+        survive *= acceptance if isinstance(acceptance, float) else acceptance[i]
+        total += survive
+    return total
 
 
 class DraftLengthPolicy(ABC):
@@ -79,8 +116,14 @@ class DraftLengthPolicy(ABC):
         draft_s: float = 0.0,
         network_s: float = 0.0,
         confidences: Sequence[float] = (),
+        costs_valid: bool = True,
     ) -> None:
-        """Feedback after a round that drafted ``k`` tokens (a fixed policy ignores it)."""
+        """Feedback after a round that drafted ``k`` tokens (``costs_valid`` False: the round's times also
+        paid a one-off, such as the drafter's prefill, and count for acceptance only)."""
+
+    def peer(self) -> Peer:
+        """How the other sessions of a batch should count this one."""
+        return Peer(fixed=0)
 
 
 class FixedDraftLength(DraftLengthPolicy):
@@ -88,9 +131,22 @@ class FixedDraftLength(DraftLengthPolicy):
         if k < 0:
             raise ValueError("draft length must be >= 0")
         self.k = k
+        self._drafted = self._accepted = 0
+        self._draft_s = 0.0
 
     def next_length(self, load: Load | None = None) -> int:
         return self.k
+
+    def update(
+        self, k, num_accepted, verify_s, draft_s=0.0, network_s=0.0, confidences=(), costs_valid=True
+    ) -> None:
+        self._drafted += k
+        self._accepted += num_accepted
+        self._draft_s += draft_s
+
+    def peer(self) -> Peer:
+        d = self._drafted
+        return Peer((self._accepted + 1) / (d + 2), self._draft_s / d if d else 0.0, fixed=self.k)
 
 
 class AdaptiveDraftLength(DraftLengthPolicy):
@@ -122,6 +178,7 @@ class AdaptiveDraftLength(DraftLengthPolicy):
         self.plain_rounds = 0  # rounds decoded without drafting
         self.since_draft = 0  # plain rounds since the last drafted one
         self.probe_every = PROBE_START
+        self._plan: Plan | None = None
         if prior is not None:
             self._start_from(prior)
 
@@ -143,54 +200,135 @@ class AdaptiveDraftLength(DraftLengthPolicy):
         if not self.uses_confidence and self.verify_obs:
             self.k = self.best_length()
 
+    @property
+    def learning(self) -> bool:
+        return self.rounds < 2 or not self.draft_tokens
+
     # -- the choice --------------------------------------------------------------------------------------
     def next_length(self, load: Load | None = None) -> int:
-        if self._skip_drafting(load):
+        if self.learning:  # nothing measured yet: draft to learn
+            return self.k_max if self.uses_confidence else self.k
+        plan = self.plan(load)
+        self._plan = plan
+        if plan.k == 0:
+            rows = 1 + len(load.peers) if load else 1
+            if self.since_draft >= self.probe_every * rows:  # probe: has the text turned predictable?
+                self.probe_every = min(2 * self.probe_every, PROBE_MAX)
+                return min(PROBE_LENGTH, self.k_max)
             return 0
-        return self.k_max if self.uses_confidence else self.best_length(load)
+        if self.since_draft:  # resuming after plain rounds: only on a clear win
+            if plan.rate < RESUME_MARGIN * self._plain_plan(load).rate:
+                return 0
+            self.probe_every = PROBE_START
+        # with confidences a lone session's block ends where the drafter is unsure (early_stop prices each
+        # token); in a batch the plan's length also bounds the drafting phase every session waits for
+        if self.uses_confidence and not (load is not None and load.peers):
+            return self.k_max
+        return plan.k
 
     def early_stop(self, load: Load | None = None) -> EarlyStop | None:
-        if not self.uses_confidence or not self.draft_tokens or self.round_s <= 0:
+        if not self.uses_confidence or self.learning or self.round_s <= 0:
             return None
         t_draft = self.draft_s / self.draft_tokens
-        others = load.others_emitted if load else 0.0
-        rate = (self.emitted + others * self.rounds) / self.round_s  # the batch's rate while drafting
-        theta = rate * (t_draft + self.verify_slope(load)) / self.acceptance(0)
+        plan = self._plan
+        if plan is not None and load is not None and load.forward_s is not None and load.peers:
+            # the batch's rate; a drafted token's verify cost at the batch's size, its drafting step
+            # shared by the sessions drafting
+            slope = self._slope(load, plan.tokens)
+            theta = plan.rate * (t_draft / max(plan.drafting, 1) + slope) / self.acceptance(0)
+        else:
+            rate = self.emitted / self.round_s
+            theta = rate * (t_draft + self.verify_slope(load)) / self.acceptance(0)
         return EarlyStop(below=min(max(theta, 0.0), 0.95), acceptance=self.acceptance_by_confidence())
-
-    def _skip_drafting(self, load: Load | None) -> bool:
-        """Decode this round without the drafter: drafting loses at this load (with periodic probes)."""
-        if self.rounds < 2 or not self.draft_tokens:
-            return False  # nothing measured yet: draft to learn
-        if self.drafting_rate(load) >= self.plain_rate(load):
-            self.probe_every = PROBE_START
-            return False
-        if self.since_draft >= self.probe_every:  # probe: has the text turned predictable?
-            self.probe_every = min(2 * self.probe_every, PROBE_MAX)
-            return False
-        return True
-
-    def plain_rate(self, load: Load | None = None) -> float:
-        """The batch's tokens per second if this session decodes one token per round."""
-        others = load.others_emitted if load else 0.0
-        return (1.0 + others) / self.verify_cost(1, load)
-
-    def drafting_rate(self, load: Load | None = None) -> float:
-        """The batch's tokens per second if this session drafts (its best k, or its mean block)."""
-        if not self.uses_confidence:
-            return max(self.expected_rate(k, load) for k in range(1, self.k_max + 1))
-        t_draft = self.draft_s / self.draft_tokens
-        t_net = self.network_s / self.rounds
-        block = self.draft_tokens / self.rounds
-        others = load.others_emitted if load else 0.0
-        cost = block * t_draft + self.verify_cost(block + 1, load) + t_net
-        return (self.emitted / self.rounds + others) / cost
 
     def acceptance_by_confidence(self) -> tuple[float, ...]:
         """Measured acceptance per confidence bin, pulled toward the pooled rate where a bin is thin."""
         pooled, prior = self.acceptance(0), 2.0
         return tuple(
             (p + prior * pooled) / (t + prior) for p, t in zip(self.bin_passed, self.bin_tried, strict=True)
+        )
+
+    def peer(self) -> Peer:
+        if self.learning:
+            return Peer(acceptance=self.acceptance(0), t_draft=0.0)
+        return Peer(acceptance=self.acceptance(0), t_draft=self.draft_s / self.draft_tokens)
+
+    # -- planning the batch's round ----------------------------------------------------------------------
+    def plan(self, load: Load | None = None) -> Plan:
+        """The batch rate-maximising drafting depth and this session's length in it (module docstring)."""
+        best = self._plain_plan(load)
+        for depth in range(1, self.k_max + 1):
+            candidate = self._plan_depth(depth, load)
+            if candidate.rate > best.rate:
+                best = candidate
+        return best
+
+    def _plain_plan(self, load: Load | None) -> Plan:
+        return self._plan_depth(0, load)
+
+    def _participants(self, load: Load | None) -> list[tuple[Sequence[float] | float, float, int | None]]:
+        """(acceptance, t_draft, fixed length) of this session (first) and its peers."""
+        # per position, unless blocks end by confidence (then later positions are reached only when sure,
+        # and their measured acceptance overstates what a longer cap would get)
+        own: Sequence[float] | float = (
+            self.acceptance(0)
+            if self.uses_confidence
+            else [self.acceptance(i) for i in range(self.k_max + 1)]
+        )
+        out: list[tuple[Sequence[float] | float, float, int | None]] = [(own, self._t_draft(), None)]
+        for p in load.peers if load else ():
+            out.append((p.acceptance, p.t_draft or self._t_draft(), p.fixed))
+        return out
+
+    def _t_draft(self) -> float:
+        return self.draft_s / self.draft_tokens if self.draft_tokens else 0.0
+
+    def _plan_depth(self, depth: int, load: Load | None) -> Plan:
+        """The batch's round when adaptive sessions draft at most ``depth`` tokens."""
+        members = self._participants(load)
+        t_net = self.network_s / self.rounds if self.rounds else 0.0
+        lengths = [min(fixed, self.k_max) if fixed is not None else depth for _, _, fixed in members]
+        rate = 0.0
+        for _ in range(3):  # each adaptive session's length at the batch's marginal token price
+            tokens = sum(k + 1 for k in lengths)
+            price = rate * self._slope(load, tokens)
+            lengths = [
+                min(fixed, self.k_max)
+                if fixed is not None
+                else max(range(depth + 1), key=lambda k, a=acc: expected_tokens(a, k) - price * k)
+                for acc, _, fixed in members
+            ]
+            emitted = sum(expected_tokens(acc, k) for (acc, _, _), k in zip(members, lengths))
+            rate = emitted / self._round_cost(load, members, lengths, t_net)
+        drafting = sum(1 for k in lengths if k > 0)
+        return Plan(lengths[0], depth, rate, float(sum(k + 1 for k in lengths)), drafting)
+
+    def _round_cost(self, load: Load | None, members, lengths: list[int], t_net: float) -> float:
+        """One forward for every row, plus the drafting phase of the longest block (drafts are batched)."""
+        tokens = sum(k + 1 for k in lengths)
+        drafting = [k * t for (_, t, _), k in zip(members, lengths) if k > 0]
+        if load is not None and load.forward_s is not None:
+            forward = max(load.forward_s(tokens), 1e-6)
+        else:
+            forward = self.verify_cost(tokens)
+        return forward + (max(drafting) + t_net if drafting else 0.0)
+
+    def _slope(self, load: Load | None, tokens: float) -> float:
+        """Seconds one more token adds to a forward of ``tokens`` tokens."""
+        if load is not None and load.forward_s is not None:
+            return max(load.forward_s(tokens + 1.0) - load.forward_s(tokens), 0.0)
+        return self.verify_slope()
+
+    def describe(self, load: Load | None = None) -> str:
+        """The estimates behind the next choice (debug logs)."""
+        if self.learning:
+            return "learning"
+        plan, plain = self.plan(load), self._plain_plan(load)
+        return (
+            f"plan k {plan.k} depth {plan.depth} ({plan.drafting} drafting) {plan.rate:.2f} tok/s vs plain "
+            f"{plain.rate:.2f} (batch of {1 + (len(load.peers) if load else 0)}); acceptance "
+            f"{self.acceptance(0):.2f}, t_draft {self._t_draft() * 1e3:.0f} ms, "
+            f"net {self.network_s / self.rounds * 1e3:.0f} ms"
         )
 
     # -- feedback ----------------------------------------------------------------------------------------
@@ -202,6 +340,7 @@ class AdaptiveDraftLength(DraftLengthPolicy):
         draft_s: float = 0.0,
         network_s: float = 0.0,
         confidences: Sequence[float] = (),
+        costs_valid: bool = True,
     ) -> None:
         obs = self.verify_obs.setdefault(k + 1, [])
         obs.append(verify_s)
@@ -216,18 +355,19 @@ class AdaptiveDraftLength(DraftLengthPolicy):
             b = confidence_bin(c)
             self.bin_tried[b] += 1
             self.bin_passed[b] += int(i < num_accepted)
-        self.emitted += num_accepted + 1
-        self.round_s += verify_s + draft_s + network_s
         for i in range(1, min(k, num_accepted + 1) + 1):  # positions the verifier actually judged
             self.tried[i] += 1
             self.passed[i] += int(i <= num_accepted)
-        self.draft_tokens += k
-        self.draft_s += draft_s
-        self.network_s += network_s
-        self.rounds += 1
+        if costs_valid or not self.rounds:
+            self.emitted += num_accepted + 1
+            self.round_s += verify_s + draft_s + network_s
+            self.draft_tokens += k
+            self.draft_s += draft_s
+            self.network_s += network_s
+            self.rounds += 1
         self.k = self.best_length()
 
-    # -- the cost model ----------------------------------------------------------------------------------
+    # -- the lone session's cost model -------------------------------------------------------------------
     def acceptance(self, i: int) -> float:
         """Acceptance of position ``i`` given its predecessors were accepted (0: pooled over positions)."""
         pooled = (sum(self.passed) + 1) / (sum(self.tried) + 2)
@@ -246,36 +386,28 @@ class AdaptiveDraftLength(DraftLengthPolicy):
         return mx, my, slope
 
     def verify_slope(self, load: Load | None = None) -> float:
-        """Seconds one more token adds to this session's verify forward."""
         if load is not None and load.forward_s is not None:
-            base = load.others_tokens + (self.draft_tokens / self.rounds if self.rounds else 1.0) + 1.0
-            return max(load.forward_s(base + 1.0) - load.forward_s(base), 0.0)
+            return self._slope(load, self.draft_tokens / self.rounds + 1.0 if self.rounds else 1.0)
         return self._verify_line()[2] if self.verify_obs else 0.0
 
-    def verify_cost(self, m: float, load: Load | None = None) -> float:
-        """Seconds of a verify forward of ``m`` positions of this session (with the others' rows)."""
-        if load is not None and load.forward_s is not None:
-            return max(load.forward_s(load.others_tokens + m), 1e-6)
+    def verify_cost(self, m: float) -> float:
         if not self.verify_obs:
             return 1.0
         mx, my, slope = self._verify_line()
         return max(my + slope * (m - mx), 1e-6)
 
     def expected_rate(self, k: int, load: Load | None = None) -> float:
-        """The batch's tokens per second if this session drafts ``k`` tokens (k = 0: plain decoding)."""
+        """Tokens per second of a lone session drafting ``k`` tokens a round (k = 0: plain decoding)."""
         if k == 0:
-            return self.plain_rate(load)
-        t_draft = self.draft_s / self.draft_tokens if self.draft_tokens else 0.0
+            return 1.0 / self._round_cost(load, [(None, 0.0, None)], [0], 0.0)
         t_net = self.network_s / self.rounds if self.rounds else 0.0
-        expected, survive = 1.0, 1.0
-        for i in range(1, k + 1):
-            survive *= self.acceptance(i)
-            expected += survive
-        others = load.others_emitted if load else 0.0
-        return (expected + others) / (k * t_draft + self.verify_cost(k + 1, load) + t_net)
+        acceptance = [self.acceptance(i) for i in range(k + 1)]
+        return expected_tokens(acceptance, k) / self._round_cost(
+            load, [(None, self._t_draft(), None)], [k], t_net
+        )
 
     def best_length(self, load: Load | None = None) -> int:
-        """The k >= 1 of the best expected rate (exploring one step further while the cost line is thin)."""
+        """The lone session's k >= 1 of the best expected rate (exploring while the cost line is thin)."""
         if not self.verify_obs:
             return self.k
         drafted_sizes = [m for m in self.verify_obs if m > 1]

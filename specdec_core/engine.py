@@ -121,7 +121,6 @@ class TargetSession:
         context: list[int],
         params: SamplingParams,
         executor: Executor | None = None,
-        load: BatchLoad | None = None,
     ) -> None:
         if not context:
             raise ValueError("a generation needs at least one prompt token")
@@ -129,7 +128,6 @@ class TargetSession:
         self.params = params
         self.context = list(context)
         self.executor: Executor = executor or Inline()
-        self.load = load
         self.generator = make_generator(params.seed, device=runner.device, stream=0)
         self.seq: Sequence | None = None
         self.passes = 0
@@ -183,8 +181,6 @@ class TargetSession:
         else:
             token = sample(logits_to_probs(logits[0], self.params), self.generator)
         self.context.append(token)
-        if self.load is not None:
-            self.load.note_emitted(1)
         return token
 
     def append(self, tokens: list[int]) -> None:
@@ -226,8 +222,6 @@ class TargetSession:
         self.runner.rollback(self.seq, len(self.context) + n)
         emitted = draft_tokens[:n] + [verdict.next_token]
         self.context.extend(emitted)
-        if self.load is not None:
-            self.load.note_emitted(n + 1)
         logprobs = None
         if want_logprobs:
             lp = torch.log_softmax(logits[: n + 1], dim=-1)  # [n + 1, vocab]
@@ -293,14 +287,16 @@ class SpeculativeDecoder:
         cancel = cancel or Cancellation()
         overlap = self.overlap_prefill if overlap_prefill is None else overlap_prefill
         t_start = time.perf_counter()
-        session = TargetSession(self.target, prompt_ids, params, self.executor, self.load)
+        session = TargetSession(self.target, prompt_ids, params, self.executor)
+        stopper = _Stopper(stop, self.tokenizer)
         cancel.on_cancel(session.cancel)
         if drafter is not None:
             cancel.on_cancel(drafter.cancel)
-        if overlap:  # a remote drafter prefills on its own device while the target prefills here
-            drafter = self._start_drafter(drafter, prompt_ids, params, stats)
-        stopper = _Stopper(stop, self.tokenizer)
+        member = policy if drafter is not None else FixedDraftLength(0)  # what the batch's planners see
+        self.load.join(member)
         try:
+            if overlap:  # a remote drafter prefills on its own device while the target prefills here
+                drafter = self._start_drafter(drafter, prompt_ids, params, stats)
             t0 = time.perf_counter()
             first = session.prefill(emit_first=True)
             assert first is not None
@@ -312,17 +308,25 @@ class SpeculativeDecoder:
                 return
             if overlap:
                 drafter = self._feedback(drafter, Verdict(0, first), stats)
-            else:
-                drafter = self._start_drafter(drafter, session.context, params, stats)
-            unsent: list[int] = []  # committed in plain rounds, not yet told to the drafter
+            started = overlap  # otherwise the drafter starts at the first round that drafts
+            # the next drafted round carries the drafter's prefill of the context (or of tokens it missed):
+            # its acceptance counts, its costs do not say what a round costs
+            fresh = overlap
+            unsent: list[int] = []  # committed since the drafter last heard, in rounds without drafting
             while True:
                 cancel.check()
-                load = self.load.snapshot()
+                load = self.load.snapshot(policy)
                 room = stop.max_new_tokens - stopper.produced - 1
                 k = min(policy.next_length(load), room) if drafter else 0
-                if k > 0 and unsent:
+                if drafter is not None and log.isEnabledFor(logging.DEBUG) and hasattr(policy, "describe"):
+                    log.debug("round %d: k %d; %s", stats.rounds, k, policy.describe(load))
+                if k > 0 and not started:
+                    drafter, unsent = self._start_drafter(drafter, session.context, params, stats), []
+                    started = fresh = True
+                elif k > 0 and unsent:
                     drafter = self._drafter_call(drafter, stats, "catching up", lambda d: d.extend(unsent))[1]
-                    unsent = []
+                    unsent, fresh = [], True
+                k = k if drafter else 0
                 net_before = stats.network_s
                 block, drafter = self._draft(drafter, max(k, 0), policy.early_stop(load), stats)
                 t0 = time.perf_counter()
@@ -333,7 +337,7 @@ class SpeculativeDecoder:
                 stats.target_passes, stats.target_tokens = session.passes, session.tokens_processed
                 if block.tokens:
                     drafter = self._feedback(drafter, verdict, stats)
-                elif drafter is not None:
+                elif drafter is not None and started:
                     unsent.append(verdict.next_token)
                 policy.update(
                     len(block.tokens),
@@ -342,7 +346,9 @@ class SpeculativeDecoder:
                     block.draft_s,
                     stats.network_s - net_before,
                     block.confidences,
+                    costs_valid=not (fresh and block.tokens),
                 )
+                fresh = fresh and not block.tokens
                 emitted = block.tokens[: verdict.num_accepted] + [verdict.next_token]
                 chunk = self._emit(stopper, emitted, stats, t_start)
                 yield chunk
@@ -350,6 +356,7 @@ class SpeculativeDecoder:
                     break
         finally:
             stats.wall_s = time.perf_counter() - t_start
+            self.load.leave(member)
             session.close()
             if drafter is not None:
                 drafter.close()

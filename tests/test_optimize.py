@@ -7,7 +7,7 @@ import pytest
 import torch
 from tiny import FAMILIES, hf_greedy, perturbed, tiny_model, tiny_tokenizer
 
-from specdec_core.draft_length import AdaptiveDraftLength, FixedDraftLength
+from specdec_core.draft_length import AdaptiveDraftLength, FixedDraftLength, Load, Peer
 from specdec_core.drafting import ModelDrafter
 from specdec_core.engine import SpeculativeDecoder, StopCriteria
 from specdec_core.optimize import FAST_MAX_ROWS, enable_fast_linear, prepare_drafter
@@ -113,3 +113,59 @@ def test_adaptive_length_finds_the_throughput_optimum(alpha, t_draft, slope):
     assert expected_rate(alpha, chosen, t_draft, verify_cost) >= 0.97 * expected_rate(
         alpha, best, t_draft, verify_cost
     )
+
+
+def roofline_forward(tokens: float) -> float:
+    """A forward that reads the weights (0.3 s) and turns compute bound past 8 tokens (20 ms a token)."""
+    return 0.3 + 0.02 * max(tokens - 8.0, 0.0)
+
+
+def trained_policy(acceptance=0.8, t_draft=0.03, rounds=300):
+    """A policy that measured a cheap drafter (c = 0.1) on its own."""
+    policy = AdaptiveDraftLength(k_max=8)
+    gen = torch.Generator().manual_seed(0)
+    light = Load(forward_s=roofline_forward)
+    for _ in range(rounds):
+        k = max(policy.next_length(light), 1)
+        n = 0
+        while n < k and torch.rand(1, generator=gen).item() < acceptance:
+            n += 1
+        policy.update(k, n, roofline_forward(k + 1), draft_s=t_draft * k)
+    return policy
+
+
+def test_draft_length_shrinks_under_load_and_stops_where_drafting_cannot_pay():
+    policy = trained_policy()
+    alone = policy.next_length(Load(forward_s=roofline_forward))
+    alike = Peer(acceptance=0.8, t_draft=0.03)
+    batch16 = Load(peers=(alike,) * 15, forward_s=roofline_forward)
+    loaded = policy.next_length(batch16)
+    assert alone >= 4  # verify blocks are nearly free while memory bound
+    assert 1 <= loaded < alone  # each drafted token now costs compute that 16 rows wait for
+    plan = policy.plan(batch16)
+    assert plan.rate > policy._plain_plan(batch16).rate  # drafting together still pays
+    # compute bound all the way: a drafted token costs a decoded token's compute and gains less
+    crushing = Load(peers=(alike,) * 63, forward_s=lambda n: 0.05 * n)
+    assert policy.next_length(crushing) == 0
+
+
+def test_one_session_does_not_make_a_plain_batch_wait_for_its_drafts():
+    policy = trained_policy()
+    # seven sessions that cannot draft (no drafter): drafting alone would stall them for a token or two
+    plain_peers = Load(peers=(Peer(fixed=0),) * 7, forward_s=roofline_forward)
+    assert policy.next_length(plain_peers) == 0
+    # seven sessions like this one: they draft together, one drafting phase for all
+    alike = Load(peers=(Peer(acceptance=0.8, t_draft=0.03),) * 7, forward_s=roofline_forward)
+    assert policy.next_length(alike) > 0
+
+
+def test_a_drafter_as_costly_as_its_target_is_not_used_but_probed():
+    policy = AdaptiveDraftLength(k_max=8)
+    load = Load(forward_s=roofline_forward)
+    plain, drafted = 0, 0
+    for _ in range(200):
+        k = policy.next_length(load)
+        n = min(k, 3)  # it agrees often...
+        policy.update(k, n, roofline_forward(k + 1), draft_s=0.4 * k)  # ...but costs more than a target step
+        drafted, plain = drafted + (k > 0), plain + (k == 0)
+    assert plain > 0.9 * 200 and 0 < drafted  # it learnt, then only probes now and then

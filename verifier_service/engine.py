@@ -153,6 +153,7 @@ class VerifierEngine:
             max_rows=config.max_batch_rows,
             max_tokens=config.max_batch_tokens,
             prefill_chunk=config.prefill_chunk,
+            lease=layout.compute_lease(config),
             on_forward=self.load.on_forward,
         )
         model, tokenizer = self.scheduler.call(self._load, model, tokenizer)
@@ -351,7 +352,7 @@ class VerifierEngine:
             entry = self.sessions.add(session_id, _Entry(session=None, tokens=len(tokens)))
             with entry.lock:
                 # the history is fed with the first verified block, in one forward
-                entry.session = TargetSession(self.runner, tokens, params, self.scheduler, self.load)
+                entry.session = TargetSession(self.runner, tokens, params, self.scheduler)
         else:
             entry = self.sessions.get(session_id)
         with entry.lock:

@@ -79,9 +79,11 @@ class Admission:
                     )
                 self._queue.append(ticket)
                 try:
-                    while self._queue[0] is not ticket or self.running >= self.max_running:
+                    while True:
                         if cancel is not None and cancel.cancelled:
                             raise GenerationCancelled("left the queue: the client went away")
+                        if self._queue[0] is ticket and self.running < self.max_running:
+                            break
                         self._cond.wait(0.25)
                 finally:
                     self._queue.remove(ticket)

@@ -6,8 +6,8 @@ weights and costs nearly the same for 1 or 9 tokens; as the batch grows it becom
 extra token costs its share. Drafted tokens are extra tokens in that shared forward, so their price rises
 with the load.
 
-``BatchLoad`` adds what a session needs to weigh its own block against the others': how many rows share
-its forwards and how many tokens each of them feeds and emits (running means). ``snapshot()`` hands the
+``BatchLoad`` adds who shares the batch: the policies of the generations running (``join`` / ``leave``),
+whose acceptance and drafting costs a session weighs its own block against. ``snapshot()`` hands the
 policy a ``Load`` (``specdec_core.draft_length``), which knows nothing of scheduling.
 """
 
@@ -16,9 +16,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Sequence
 
-from ..draft_length import Load
-
-PREFILL_ROW = 16  # rows feeding more tokens than this are prompt chunks: costs yes, per-row means no
+from ..draft_length import DraftLengthPolicy, Load
 
 
 def isotonic(values: Sequence[float], weights: Sequence[float]) -> list[float]:
@@ -90,54 +88,29 @@ class ForwardCosts:
 
 
 class BatchLoad:
-    """Running means of the batch a session's rows share, for the draft-length policy."""
+    """The batch as the draft-length policies see it: who is in it, and what a forward costs."""
 
-    def __init__(self, alpha: float = 0.2) -> None:
-        self.alpha = alpha
+    def __init__(self) -> None:
         self.costs = ForwardCosts()
         self._lock = threading.Lock()
-        self._rows = 0.0  # rows per forward
-        self._row_tokens = 0.0  # tokens a (non-prefill) row feeds
-        self._row_emitted = 0.0  # tokens a row emits
-        self._emitted = 0  # emitted since the last forward was recorded
-        self._seen = False
+        self._members: list[DraftLengthPolicy] = []
 
-    def note_emitted(self, tokens: int) -> None:
-        """A row of the forward being recorded emitted ``tokens`` tokens (called on the compute thread)."""
+    def join(self, policy: DraftLengthPolicy) -> None:
+        """A generation starts: its policy is one of the batch's sessions until ``leave``."""
         with self._lock:
-            self._emitted += tokens
+            self._members.append(policy)
+
+    def leave(self, policy: DraftLengthPolicy) -> None:
+        with self._lock:
+            if policy in self._members:
+                self._members.remove(policy)
 
     def on_forward(self, row_tokens: Sequence[int], seconds: float) -> None:
-        """Record one forward: tokens fed by each row, seconds it took (after its rows' results are in)."""
+        """Record one forward: tokens fed by each row, seconds it took."""
         self.costs.record(sum(row_tokens), seconds)
-        decode = [n for n in row_tokens if n <= PREFILL_ROW]
-        with self._lock:
-            emitted, self._emitted = self._emitted, 0
-            rows = float(len(row_tokens))
-            if not decode:
-                return
-            per_row = sum(decode) / len(decode)
-            emitted_per_row = emitted / len(decode)
-            if not self._seen:
-                self._rows, self._row_tokens, self._row_emitted, self._seen = (
-                    rows,
-                    per_row,
-                    emitted_per_row,
-                    True,
-                )
-                return
-            a = self.alpha
-            self._rows += a * (rows - self._rows)
-            self._row_tokens += a * (per_row - self._row_tokens)
-            self._row_emitted += a * (emitted_per_row - self._row_emitted)
 
-    def snapshot(self) -> Load:
-        """The load one session sees: the other rows of its forwards and the forward cost curve."""
+    def snapshot(self, own: DraftLengthPolicy | None = None) -> Load:
+        """The load ``own`` sees: its peers in the batch and the forward cost curve."""
         with self._lock:
-            others = max(self._rows - 1.0, 0.0)
-            tokens, emitted = others * self._row_tokens, others * self._row_emitted
-        return Load(
-            others_tokens=tokens,
-            others_emitted=emitted,
-            forward_s=self.costs.cost if self.costs.known else None,
-        )
+            peers = tuple(m.peer() for m in self._members if m is not own)
+        return Load(peers=peers, forward_s=self.costs.cost if self.costs.known else None)
