@@ -13,6 +13,7 @@ from specdec.rpc import LimitExceeded
 from specdec_core.drafting import ModelDrafter
 from specdec_core.models import load_model, vocab_fingerprint
 from specdec_core.optimize import prepare_drafter
+from specdec_core.runtime.load import BatchLoad
 from specdec_core.runtime.runner import ModelRunner
 from specdec_core.runtime.scheduler import Scheduler
 
@@ -28,12 +29,15 @@ class DrafterEngine:
 
     def __init__(self, config: DrafterConfig, model=None, tokenizer=None) -> None:
         self.config = config
+        self.load = BatchLoad()  # forward costs: whether prompt chunks and draft steps share a forward
         self.scheduler = Scheduler(
             "drafter-compute",
             max_rows=config.max_batch_rows,
             max_tokens=config.max_batch_tokens,
             prefill_chunk=config.prefill_chunk,
             lease=layout.compute_lease(config),
+            on_forward=self.load.on_forward,
+            forward_cost=self.load.forward_cost,
         )
         model, tokenizer = self.scheduler.call(self._load, model, tokenizer)
         self.runner = ModelRunner(model, name=config.model)

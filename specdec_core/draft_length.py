@@ -88,15 +88,21 @@ PROBE_START = 8  # plain rounds before a session that stopped drafting tries one
 PROBE_MAX = 64
 PROBE_LENGTH = 2
 RESUME_MARGIN = 1.05
+PLAN_EVERY = 4  # rounds a plan is kept while the batch keeps its size (estimates move slowly)
 
 
 def expected_tokens(acceptance: Sequence[float] | float, k: int) -> float:
     """``E[tokens | k]``: 1 + sum over j <= k of the chance that the first j drafts are accepted."""
-    total, survive = 1.0, 1.0
+    return 1.0 + sum(_gains(acceptance, k))
+
+
+def _gains(acceptance: Sequence[float] | float, k: int) -> list[float]:
+    """The chance that the first j drafts are accepted, j = 1..k (what the j-th draft adds to E)."""
+    out, survive = [], 1.0
     for i in range(1, k + 1):
         survive *= acceptance if isinstance(acceptance, float) else acceptance[i]
-        total += survive
-    return total
+        out.append(survive)
+    return out
 
 
 class DraftLengthPolicy(ABC):
@@ -178,7 +184,9 @@ class AdaptiveDraftLength(DraftLengthPolicy):
         self.plain_rounds = 0  # rounds decoded without drafting
         self.since_draft = 0  # plain rounds since the last drafted one
         self.probe_every = PROBE_START
-        self._plan: Plan | None = None
+        self._plan: Plan | None = None  # replanned every PLAN_EVERY rounds or when the batch changes
+        self._plan_age = 0
+        self._plan_peers: tuple[int | None, ...] = ()
         if prior is not None:
             self._start_from(prior)
 
@@ -208,8 +216,11 @@ class AdaptiveDraftLength(DraftLengthPolicy):
     def next_length(self, load: Load | None = None) -> int:
         if self.learning:  # nothing measured yet: draft to learn
             return self.k_max if self.uses_confidence else self.k
-        plan = self.plan(load)
-        self._plan = plan
+        peers = tuple(p.fixed for p in load.peers) if load else ()  # the batch's make-up
+        if self._plan is None or self._plan_age >= PLAN_EVERY or peers != self._plan_peers:
+            self._plan, self._plan_age, self._plan_peers = self.plan(load), 0, peers
+        self._plan_age += 1
+        plan = self._plan
         if plan.k == 0:
             rows = 1 + len(load.peers) if load else 1
             if self.since_draft >= self.probe_every * rows:  # probe: has the text turned predictable?
@@ -256,52 +267,51 @@ class AdaptiveDraftLength(DraftLengthPolicy):
     # -- planning the batch's round ----------------------------------------------------------------------
     def plan(self, load: Load | None = None) -> Plan:
         """The batch rate-maximising drafting depth and this session's length in it (module docstring)."""
-        best = self._plain_plan(load)
+        members = self._members(load)
+        t_net = self.network_s / self.rounds if self.rounds else 0.0
+        best = self._plan_depth(0, members, load, t_net)
         for depth in range(1, self.k_max + 1):
-            candidate = self._plan_depth(depth, load)
+            candidate = self._plan_depth(depth, members, load, t_net)
             if candidate.rate > best.rate:
                 best = candidate
         return best
 
     def _plain_plan(self, load: Load | None) -> Plan:
-        return self._plan_depth(0, load)
+        return self._plan_depth(0, self._members(load), load, 0.0)
 
-    def _participants(self, load: Load | None) -> list[tuple[Sequence[float] | float, float, int | None]]:
-        """(acceptance, t_draft, fixed length) of this session (first) and its peers."""
+    def _members(self, load: Load | None) -> list[tuple[list[float], float, int | None]]:
+        """(gains, t_draft, fixed length) of this session (first) and its peers; ``gains[j]`` is what the
+        j-th drafted token adds to the expected tokens of a round (non-increasing)."""
         # per position, unless blocks end by confidence (then later positions are reached only when sure,
         # and their measured acceptance overstates what a longer cap would get)
-        own: Sequence[float] | float = (
-            self.acceptance(0)
-            if self.uses_confidence
-            else [self.acceptance(i) for i in range(self.k_max + 1)]
-        )
-        out: list[tuple[Sequence[float] | float, float, int | None]] = [(own, self._t_draft(), None)]
+        if self.uses_confidence:
+            own = _gains(self.acceptance(0), self.k_max)
+        else:
+            own = _gains([self.acceptance(i) for i in range(self.k_max + 1)], self.k_max)
+        t_own = self._t_draft()
+        members: list[tuple[list[float], float, int | None]] = [(own, t_own, None)]
         for p in load.peers if load else ():
-            out.append((p.acceptance, p.t_draft or self._t_draft(), p.fixed))
-        return out
+            members.append((_gains(p.acceptance, self.k_max), p.t_draft or t_own, p.fixed))
+        return members
 
     def _t_draft(self) -> float:
         return self.draft_s / self.draft_tokens if self.draft_tokens else 0.0
 
-    def _plan_depth(self, depth: int, load: Load | None) -> Plan:
+    def _plan_depth(self, depth: int, members, load: Load | None, t_net: float) -> Plan:
         """The batch's round when adaptive sessions draft at most ``depth`` tokens."""
-        members = self._participants(load)
-        t_net = self.network_s / self.rounds if self.rounds else 0.0
-        lengths = [min(fixed, self.k_max) if fixed is not None else depth for _, _, fixed in members]
+        fixed_len = [min(f, self.k_max) if f is not None else None for _, _, f in members]
+        lengths = [f if f is not None else depth for f in fixed_len]
         rate = 0.0
-        for _ in range(3):  # each adaptive session's length at the batch's marginal token price
-            tokens = sum(k + 1 for k in lengths)
-            price = rate * self._slope(load, tokens)
+        for _ in range(2):  # each adaptive session's length at the batch's marginal token price
+            price = rate * self._slope(load, sum(lengths) + len(lengths))
             lengths = [
-                min(fixed, self.k_max)
-                if fixed is not None
-                else max(range(depth + 1), key=lambda k, a=acc: expected_tokens(a, k) - price * k)
-                for acc, _, fixed in members
+                f if f is not None else min(depth, sum(1 for g in gains if g > price))
+                for (gains, _, _), f in zip(members, fixed_len)
             ]
-            emitted = sum(expected_tokens(acc, k) for (acc, _, _), k in zip(members, lengths))
+            emitted = sum(1.0 + sum(gains[:k]) for (gains, _, _), k in zip(members, lengths))
             rate = emitted / self._round_cost(load, members, lengths, t_net)
         drafting = sum(1 for k in lengths if k > 0)
-        return Plan(lengths[0], depth, rate, float(sum(k + 1 for k in lengths)), drafting)
+        return Plan(lengths[0], depth, rate, float(sum(lengths) + len(lengths)), drafting)
 
     def _round_cost(self, load: Load | None, members, lengths: list[int], t_net: float) -> float:
         """One forward for every row, plus the drafting phase of the longest block (drafts are batched)."""

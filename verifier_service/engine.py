@@ -155,6 +155,7 @@ class VerifierEngine:
             prefill_chunk=config.prefill_chunk,
             lease=layout.compute_lease(config),
             on_forward=self.load.on_forward,
+            forward_cost=self.load.forward_cost,
         )
         model, tokenizer = self.scheduler.call(self._load, model, tokenizer)
         self.runner = ModelRunner(model, name=config.model)

@@ -13,6 +13,7 @@ policy a ``Load`` (``specdec_core.draft_length``), which knows nothing of schedu
 
 from __future__ import annotations
 
+import bisect
 import threading
 from collections.abc import Sequence
 
@@ -62,11 +63,13 @@ class ForwardCosts:
             self._curve = None
 
     def _fit(self) -> tuple[list[int], list[float]]:
+        curve = self._curve
+        if curve is not None:
+            return curve
         with self._lock:
-            if self._curve is None:
-                xs = sorted(self._mean)
-                self._curve = (xs, isotonic([self._mean[x] for x in xs], [self._weight[x] for x in xs]))
-            return self._curve
+            xs = sorted(self._mean)
+            curve = self._curve = (xs, isotonic([self._mean[x] for x in xs], [self._weight[x] for x in xs]))
+            return curve
 
     @property
     def known(self) -> bool:
@@ -79,10 +82,10 @@ class ForwardCosts:
             raise ValueError("no forward measured yet")
         if tokens <= xs[0] or len(xs) == 1:
             return ys[0]  # one point: no slope known yet (memory bound is the optimistic guess)
-        for i in range(1, len(xs)):
-            if tokens <= xs[i]:
-                x0, x1, y0, y1 = xs[i - 1], xs[i], ys[i - 1], ys[i]
-                return y0 + (y1 - y0) * (tokens - x0) / (x1 - x0)
+        i = bisect.bisect_left(xs, tokens)
+        if i < len(xs):
+            x0, x1, y0, y1 = xs[i - 1], xs[i], ys[i - 1], ys[i]
+            return y0 + (y1 - y0) * (tokens - x0) / (x1 - x0)
         slope = max((ys[-1] - ys[-2]) / (xs[-1] - xs[-2]), 0.0)
         return ys[-1] + slope * (tokens - xs[-1])
 
@@ -106,8 +109,13 @@ class BatchLoad:
                 self._members.remove(policy)
 
     def on_forward(self, row_tokens: Sequence[int], seconds: float) -> None:
-        """Record one forward: tokens fed by each row, seconds it took."""
-        self.costs.record(sum(row_tokens), seconds)
+        """Record one forward: tokens fed by each row, seconds it took. The cost counts the positions
+        computed: every row padded to the widest."""
+        self.costs.record(len(row_tokens) * max(row_tokens), seconds)
+
+    def forward_cost(self, tokens: int) -> float:
+        """Seconds of a forward computing ``tokens`` positions (proportional until one is measured)."""
+        return self.costs.cost(tokens) if self.costs.known else float(tokens)
 
     def snapshot(self, own: DraftLengthPolicy | None = None) -> Load:
         """The load ``own`` sees: its peers in the batch and the forward cost curve."""
