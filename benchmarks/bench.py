@@ -270,6 +270,18 @@ def parse_args(argv):
     load.add_argument("--concurrency", default="", help="e.g. 1,2,4,8,16: run the concurrency benchmark")
     load.add_argument("--layouts", default="shared", help="shared (both roles on all cores) and/or pinned")
     load.add_argument(
+        "--omp-wait-policy",
+        default="",
+        help="passed to both services (auto | passive | active); default: theirs",
+    )
+    load.add_argument(
+        "--baseline-root",
+        default="",
+        help="a checkout of an earlier specdec: its services, with their default flags, run as system "
+        "'baseline' in the same run (levels up to --baseline-max)",
+    )
+    load.add_argument("--baseline-max", type=int, default=8)
+    load.add_argument(
         "--ttft-probe",
         action=argparse.BooleanOptionalAction,
         default=True,

@@ -296,8 +296,9 @@ def resolve_pair(a) -> tuple[str, str]:
     return target, a.drafter_model
 
 
-def run_services(a, target: str, drafter: str, prompts, layout: str, results: dict) -> None:
-    from client.local import launch
+def launch_pair(a, target: str, drafter: str, layout: str, name: str, root: Path | None = None):
+    """The drafter and the verifier of ``layout`` as local processes (logs under ``--out``)."""
+    from client.local import ROOT, launch
 
     pinned = layout == "pinned"
     d_args = ["--device", a.device, "--quantization", a.drafter_quantization]
@@ -305,65 +306,89 @@ def run_services(a, target: str, drafter: str, prompts, layout: str, results: di
     if pinned:
         d_args += ["--threads", "1"]
         v_args += ["--threads", "1"]
+    if a.omp_wait_policy and root is None:
+        d_args += ["--omp-wait-policy", a.omp_wait_policy]
+        v_args += ["--omp-wait-policy", a.omp_wait_policy]
     logs = Path(a.out)
     logs.mkdir(parents=True, exist_ok=True)
-    with (
-        open(logs / f"{layout}-drafter.log", "w") as dlog,
-        open(logs / f"{layout}-verifier.log", "w") as vlog,
-    ):
-        d = launch("drafter", drafter, args=d_args, cpus=[1] if pinned else None, log_file=dlog)
-        v = launch(
-            "verifier",
-            target,
-            args=v_args + ["--drafter", d.address],
-            cpus=[0] if pinned else None,
-            log_file=vlog,
-        )
+    root = root or ROOT
+    with open(logs / f"{name}-drafter.log", "w") as dlog, open(logs / f"{name}-verifier.log", "w") as vlog:
+        d = launch("drafter", drafter, args=d_args, cpus=[1] if pinned else None, log_file=dlog, root=root)
         try:
-            run_clients(v.address, prompts[:2], 8)  # warm-up (excluded)
-            run_clients(v.address, prompts[:2], 8, no_draft=True)
-            levels = results.setdefault(layout, {})
-            for i, n in enumerate(a.concurrency):
-                systems = ["specdec", "no-draft"] if i % 2 == 0 else ["no-draft", "specdec"]
-                for system in systems:
-                    reqs, wall = run_clients(
-                        v.address, prompts[:n], a.max_new_tokens, no_draft=system == "no-draft"
-                    )
-                    s = summarise(reqs, wall)
-                    s["ids"] = {r.prompt_id: r.token_ids for r in reqs}
-                    levels.setdefault(str(n), {})[system] = s
-                    print(
-                        f"  {layout:7s} N={n:<3d} {system:9s} {s['aggregate_tps']:7.2f} tok/s aggregate, "
-                        f"{s['per_request_tps']:6.2f} per request, TTFT p50 {s['ttft_p50']:.2f}s, "
-                        f"acceptance {s['acceptance']:.2f}, plain rounds {s['plain_round_share']:.0%}"
-                        + (f"  ERRORS {s['errors']}" if s["errors"] else ""),
-                        flush=True,
-                    )
-            if a.ttft_probe and max(a.concurrency) >= 8:
-                probe = {}
-                for system in ("specdec", "no-draft"):
-                    probe[system] = ttft_probe(
-                        v.address,
-                        prompts[1:],
-                        a.max_new_tokens * 2,
-                        prompts[0],
-                        no_draft=system == "no-draft",
-                    )
-                    print(f"  {layout:7s} TTFT probe {system}: {probe[system]}", flush=True)
-                results.setdefault("ttft_probe", {})[layout] = probe
-            if a.solo_reference and layout == a.layouts[0]:
-                solo = {}
-                for pid, cls, ids in prompts[: max(a.concurrency)]:
-                    reqs, _ = run_clients(v.address, [(pid, cls, ids)], a.max_new_tokens, no_draft=True)
-                    solo[pid] = reqs[0].token_ids
-                results["solo"] = solo
-            results.setdefault("rss_mb", {})[layout] = {
-                "verifier": peak_rss_mb(v.proc.pid),
-                "drafter": peak_rss_mb(d.proc.pid),
-            }
-        finally:
-            v.stop()
+            v = launch(
+                "verifier",
+                target,
+                args=v_args + ["--drafter", d.address],
+                cpus=[0] if pinned else None,
+                log_file=vlog,
+                root=root,
+            )
+        except Exception:
             d.stop()
+            raise
+    return d, v
+
+
+def measure_level(address: str, prompts, n: int, max_new: int, layout: str, system: str, **kw) -> dict:
+    reqs, wall = run_clients(address, prompts[:n], max_new, **kw)
+    s = summarise(reqs, wall)
+    s["ids"] = {r.prompt_id: r.token_ids for r in reqs}
+    print(
+        f"  {layout:7s} N={n:<3d} {system:9s} {s['aggregate_tps']:7.2f} tok/s aggregate, "
+        f"{s['per_request_tps']:6.2f} per request, TTFT p50 {s['ttft_p50']:.2f}s, "
+        f"acceptance {s['acceptance']:.2f}, plain rounds {s['plain_round_share']:.0%}"
+        + (f"  ERRORS {s['errors']}" if s["errors"] else ""),
+        flush=True,
+    )
+    return s
+
+
+def run_services(a, target: str, drafter: str, prompts, layout: str, results: dict) -> None:
+    d, v = launch_pair(a, target, drafter, layout, layout)
+    try:
+        run_clients(v.address, prompts[:2], 8)  # warm-up (excluded)
+        run_clients(v.address, prompts[:2], 8, no_draft=True)
+        levels = results.setdefault(layout, {})
+        for i, n in enumerate(a.concurrency):
+            for system in ["specdec", "no-draft"] if i % 2 == 0 else ["no-draft", "specdec"]:
+                levels.setdefault(str(n), {})[system] = measure_level(
+                    v.address, prompts, n, a.max_new_tokens, layout, system, no_draft=system == "no-draft"
+                )
+        if a.ttft_probe and max(a.concurrency) >= 8:
+            probe = {}
+            for system in ("specdec", "no-draft"):
+                probe[system] = ttft_probe(
+                    v.address, prompts[1:], a.max_new_tokens * 2, prompts[0], no_draft=system == "no-draft"
+                )
+                print(f"  {layout:7s} TTFT probe {system}: {probe[system]}", flush=True)
+            results.setdefault("ttft_probe", {})[layout] = probe
+        if a.solo_reference and layout == a.layouts[0]:
+            solo = {}
+            for pid, cls, ids in prompts[: max(a.concurrency)]:
+                reqs, _ = run_clients(v.address, [(pid, cls, ids)], a.max_new_tokens, no_draft=True)
+                solo[pid] = reqs[0].token_ids
+            results["solo"] = solo
+        results.setdefault("rss_mb", {})[layout] = {
+            "verifier": peak_rss_mb(v.proc.pid),
+            "drafter": peak_rss_mb(d.proc.pid),
+        }
+    finally:
+        v.stop()
+        d.stop()
+
+
+def run_baseline(a, target: str, drafter: str, prompts, layout: str, results: dict) -> None:
+    """An earlier checkout's services with their defaults, at the levels up to ``--baseline-max``."""
+    d, v = launch_pair(a, target, drafter, layout, f"{layout}-baseline", Path(a.baseline_root))
+    try:
+        run_clients(v.address, prompts[:2], 8)  # warm-up (excluded)
+        for n in [n for n in a.concurrency if n <= a.baseline_max]:
+            results[layout][str(n)]["baseline"] = measure_level(
+                v.address, prompts, n, a.max_new_tokens, layout, "baseline"
+            )
+    finally:
+        v.stop()
+        d.stop()
 
 
 def main(a) -> int:
@@ -393,6 +418,8 @@ def main(a) -> int:
     }
     for layout in a.layouts:
         run_services(a, target, drafter, prompts, layout, results)
+        if a.baseline_root:
+            run_baseline(a, target, drafter, prompts, layout, results)
     model, _ = models.load_model(target, a.device, "auto")
     results["meta"]["target_bytes"] = weight_bytes(model)
     results["meta"]["target_params"] = sum(p.numel() for p in model.parameters())

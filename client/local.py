@@ -70,10 +70,12 @@ def launch(
     cpus: list[int] | None = None,
     log_file=None,
     timeout_s: float = 600.0,
+    root: Path = ROOT,
 ) -> LocalService:
     """Run ``specdec serve-<role>`` in a subprocess and wait until it is SERVING.
 
-    ``cpus`` pins the process to those cores (the layout of a drafter on its own small device).
+    ``cpus`` pins the process to those cores (the layout of a drafter on its own small device); ``root``
+    runs the services of another checkout (a benchmark's baseline).
     """
     port = port or free_port()
     cmd = [
@@ -92,13 +94,13 @@ def launch(
     proc_env = {
         **os.environ,
         **(env or {}),
-        "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+        "PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
     }
     preexec = (lambda: os.sched_setaffinity(0, cpus)) if cpus else None
     proc = subprocess.Popen(
         cmd,
         env=proc_env,
-        cwd=ROOT,
+        cwd=root,
         stdout=log_file or subprocess.DEVNULL,
         stderr=subprocess.STDOUT if log_file else None,
         preexec_fn=preexec,

@@ -151,13 +151,14 @@ def run_service(
     import torch
 
     log.info(
-        "%s %s serving on port %d (%s, %d threads, OpenMP wait policy %s)%s",
+        "%s %s serving on port %d (%s, %d threads, OpenMP wait policy %s, spin count %s)%s",
         role,
         config.model,
         port,
         config.device,
         torch.get_num_threads(),
         os.environ.get("OMP_WAIT_POLICY", "default"),
+        os.environ.get("GOMP_SPINCOUNT", "default"),
         extra,
     )
     serve_until_signal(server, health_servicer, config.grace_s)

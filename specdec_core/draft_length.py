@@ -37,7 +37,8 @@ sessions whose text the drafter does not predict stop drafting first, and drafti
 (K = 0, plain batched decoding) where it no longer pays, as for a drafter nearly as costly as its target.
 A session that stopped drafting probes with one short drafted round after ``PROBE_START`` plain rounds,
 then after twice as many each time drafting still loses (the interval scales with the batch, whose round
-the probe delays), so it notices when the text turns predictable again. Resuming needs the plan to win
+the probe delays, and keeps probes under ``PROBE_BUDGET`` of the batch's time), so it notices when the
+text turns predictable again; it never probes where not even a drafter that is always right would pay. Resuming needs the plan to win
 by ``RESUME_MARGIN``, so noise does not flip a session between the two.
 
 A new session need not start blind: ``LengthMemory`` keeps, per drafter and sampling setting, what the
@@ -87,6 +88,7 @@ class Plan:
 PROBE_START = 8  # plain rounds before a session that stopped drafting tries one drafted round
 PROBE_MAX = 64
 PROBE_LENGTH = 2
+PROBE_BUDGET = 0.03  # the share of the batch's time probes may cost
 RESUME_MARGIN = 1.05
 PLAN_EVERY = 4  # rounds a plan is kept while the batch keeps its size (estimates move slowly)
 
@@ -187,6 +189,7 @@ class AdaptiveDraftLength(DraftLengthPolicy):
         self._plan: Plan | None = None  # replanned every PLAN_EVERY rounds or when the batch changes
         self._plan_age = 0
         self._plan_peers: tuple[int | None, ...] = ()
+        self._probe_after = 0.0
         if prior is not None:
             self._start_from(prior)
 
@@ -219,12 +222,13 @@ class AdaptiveDraftLength(DraftLengthPolicy):
         peers = tuple(p.fixed for p in load.peers) if load else ()  # the batch's make-up
         if self._plan is None or self._plan_age >= PLAN_EVERY or peers != self._plan_peers:
             self._plan, self._plan_age, self._plan_peers = self.plan(load), 0, peers
+            self._probe_after = self._probe_interval(load) if self._plan.k == 0 else 0.0
         self._plan_age += 1
         plan = self._plan
         if plan.k == 0:
-            rows = 1 + len(load.peers) if load else 1
-            if self.since_draft >= self.probe_every * rows:  # probe: has the text turned predictable?
+            if self.since_draft >= self._probe_after:  # probe: has the text turned predictable?
                 self.probe_every = min(2 * self.probe_every, PROBE_MAX)
+                self._plan = None  # replan after the probe
                 return min(PROBE_LENGTH, self.k_max)
             return 0
         if self.since_draft:  # resuming after plain rounds: only on a clear win
@@ -236,6 +240,26 @@ class AdaptiveDraftLength(DraftLengthPolicy):
         if self.uses_confidence and not (load is not None and load.peers):
             return self.k_max
         return plan.k
+
+    def _probe_interval(self, load: Load | None) -> float:
+        """Plain rounds before a probe: never, if not even a drafter that is always right would pay at
+        these costs; else ``probe_every`` times the rows whose round a probe delays, and at least enough
+        rounds that probes cost the batch under ``PROBE_BUDGET`` of its time."""
+        sure = [1.0] * (self.k_max + 1)
+        members = [(_gains(sure, self.k_max), self._t_draft(), None)] + self._members(load)[1:]
+        t_net = self.network_s / self.rounds if self.rounds else 0.0
+        plain = self._plan_depth(0, members, load, t_net)
+        if (
+            max(self._plan_depth(d, members, load, t_net).rate for d in range(1, self.k_max + 1))
+            <= plain.rate
+        ):
+            return float("inf")
+        lengths = [0] * len(members)
+        base = self._round_cost(load, members, lengths, t_net)
+        lengths[0] = PROBE_LENGTH
+        extra = self._round_cost(load, members, lengths, t_net) - base
+        rows = 1 + (len(load.peers) if load else 0)
+        return max(self.probe_every * rows, extra / (PROBE_BUDGET * base))
 
     def early_stop(self, load: Load | None = None) -> EarlyStop | None:
         if not self.uses_confidence or self.learning or self.round_s <= 0:

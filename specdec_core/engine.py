@@ -328,7 +328,8 @@ class SpeculativeDecoder:
                     unsent, fresh = [], True
                 k = k if drafter else 0
                 net_before = stats.network_s
-                block, drafter = self._draft(drafter, max(k, 0), policy.early_stop(load), stats)
+                early_stop = policy.early_stop(load) if k > 0 else None
+                block, drafter = self._draft(drafter, max(k, 0), early_stop, stats)
                 t0 = time.perf_counter()
                 verdict, _ = session.verify(block.tokens, block)
                 verify_s = time.perf_counter() - t0

@@ -25,9 +25,15 @@ def test_cli_generate_against_real_processes(model_dirs, tmp_path):
     target_dir, drafter_dir = model_dirs
     drafter = launch("drafter", str(drafter_dir), args=["--threads", "1"], timeout_s=120)
     verifier = None
+    log = open(tmp_path / "verifier.log", "w")
     try:
         verifier = launch(
-            "verifier", str(target_dir), args=["--threads", "1", "--fast-verify", "off"], timeout_s=120
+            "verifier",
+            str(target_dir),
+            args=["--threads", "1", "--fast-verify", "off"],
+            env={"OMP_WAIT_POLICY": "", "GOMP_SPINCOUNT": ""},
+            log_file=log,
+            timeout_s=120,
         )
         prompt = "def add(a, b):\n"
         cmd = [
@@ -73,4 +79,8 @@ def test_cli_generate_against_real_processes(model_dirs, tmp_path):
         assert plain.stdout.rstrip("\n") == result["text"]
     finally:
         codes = [s.stop() for s in (verifier, drafter) if s is not None]
+        log.close()
     assert codes == [0] * len(codes)  # SIGTERM -> graceful exit 0
+    # the CLI chose the OpenMP policy for this layout before torch started (unpinned: a brief spin)
+    started = (tmp_path / "verifier.log").read_text()
+    assert "OpenMP wait policy PASSIVE, spin count 10000" in started or "OpenMP wait policy ACTIVE" in started

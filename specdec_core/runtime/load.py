@@ -17,7 +17,7 @@ import bisect
 import threading
 from collections.abc import Sequence
 
-from ..draft_length import DraftLengthPolicy, Load
+from ..draft_length import DraftLengthPolicy, Load, Peer
 
 
 def isotonic(values: Sequence[float], weights: Sequence[float]) -> list[float]:
@@ -97,21 +97,25 @@ class BatchLoad:
         self.costs = ForwardCosts()
         self._lock = threading.Lock()
         self._members: list[DraftLengthPolicy] = []
+        self._peers: list[tuple[DraftLengthPolicy, Peer]] | None = None  # cached until the next forward
 
     def join(self, policy: DraftLengthPolicy) -> None:
         """A generation starts: its policy is one of the batch's sessions until ``leave``."""
         with self._lock:
             self._members.append(policy)
+            self._peers = None
 
     def leave(self, policy: DraftLengthPolicy) -> None:
         with self._lock:
             if policy in self._members:
                 self._members.remove(policy)
+            self._peers = None
 
     def on_forward(self, row_tokens: Sequence[int], seconds: float) -> None:
         """Record one forward: tokens fed by each row, seconds it took. The cost counts the positions
         computed: every row padded to the widest."""
         self.costs.record(len(row_tokens) * max(row_tokens), seconds)
+        self._peers = None  # the members' measurements moved on
 
     def forward_cost(self, tokens: int) -> float:
         """Seconds of a forward computing ``tokens`` positions (proportional until one is measured)."""
@@ -120,5 +124,7 @@ class BatchLoad:
     def snapshot(self, own: DraftLengthPolicy | None = None) -> Load:
         """The load ``own`` sees: its peers in the batch and the forward cost curve."""
         with self._lock:
-            peers = tuple(m.peer() for m in self._members if m is not own)
+            if self._peers is None:
+                self._peers = [(m, m.peer()) for m in self._members]
+            peers = tuple(p for m, p in self._peers if m is not own)
         return Load(peers=peers, forward_s=self.costs.cost if self.costs.known else None)

@@ -1,0 +1,91 @@
+"""Start-up choices for the layout a service finds: the OpenMP wait policy (set before torch loads), who
+shares compute, and the lease that makes forwards on shared cores take turns."""
+
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from client.local import ROOT
+from specdec import layout
+from specdec_core.runtime.lease import cpu_lease
+
+
+@pytest.fixture
+def clean_env(monkeypatch):
+    for name in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "SPECDEC_VERIFIER_OMP_WAIT_POLICY"):
+        monkeypatch.delenv(name, raising=False)
+    return monkeypatch
+
+
+def test_auto_spins_briefly_when_sharing_the_machine_and_actively_when_pinned(clean_env):
+    clean_env.setattr(layout, "pinned", lambda: False)
+    assert layout.apply_wait_policy([], "verifier") == "brief"
+    assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE" and os.environ["GOMP_SPINCOUNT"] == "10000"
+    clean_env.delenv("OMP_WAIT_POLICY")
+    clean_env.setattr(layout, "pinned", lambda: True)
+    assert layout.apply_wait_policy([], "verifier") == "active"
+    assert os.environ["OMP_WAIT_POLICY"] == "ACTIVE"
+
+
+def test_flag_environment_and_an_existing_policy(clean_env):
+    assert layout.apply_wait_policy(["--omp-wait-policy", "passive"], "verifier") == "passive"
+    assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE" and "GOMP_SPINCOUNT" not in os.environ
+    assert (
+        layout.apply_wait_policy(["--omp-wait-policy=active"], "verifier") == "passive"
+    )  # already set: kept
+    clean_env.delenv("OMP_WAIT_POLICY")
+    clean_env.setenv("SPECDEC_VERIFIER_OMP_WAIT_POLICY", "active")
+    assert layout.apply_wait_policy([], "verifier") == "active"
+    clean_env.delenv("OMP_WAIT_POLICY")
+    with pytest.raises(ValueError, match="wait policy"):
+        layout.apply_wait_policy(["--omp-wait-policy", "sometimes"], "verifier")
+
+
+def test_the_service_sets_the_policy_before_torch_starts_openmp(tmp_path):
+    """`specdec serve-*` applies it in the CLI, before torch is imported (libgomp reads it once)."""
+    code = (
+        "import sys; from client.cli import main; import specdec.layout as l; "
+        "l.apply_wait_policy(['--omp-wait-policy', 'passive'], 'drafter'); "
+        "print('torch' in sys.modules)"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, check=True
+    )
+    assert out.stdout.strip() == "False"  # nothing on the CLI's path to the policy imports torch
+
+
+def test_who_shares_compute():
+    me = ("boot-1", "cpu", [0, 1])
+    assert layout.shares_compute(me, ("boot-1", "cpu", [1]))  # same host, overlapping cores
+    assert not layout.shares_compute(me, ("boot-1", "cpu", [2, 3]))  # pinned apart
+    assert not layout.shares_compute(me, ("boot-2", "cpu", [0, 1]))  # another machine
+    assert not layout.shares_compute(me, ("boot-1", "cuda:0", []))  # a GPU drafter
+    assert layout.shares_compute(("b", "cuda:0", []), ("b", "cuda:0", [5]))
+    assert not layout.shares_compute(("b", "cuda:0", []), ("b", "cuda:1", []))
+
+
+def test_the_lease_makes_forwards_on_the_same_cores_take_turns(tmp_path):
+    a, b = cpu_lease(tmp_path, "host", [0, 1]), cpu_lease(tmp_path, "host", [1, 0])
+    other = cpu_lease(tmp_path, "host", [2])
+    assert a.path == b.path and other.path != a.path
+    inside: list[str] = []
+
+    def turn(lease, name):
+        with lease:
+            inside.append(f"{name} in")
+            time.sleep(0.05)
+            inside.append(f"{name} out")
+
+    threads = [threading.Thread(target=turn, args=(lease, name)) for lease, name in ((a, "a"), (b, "b"))]
+    for t in threads:
+        t.start()
+    with other:  # a process on other cores never waits
+        assert len(inside) <= 2
+    for t in threads:
+        t.join()
+    assert inside in (["a in", "a out", "b in", "b out"], ["b in", "b out", "a in", "a out"])
