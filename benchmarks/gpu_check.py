@@ -92,7 +92,7 @@ def check_grpc(device: str) -> bool:
     v_srv, v_port, _ = start_verifier(v_cfg, v_engine)
     try:
         with SpecDecClient(f"127.0.0.1:{v_port}") as c:
-            spec = c.generate("def add(a, b):\n", max_new_tokens=32, ignore_eos=True)
+            spec = c.generate("def add(a, b):\n", max_new_tokens=32, ignore_eos=True, num_draft_tokens=4)
             adaptive = c.generate("def add(a, b):\n", max_new_tokens=32, ignore_eos=True, adaptive=True)
             base = c.generate("def add(a, b):\n", max_new_tokens=32, ignore_eos=True, no_draft=True)
         return spec.token_ids == base.token_ids == adaptive.token_ids and spec.stats["drafted"] > 0

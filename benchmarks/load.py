@@ -23,6 +23,7 @@ same prompt on an idle verifier, with and without drafting.
 from __future__ import annotations
 
 import json
+import shlex
 import statistics
 import tempfile
 import threading
@@ -155,7 +156,8 @@ def ttft_probe(address: str, prompts, max_new: int, short, **kwargs) -> dict:
 
     def first_token(client) -> float:
         t0 = time.perf_counter()
-        for piece in client.stream(short[2], max_new_tokens=4, ignore_eos=True, **kwargs):
+        # one token: the generation ends with it (a longer one, abandoned, would hold a row a while)
+        for piece in client.stream(short[2], max_new_tokens=1, ignore_eos=True, **kwargs):
             if piece.token_ids:
                 return time.perf_counter() - t0
         return float("nan")
@@ -306,9 +308,9 @@ def launch_pair(a, target: str, drafter: str, layout: str, name: str, root: Path
     if pinned:
         d_args += ["--threads", "1"]
         v_args += ["--threads", "1"]
-    if a.omp_wait_policy and root is None:
-        d_args += ["--omp-wait-policy", a.omp_wait_policy]
-        v_args += ["--omp-wait-policy", a.omp_wait_policy]
+    if a.service_args and root is None:
+        d_args += shlex.split(a.service_args)
+        v_args += shlex.split(a.service_args)
     logs = Path(a.out)
     logs.mkdir(parents=True, exist_ok=True)
     root = root or ROOT

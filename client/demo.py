@@ -1,10 +1,13 @@
-"""``specdec demo``: both services as local processes on the built-in Qwen pair, with and without drafting."""
+"""``specdec demo``: both services as local processes on the built-in Qwen pair, with and without drafting,
+one client and then four at once."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 import tempfile
+import threading
+import time
 from pathlib import Path
 
 from specdec_core import models
@@ -24,7 +27,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--drafter-model", default=models.DEFAULT_DRAFTER)
     p.add_argument("--target-model", default=models.DEFAULT_TARGET)
     p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--num-draft-tokens", type=int, default=5)
+    p.add_argument("--num-draft-tokens", type=int, default=0, help="0: the verifier's default (adaptive)")
+    p.add_argument("--clients", type=int, default=4, help="concurrent clients in the last part (0: skip it)")
     p.add_argument("--prompts", type=int, default=len(DEMO_PROMPTS), help="how many demo prompts to run")
     p.add_argument("--device", default="cpu")
     a = p.parse_args(argv)
@@ -49,6 +53,8 @@ def main(argv: list[str] | None = None) -> int:
             raise
         try:
             run_prompts(verifier.address, drafter.address, a)
+            if a.clients > 1:
+                run_concurrent(verifier.address, drafter.address, a)
         finally:
             codes = verifier.stop(), drafter.stop()
             print(f"== services stopped (exit codes {codes[0]}, {codes[1]})")
@@ -84,3 +90,35 @@ def run_prompts(verifier: str, drafter: str, a) -> None:
         f"\n== overall: speculative {spec_tps:.2f} tok/s, target only {base_tps:.2f} tok/s, "
         f"speed-up {spec_tps / base_tps:.2f}x"
     )
+
+
+CONCURRENT_PROMPTS = [
+    "Write a Python function that merges two sorted lists.",
+    "Write a Python class for a bank account with deposit and withdraw methods.",
+    "Write a Python function that counts the words in a text file.",
+    "Write a Python function that flattens a nested list.",
+]
+
+
+def run_concurrent(verifier: str, drafter: str, a) -> None:
+    """``a.clients`` clients at once (one batch on the verifier), with drafting and then without."""
+    prompts = [CONCURRENT_PROMPTS[i % len(CONCURRENT_PROMPTS)] for i in range(a.clients)]
+    print(f"\n== {a.clients} clients at once ({a.max_new_tokens} tokens each)", flush=True)
+    rates = {}
+    for label, no_draft in (("speculative", False), ("target only", True)):
+        tokens = [0] * len(prompts)
+
+        def one(i, no_draft=no_draft, tokens=tokens):
+            with SpecDecClient(verifier, drafter) as c:
+                r = c.generate(prompts[i], chat=True, max_new_tokens=a.max_new_tokens, no_draft=no_draft)
+                tokens[i] = len(r.token_ids)
+
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(len(prompts))]
+        t0 = time.perf_counter()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        rates[label] = sum(tokens) / (time.perf_counter() - t0)
+        print(f"    {label}: {rates[label]:.2f} tok/s aggregate", flush=True)
+    print(f"    speed-up {rates['speculative'] / rates['target only']:.2f}x with {a.clients} clients")

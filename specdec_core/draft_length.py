@@ -327,7 +327,7 @@ class AdaptiveDraftLength(DraftLengthPolicy):
         lengths = [f if f is not None else depth for f in fixed_len]
         rate = 0.0
         for _ in range(2):  # each adaptive session's length at the batch's marginal token price
-            price = rate * self._slope(load, sum(lengths) + len(lengths))
+            price = rate * self._slope(load, len(lengths) * (max(lengths) + 1))
             lengths = [
                 f if f is not None else min(depth, sum(1 for g in gains if g > price))
                 for (gains, _, _), f in zip(members, fixed_len)
@@ -335,11 +335,12 @@ class AdaptiveDraftLength(DraftLengthPolicy):
             emitted = sum(1.0 + sum(gains[:k]) for (gains, _, _), k in zip(members, lengths))
             rate = emitted / self._round_cost(load, members, lengths, t_net)
         drafting = sum(1 for k in lengths if k > 0)
-        return Plan(lengths[0], depth, rate, float(sum(lengths) + len(lengths)), drafting)
+        return Plan(lengths[0], depth, rate, float(len(lengths) * (max(lengths) + 1)), drafting)
 
     def _round_cost(self, load: Load | None, members, lengths: list[int], t_net: float) -> float:
-        """One forward for every row, plus the drafting phase of the longest block (drafts are batched)."""
-        tokens = sum(k + 1 for k in lengths)
+        """One forward for every row, padded to the widest (rows of a forward are), plus the drafting phase
+        of the longest block (the drafter batches the drafts)."""
+        tokens = len(lengths) * (max(lengths) + 1)
         drafting = [k * t for (_, t, _), k in zip(members, lengths) if k > 0]
         if load is not None and load.forward_s is not None:
             forward = max(load.forward_s(tokens), 1e-6)

@@ -76,3 +76,51 @@ def test_onednn_verify_int8_lookahead_drafter_leave_output_unchanged(pair):
         out, stats = speculative(target, q_drafter, tok, tok(prompt)["input_ids"], lookahead=True)
         assert out == refs[prompt], prompt
         print(f"{prompt!r} int8 lookahead drafter + oneDNN verify: acceptance {stats.acceptance_rate:.2f}")
+
+
+def test_four_concurrent_generations_over_grpc_equal_target_greedy(pair):
+    """Both services in process on the real pair, 4 clients at once (batched rows, the adaptive default)."""
+    import threading
+
+    from client import SpecDecClient
+    from drafter_service.engine import DrafterEngine
+    from drafter_service.server import start as start_drafter
+    from specdec.config import DrafterConfig, VerifierConfig
+    from verifier_service.engine import VerifierEngine
+    from verifier_service.server import start as start_verifier
+
+    target, drafter, tok = pair
+    d_engine = DrafterEngine(DrafterConfig(model="qwen-0.5b", quantization="int8"), drafter, tok)
+    d_srv, d_port, _ = start_drafter(DrafterConfig(port=0, host="127.0.0.1"), d_engine)
+    v_cfg = VerifierConfig(port=0, host="127.0.0.1", model="qwen-1.5b", drafters=(f"127.0.0.1:{d_port}",))
+    v_engine = VerifierEngine(v_cfg, target, tok)
+    v_srv, v_port, _ = start_verifier(v_cfg, v_engine)
+    prompts = CODE_PROMPTS[:4]
+    results: dict = {}
+    try:
+
+        def gen(prompt):
+            with SpecDecClient(f"127.0.0.1:{v_port}") as c:
+                results[prompt] = c.generate(tok(prompt)["input_ids"], max_new_tokens=48, ignore_eos=True)
+
+        threads = [threading.Thread(target=gen, args=(p,)) for p in prompts]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(900)
+        rows_per_forward = v_engine.scheduler.rows_run / v_engine.scheduler.forwards
+    finally:
+        v_srv.stop(0)
+        d_srv.stop(0)
+        v_engine.close()
+        d_engine.close()
+    for prompt in prompts:
+        ids = tok(prompt)["input_ids"]
+        expected = reference(target, ids)[:48]
+        assert results[prompt].token_ids == expected, prompt
+        s = results[prompt].stats
+        print(
+            f"{prompt!r}: acceptance {s['acceptance_rate']:.2f}, {s['rounds']} rounds, {s['plain_rounds']} plain"
+        )
+    assert rows_per_forward > 2.0  # the four generations shared their forwards
+    assert sum(results[p].stats["drafted"] for p in prompts) > 0

@@ -18,10 +18,11 @@ forwards), so jobs of one sequence never race. Each **iteration** takes every jo
 arrival order, up to ``max_rows`` rows and ``max_tokens`` tokens, and runs them as one forward per model:
 sessions join and leave between iterations, and a job that is not ready (its drafter is late, or dead)
 holds up nobody. A long row is fed in chunks of ``prefill_chunk`` tokens while other sequences are active
-(its logits come with the last chunk), so a long prompt does not stall the sessions already decoding; an
-unfinished row keeps its place at the head of the queue, so nothing starves. *Background* jobs (a
-drafter's lookahead) run only in iterations with no other work. Plain calls (``call``) run between
-iterations.
+(its logits come with the last chunk), so a long prompt does not stall the sessions already decoding; after
+each chunk the rest queues behind the rows that waited meanwhile, so nothing starves. Rows that would be
+padded wastefully together (narrow decoding rows beside a wide prompt chunk) take turns (``_by_width``).
+*Background* jobs (a drafter's lookahead) run only in iterations with no other work. Plain calls
+(``call``) run between iterations.
 
 **Batch window.** The sequences of one forward come back together: each caller wakes, does its part
 (sends a token, asks its drafter for a block) and submits its next row. Starting the next forward with the
@@ -32,8 +33,10 @@ its last forward, up to ``batch_wait`` times that forward's duration (at most ``
 starts as soon as all of them are back: sessions that decode without drafting come back at once and
 wait for the ones drafting, and the batch stays whole (one forward per round, the drafter batching the
 drafts in between). A session whose drafter is late or dead delays the others by at most one forward's
-time, once: it is not expected again until it has run. New sessions arriving on an idle scheduler are
-gathered for ``arrival_wait_s`` after the latest one, so clients calling at once share their prefill.
+time, once: it is not expected again until it has run. Prompts that arrive while the batch is away are
+prefilled meanwhile, so a first token does not wait for the next round. New sessions arriving on an idle
+scheduler are gathered for ``arrival_wait_s`` after the latest one, so clients calling at once share
+their prefill.
 """
 
 from __future__ import annotations
@@ -58,6 +61,7 @@ log = logging.getLogger(__name__)
 Job = Generator[Row, torch.Tensor, Any]  # yields rows, receives their logits [keep, vocab], returns a result
 
 _STOP = object()
+WIDE_ROW = 16  # a row feeding more tokens than this is a prompt (chunk), not a decoding or verify step
 
 
 @dataclass(eq=False)
@@ -244,6 +248,8 @@ class Scheduler:
             ready = {id(t.row.seq) for t in self._tasks if t.row is not None}
             if all(id(s) in ready for s in expected):
                 return True
+            if self._prefill_meanwhile(expected):
+                continue
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return True
@@ -304,6 +310,32 @@ class Scheduler:
             if future.set_running_or_notify_cancel():
                 future.set_exception(RuntimeError("compute thread is closed"))
 
+    def _prefill_meanwhile(self, expected: list[Sequence]) -> bool:
+        """While the batch's sessions are away (drafting), run the prompts that just arrived rather than
+        idle: their first tokens need not wait for the next round. True if a forward ran."""
+        away = {id(s) for s in expected}
+        new = [
+            t
+            for t in self._tasks
+            if t.row is not None
+            and not t.steps
+            and not t.background
+            and not t.cancelled
+            and id(t.row.seq) not in away
+            and self._remaining(t) > WIDE_ROW
+        ]
+        if not new:
+            return False
+        by_runner: dict[int, list[tuple[Task, int]]] = {}
+        for task in new[: self.max_rows]:
+            n = self._feed_size(task, self.prefill_chunk or self.max_tokens, self.max_tokens)
+            by_runner.setdefault(id(task.runner), []).append((task, n if n > 0 else self._remaining(task)))
+        for group in by_runner.values():
+            self._forward(group)
+        self._expected = expected + self._expected  # still away: wait for them next
+        self.iterations += 1
+        return True
+
     def _gather_arrivals(self) -> bool:
         deadline = time.monotonic() + 10 * self.arrival_wait_s
         while self.arrival_wait_s > 0:
@@ -335,18 +367,27 @@ class Scheduler:
         for task in candidates:
             if len(chosen) == self.max_rows or budget <= 0:
                 break
-            assert task.row is not None
-            remaining = len(task.row.tokens) - task.fed
-            n = min(remaining, max(chunk, task.row.keep), budget)
-            if n < remaining:  # a partial feed: the positions whose logits are wanted come in one piece
-                n = min(n, remaining - task.row.keep)
-                if n <= 0:
-                    if chosen:
-                        continue
-                    n = remaining  # nothing else to run: feed it whole rather than stall
+            n = self._feed_size(task, chunk, budget)
+            if n <= 0:
+                if chosen:
+                    continue
+                n = self._remaining(task)  # nothing else to run: feed it whole rather than stall
             chosen.append((task, n))
             budget -= n
         return chosen
+
+    @staticmethod
+    def _remaining(task: Task) -> int:
+        assert task.row is not None
+        return len(task.row.tokens) - task.fed
+
+    def _feed_size(self, task: Task, chunk: int, budget: int) -> int:
+        """Tokens of ``task``'s row to feed now, at most ``chunk`` and ``budget``; a partial feed leaves the
+        positions whose logits are wanted for one last piece (0: it does not fit)."""
+        assert task.row is not None
+        remaining = self._remaining(task)
+        n = min(remaining, max(chunk, task.row.keep), budget)
+        return n if n == remaining else min(n, remaining - task.row.keep)
 
     def _iterate(self) -> None:
         self._expected = []
