@@ -270,9 +270,9 @@ def parse_args(argv):
     load.add_argument("--concurrency", default="", help="e.g. 1,2,4,8,16: run the concurrency benchmark")
     load.add_argument("--layouts", default="shared", help="shared (both roles on all cores) and/or pinned")
     load.add_argument(
-        "--omp-wait-policy",
+        "--service-args",
         default="",
-        help="passed to both services (auto | passive | active); default: theirs",
+        help="extra flags for both services, e.g. '--omp-wait-policy passive --no-compute-lease'",
     )
     load.add_argument(
         "--baseline-root",
