@@ -39,10 +39,12 @@ A session that stopped drafting probes with one short drafted round after ``PROB
 then after twice as many each time drafting still loses (the interval scales with the batch, whose round
 the probe delays, and keeps probes under ``PROBE_BUDGET`` of the batch's time), so it notices when the
 text turns predictable again; it never probes where not even a drafter that is always right would pay.
-Drafting needs the plan to win by ``DRAFT_MARGIN`` (10%): smaller predicted gains are within the model's
-error, and drafting sessions finish unevenly (at 16 Qwen clients a 6% better mean per request came with a
-6% lower aggregate, the last session ending later). Resuming needs ``RESUME_MARGIN`` more, so noise does not
-flip a session between the two.
+No session may lose: a depth at which some adaptive session would emit fewer tokens per second than in a
+round of plain decoding (text its drafter does not predict, waiting for the others' drafts) is not taken,
+since the batch rate alone hid it (at 16 Qwen clients of code, chat and prose, a 6-8% better mean per
+request came with a 6-15% lower aggregate: the prose sessions, last to finish, ran slower than without
+drafting). Drafting needs the plan to win by ``DRAFT_MARGIN`` (10%): smaller predicted gains are within the
+model's error. Resuming needs ``RESUME_MARGIN`` more, so noise does not flip a session between the two.
 
 A new session need not start blind: ``LengthMemory`` keeps, per drafter and sampling setting, what the
 last finished session measured, and a new policy starts from it scaled down to ``PRIOR_POSITIONS`` judged
@@ -100,6 +102,11 @@ PLAN_EVERY = 4  # rounds a plan is kept while the batch keeps its size (estimate
 def expected_tokens(acceptance: Sequence[float] | float, k: int) -> float:
     """``E[tokens | k]``: 1 + sum over j <= k of the chance that the first j drafts are accepted."""
     return 1.0 + sum(_gains(acceptance, k))
+
+
+def _plain_lengths(members, k_max: int) -> list[int]:
+    """Draft lengths of a round where the adaptive sessions decode plainly (fixed ones keep theirs)."""
+    return [min(f, k_max) if f is not None else 0 for _, _, f in members]
 
 
 def _gains(acceptance: Sequence[float] | float, k: int) -> list[float]:
@@ -302,8 +309,9 @@ class AdaptiveDraftLength(DraftLengthPolicy):
         members = self._members(load)
         t_net = self.network_s / self.rounds if self.rounds else 0.0
         best = self._plan_depth(0, members, load, t_net)
+        plain_cost = self._round_cost(load, members, _plain_lengths(members, self.k_max), 0.0)
         for depth in range(1, self.k_max + 1):
-            candidate = self._plan_depth(depth, members, load, t_net)
+            candidate = self._plan_depth(depth, members, load, t_net, plain_cost)
             if candidate.rate > best.rate:
                 best = candidate
         return best
@@ -329,8 +337,11 @@ class AdaptiveDraftLength(DraftLengthPolicy):
     def _t_draft(self) -> float:
         return self.draft_s / self.draft_tokens if self.draft_tokens else 0.0
 
-    def _plan_depth(self, depth: int, members, load: Load | None, t_net: float) -> Plan:
-        """The batch's round when adaptive sessions draft at most ``depth`` tokens."""
+    def _plan_depth(
+        self, depth: int, members, load: Load | None, t_net: float, plain_cost: float | None = None
+    ) -> Plan:
+        """The batch's round when adaptive sessions draft at most ``depth`` tokens (rate 0 where an adaptive
+        session would get fewer tokens per second than in a round of plain decoding, ``plain_cost``)."""
         fixed_len = [min(f, self.k_max) if f is not None else None for _, _, f in members]
         lengths = [f if f is not None else depth for f in fixed_len]
         rate = 0.0
@@ -341,8 +352,13 @@ class AdaptiveDraftLength(DraftLengthPolicy):
                 for (gains, _, _), f in zip(members, fixed_len)
             ]
             emitted = sum(1.0 + sum(gains[:k]) for (gains, _, _), k in zip(members, lengths))
-            rate = emitted / self._round_cost(load, members, lengths, t_net)
+            cost = self._round_cost(load, members, lengths, t_net)
+            rate = emitted / cost
         drafting = sum(1 for k in lengths if k > 0)
+        if plain_cost is not None:  # every adaptive session at least as fast as decoding plainly
+            slowest = min(1.0 + sum(g[:k]) for (g, _, f), k in zip(members, lengths) if f is None)
+            if slowest * plain_cost < cost:
+                rate = 0.0
         return Plan(lengths[0], depth, rate, float(len(lengths) * (max(lengths) + 1)), drafting)
 
     def _round_cost(self, load: Load | None, members, lengths: list[int], t_net: float) -> float:
