@@ -16,12 +16,15 @@ def _f(x: float, digits: int = 2) -> str:
 
 def layout_table(results: dict, layout: str) -> list[str]:
     meta = results["meta"]
+    levels = results.get(layout, {})
+    with_baseline = any("baseline" in systems for systems in levels.values())
     lines = [
         "| N | specdec tok/s | no-draft tok/s | HF batch tok/s | specdec / no-draft | specdec / HF batch "
         "| per request tok/s (specdec, no-draft) | TTFT p50 / p95 s (specdec) | TTFT p50 / p95 s (no-draft) "
         "| ITL p50 / p95 ms (specdec) | acceptance | drafted/round | plain rounds | target-only roofline tok/s "
-        "(bound) | no-draft % of roofline |",
-        "|---" * 15 + "|",
+        "(bound) | no-draft % of roofline |"
+        + (" previous version tok/s (specdec / it) |" if with_baseline else ""),
+        "|---" * (16 if with_baseline else 15) + "|",
     ]
     for n, systems in sorted(results.get(layout, {}).items(), key=lambda kv: int(kv[0])):
         sd, nd = systems.get("specdec", {}), systems.get("no-draft", {})
@@ -42,8 +45,14 @@ def layout_table(results: dict, layout: str) -> list[str]:
             f"| {_f(1000 * sd.get('itl_p50', float('nan')), 0)} / {_f(1000 * sd.get('itl_p95', float('nan')), 0)} "
             f"| {_f(sd.get('acceptance', 0))} | {_f(sd.get('drafted_per_round', 0))} | {sd.get('plain_round_share', 0):.0%} "
             f"| {_f(roof['tps'])} ({roof['bound']}) | {nd_t / roof['tps']:.0%} |"
+            + (_baseline_cell(systems, sd_t) if with_baseline else "")
         )
     return lines
+
+
+def _baseline_cell(systems: dict, specdec_tps: float) -> str:
+    base = systems.get("baseline", {}).get("aggregate_tps", 0.0)
+    return f" {_f(base)} ({_f(specdec_tps / base)}x) |" if base else " – |"
 
 
 def class_table(results: dict, layout: str) -> list[str]:

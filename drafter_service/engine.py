@@ -13,9 +13,7 @@ from specdec.rpc import LimitExceeded
 from specdec_core.drafting import ModelDrafter
 from specdec_core.models import load_model, vocab_fingerprint
 from specdec_core.optimize import prepare_drafter
-from specdec_core.runtime.load import BatchLoad
 from specdec_core.runtime.runner import ModelRunner
-from specdec_core.runtime.scheduler import Scheduler
 
 log = logging.getLogger(__name__)
 
@@ -29,16 +27,8 @@ class DrafterEngine:
 
     def __init__(self, config: DrafterConfig, model=None, tokenizer=None) -> None:
         self.config = config
-        self.load = BatchLoad()  # forward costs: whether prompt chunks and draft steps share a forward
-        self.scheduler = Scheduler(
-            "drafter-compute",
-            max_rows=config.max_batch_rows,
-            max_tokens=config.max_batch_tokens,
-            prefill_chunk=config.prefill_chunk,
-            lease=layout.compute_lease(config),
-            on_forward=self.load.on_forward,
-            forward_cost=self.load.forward_cost,
-        )
+        # forward costs decide whether prompt chunks and draft steps share a forward
+        self.scheduler, self.load = layout.service_scheduler("drafter-compute", config)
         model, tokenizer = self.scheduler.call(self._load, model, tokenizer)
         self.runner = ModelRunner(model, name=config.model)
         self.tokenizer = tokenizer
@@ -47,8 +37,7 @@ class DrafterEngine:
         self._lock = threading.Lock()
 
     def _load(self, model, tokenizer):
-        if self.config.threads:
-            torch.set_num_threads(self.config.threads)
+        torch.set_num_threads(self.config.threads or layout.default_threads(torch.get_num_threads()))
         if model is None:
             model, tokenizer = load_model(self.config.model, self.config.device, self.config.dtype)
         return prepare_drafter(model, self.config.quantization), tokenizer

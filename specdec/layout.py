@@ -13,6 +13,9 @@
   the CLI applies it first thing. ``auto`` picks ``brief`` unless the process is pinned to a strict
   subset of the machine's cores (cores it was given for itself, where spinning costs nobody else:
   ``active``); an ``OMP_WAIT_POLICY`` already in the environment wins.
+* **Threads.** torch's default intra-op thread count is the machine's physical cores, whatever the process
+  may run on; a process pinned to one core then runs two threads on it. The services take the smaller of
+  the two (``--threads`` overrides).
 * **Shared compute.** The verifier compares the drafter's ``Info`` (kernel boot id, device type, CPU
   affinity) with its own: a drafter on the same host's CPU cores competes with the target for them, so
   the verifier does not overlap the two prefills (``--overlap-prefill auto``).
@@ -43,6 +46,12 @@ def cpus() -> list[int]:
         return sorted(os.sched_getaffinity(0))
     except (AttributeError, OSError):
         return list(range(os.cpu_count() or 1))
+
+
+def default_threads(torch_default: int) -> int:
+    """torch's intra-op threads for this process: its default (the machine's physical cores), but never more
+    than the cores this process may run on (a container's cpuset, ``taskset``)."""
+    return max(1, min(torch_default, len(cpus())))
 
 
 def pinned() -> bool:
@@ -78,6 +87,24 @@ def apply_wait_policy(argv: list[str], role: str) -> str:
     if policy == "brief" and not os.environ.get("GOMP_SPINCOUNT"):
         os.environ["GOMP_SPINCOUNT"] = BRIEF_SPINCOUNT
     return policy
+
+
+def service_scheduler(name: str, config):
+    """The compute thread of a service (``config``: a service config) and the forward costs it learns."""
+    from specdec_core.runtime.load import BatchLoad
+    from specdec_core.runtime.scheduler import Scheduler
+
+    load = BatchLoad()
+    scheduler = Scheduler(
+        name,
+        max_rows=config.max_batch_rows,
+        max_tokens=config.max_batch_tokens,
+        prefill_chunk=config.prefill_chunk,
+        lease=compute_lease(config),
+        on_forward=load.on_forward,
+        forward_cost=load.forward_cost,
+    )
+    return scheduler, load
 
 
 def compute_lease(config):

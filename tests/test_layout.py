@@ -89,3 +89,10 @@ def test_the_lease_makes_forwards_on_the_same_cores_take_turns(tmp_path):
     for t in threads:
         t.join()
     assert inside in (["a in", "a out", "b in", "b out"], ["b in", "b out", "a in", "a out"])
+
+
+def test_threads_never_exceed_the_cores_a_process_may_use(monkeypatch):
+    monkeypatch.setattr(layout, "cpus", lambda: [3])
+    assert layout.default_threads(2) == 1  # pinned to one core: one thread, not two time-sliced
+    monkeypatch.setattr(layout, "cpus", lambda: [0, 1, 2, 3])
+    assert layout.default_threads(2) == 2  # the machine's physical cores, as torch would take

@@ -30,9 +30,7 @@ from specdec_core.models import (
 )
 from specdec_core.optimize import enable_fast_linear
 from specdec_core.runtime.admission import Admission, Cancellation
-from specdec_core.runtime.load import BatchLoad
 from specdec_core.runtime.runner import ModelRunner
-from specdec_core.runtime.scheduler import Scheduler
 from specdec_core.sampling import SamplingParams
 from specdec_core.text import IncrementalText, encode_prompt
 from specdec_core.verification import Verdict
@@ -146,17 +144,9 @@ class VerifierEngine:
 
     def __init__(self, config: VerifierConfig, model=None, tokenizer=None) -> None:
         self.config = config
-        self.load = BatchLoad()  # what the batch costs and yields, for the draft-length policy
-        # every forward of this process runs on the scheduler's thread, batched across generations
-        self.scheduler = Scheduler(
-            "verifier-compute",
-            max_rows=config.max_batch_rows,
-            max_tokens=config.max_batch_tokens,
-            prefill_chunk=config.prefill_chunk,
-            lease=layout.compute_lease(config),
-            on_forward=self.load.on_forward,
-            forward_cost=self.load.forward_cost,
-        )
+        # every forward of this process runs on the scheduler's thread, batched across generations; the load
+        # (forward costs, the sessions in the batch) is what the draft-length policies plan with
+        self.scheduler, self.load = layout.service_scheduler("verifier-compute", config)
         model, tokenizer = self.scheduler.call(self._load, model, tokenizer)
         self.runner = ModelRunner(model, name=config.model)
         self.tokenizer = tokenizer
@@ -177,8 +167,7 @@ class VerifierEngine:
         self._next_drafter = 0
 
     def _load(self, model, tokenizer):
-        if self.config.threads:
-            torch.set_num_threads(self.config.threads)
+        torch.set_num_threads(self.config.threads or layout.default_threads(torch.get_num_threads()))
         if model is None:
             model, tokenizer = load_model(self.config.model, self.config.device, self.config.dtype)
         self.fast_verify = enable_fast_linear(model, self.config.fast_verify)
