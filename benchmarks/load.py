@@ -258,15 +258,26 @@ def measure_gflops(device: str = "cpu", n: int = 1024) -> float:
     return 2 * n**3 / best / 1e9
 
 
-def roofline(n: int, weight_bytes: int, params: int, bandwidth_gbs: float, gflops: float) -> dict:
-    """Target-only decoding of n rows: each forward reads the weights once and does 2 * params * n FLOPs."""
+def roofline(
+    n: int,
+    weight_bytes: int,
+    params: int,
+    bandwidth_gbs: float,
+    gflops: float,
+    positions: float = 1.0,
+    tokens: float = 1.0,
+) -> dict:
+    """The fastest the target's forwards allow for n rows: each forward reads the weights once and does
+    2 * params * n * positions FLOPs, and gives each row ``tokens`` tokens. Target-only decoding is
+    positions = tokens = 1; speculative rounds verify 1 + k positions and emit 1 + accepted tokens (drafting
+    counted as free, so this bounds specdec from above)."""
     memory_s = weight_bytes / (bandwidth_gbs * 1e9)
-    compute_s = 2 * params * n / (gflops * 1e9)
+    compute_s = 2 * params * n * positions / (gflops * 1e9)
     return {
         "memory_s": memory_s,
         "compute_s": compute_s,
         "bound": "compute" if compute_s > memory_s else "memory",
-        "tps": n / max(memory_s, compute_s),
+        "tps": n * tokens / max(memory_s, compute_s),
     }
 
 

@@ -21,16 +21,27 @@ def layout_table(results: dict, layout: str) -> list[str]:
     lines = [
         "| N | specdec tok/s | no-draft tok/s | HF batch tok/s | specdec / no-draft | specdec / HF batch "
         "| per request tok/s (specdec, no-draft) | TTFT p50 / p95 s (specdec) | TTFT p50 / p95 s (no-draft) "
-        "| ITL p50 / p95 ms (specdec) | acceptance | drafted/round | plain rounds | target-only roofline tok/s "
-        "(bound) | no-draft % of roofline |"
+        "| ITL p50 / p95 ms (specdec; no-draft; HF batch) | acceptance | drafted/round | plain rounds "
+        "| target-only roofline tok/s (bound) | no-draft % of roofline | specdec roofline tok/s (bound) "
+        "| specdec % of its roofline |"
         + (" previous version tok/s (specdec / it) |" if with_baseline else ""),
-        "|---" * (16 if with_baseline else 15) + "|",
+        "|---" * (18 if with_baseline else 17) + "|",
     ]
     for n, systems in sorted(results.get(layout, {}).items(), key=lambda kv: int(kv[0])):
         sd, nd = systems.get("specdec", {}), systems.get("no-draft", {})
         hf = results.get("hf-batch", {}).get(n, {})
         roof = roofline(
             int(n), meta["target_bytes"], meta["target_params"], meta["bandwidth_gbs"], meta["gflops"]
+        )
+        drafted = sd.get("drafted_per_round", 0.0)
+        sd_roof = roofline(
+            int(n),
+            meta["target_bytes"],
+            meta["target_params"],
+            meta["bandwidth_gbs"],
+            meta["gflops"],
+            positions=1 + drafted,
+            tokens=1 + sd.get("acceptance", 0.0) * drafted,
         )
         sd_t, nd_t, hf_t = (
             sd.get("aggregate_tps", 0.0),
@@ -42,12 +53,19 @@ def layout_table(results: dict, layout: str) -> list[str]:
             f"| {_f(sd_t / hf_t) if hf_t else '–'}x | {_f(sd.get('per_request_tps', 0))}, {_f(nd.get('per_request_tps', 0))} "
             f"| {_f(sd.get('ttft_p50', float('nan')))} / {_f(sd.get('ttft_p95', float('nan')))} "
             f"| {_f(nd.get('ttft_p50', float('nan')))} / {_f(nd.get('ttft_p95', float('nan')))} "
-            f"| {_f(1000 * sd.get('itl_p50', float('nan')), 0)} / {_f(1000 * sd.get('itl_p95', float('nan')), 0)} "
+            f"| {_itl(sd)}; {_itl(nd)}; {_itl(hf)} "
             f"| {_f(sd.get('acceptance', 0))} | {_f(sd.get('drafted_per_round', 0))} | {sd.get('plain_round_share', 0):.0%} "
-            f"| {_f(roof['tps'])} ({roof['bound']}) | {nd_t / roof['tps']:.0%} |"
+            f"| {_f(roof['tps'])} ({roof['bound']}) | {nd_t / roof['tps']:.0%} "
+            f"| {_f(sd_roof['tps'])} ({sd_roof['bound']}) | {sd_t / sd_roof['tps']:.0%} |"
             + (_baseline_cell(systems, sd_t) if with_baseline else "")
         )
     return lines
+
+
+def _itl(system: dict) -> str:
+    if not system:
+        return "–"
+    return f"{_f(1000 * system.get('itl_p50', float('nan')), 0)} / {_f(1000 * system.get('itl_p95', float('nan')), 0)}"
 
 
 def _baseline_cell(systems: dict, specdec_tps: float) -> str:
@@ -66,16 +84,19 @@ def class_table(results: dict, layout: str) -> list[str]:
     return lines
 
 
+def command_line() -> str:
+    return f"specdec bench {shlex.join(sys.argv[2:])}"
+
+
 def write_load_reports(results: dict, a) -> None:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "load.json").write_text(json.dumps(results, indent=1))
     meta = results["meta"]
+    meta.setdefault("command", command_line())
+    (out / "load.json").write_text(json.dumps(results, indent=1))
     hw = meta["hardware"]
     md = [
-        f"Command: `specdec bench {shlex.join(sys.argv[2:] if len(sys.argv) > 2 else [])}`".replace(
-            "specdec bench ", "specdec bench ", 1
-        ),
+        f"Command: `{meta.setdefault('command', command_line())}`",
         "",
         f"Hardware: {hw.get('cpu', '?')} — {hw.get('cores')} cores, {hw.get('ram_gb')} GiB RAM; torch {hw.get('torch')}; "
         f"copy bandwidth {meta['bandwidth_gbs']:.1f} GB/s, fp32 GEMM {meta['gflops']:.0f} GFLOP/s. "
@@ -154,3 +175,17 @@ def plot(results: dict, a, path: Path) -> None:
         ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":  # python -m benchmarks.load_report DIR: the report again from DIR/load.json
+    import argparse
+
+    directory = Path(sys.argv[1])
+    saved = json.loads((directory / "load.json").read_text())
+    args = saved["meta"]["args"]
+    write_load_reports(
+        saved,
+        argparse.Namespace(
+            out=str(directory), layouts=args["layouts"], max_new_tokens=args["max_new_tokens"]
+        ),
+    )
