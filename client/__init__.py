@@ -6,7 +6,7 @@ with SpecDecClient("localhost:50051", drafter="localhost:50052") as c:
         print(piece.text, end="", flush=True)
 """
 
-__all__ = ["GenerationResult", "SpecDecClient", "StreamPiece"]
+__all__ = ["GenerationResult", "SpecDecClient", "SpecDecError", "StreamPiece"]
 
 
 def __getattr__(name: str):

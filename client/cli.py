@@ -10,7 +10,9 @@ import sys
 
 
 def cmd_generate(argv: list[str]) -> int:
-    from .client import SpecDecClient
+    from specdec.security import ClientSecurity, read_token
+
+    from .client import SpecDecError, check_request
 
     p = argparse.ArgumentParser("specdec generate", description="Generate through a verifier and a drafter.")
     p.add_argument(
@@ -38,7 +40,29 @@ def cmd_generate(argv: list[str]) -> int:
     p.add_argument("--chat", action="store_true", help="apply the model's chat template")
     p.add_argument("--no-draft", action="store_true", help="target-only decoding (the baseline)")
     p.add_argument("--json", action="store_true", help="print one JSON object with text, token_ids and stats")
+    tls = p.add_argument_group("access (defaults from the environment)")
+    env = os.environ.get
+    tls.add_argument(
+        "--tls-ca", default=env("SPECDEC_TLS_CA", ""), help="CA to trust: speak TLS (env SPECDEC_TLS_CA)"
+    )
+    tls.add_argument(
+        "--tls-cert", default=env("SPECDEC_TLS_CERT", ""), help="client certificate for mutual TLS"
+    )
+    tls.add_argument("--tls-key", default=env("SPECDEC_TLS_KEY", ""), help="its private key")
+    tls.add_argument(
+        "--tls-server-name", default=env("SPECDEC_TLS_SERVER_NAME", ""), help="TLS name to check"
+    )
+    tls.add_argument(
+        "--token-file",
+        default=env("SPECDEC_TOKEN_FILE", ""),
+        help="bearer token file (else env SPECDEC_TOKEN)",
+    )
     a = p.parse_args(argv)
+    try:
+        check_request(a.prompt, a.max_new_tokens, a.temperature, a.top_k, a.top_p)
+    except SpecDecError as exc:
+        print(f"specdec generate: error: --{exc.details().replace('_', '-')}", file=sys.stderr)
+        return 2  # a usage error: one line naming the flag
     kwargs = dict(
         max_new_tokens=a.max_new_tokens,
         temperature=a.temperature,
@@ -52,7 +76,35 @@ def cmd_generate(argv: list[str]) -> int:
         stop=tuple(a.stop),
         ignore_eos=a.ignore_eos,
     )
-    with SpecDecClient(a.verifier, a.drafter) as client:
+    security = ClientSecurity(
+        ca=a.tls_ca,
+        cert=a.tls_cert,
+        key=a.tls_key,
+        token=read_token(a.token_file, "SPECDEC_TOKEN"),
+        server_name=a.tls_server_name,
+    )
+    try:
+        return _generate(a, kwargs, security)
+    except SpecDecError as exc:
+        print(f"specdec generate: {exc.code().name}: {exc.details()}", file=sys.stderr)
+        return exit_status(exc.code())
+    except ValueError as exc:  # unreadable certificate or token file
+        print(f"specdec generate: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def exit_status(code) -> int:
+    """The CLI's exit status for a server error: 10 + the gRPC status number (INVALID_ARGUMENT 13,
+    RESOURCE_EXHAUSTED 18, PERMISSION_DENIED 17, UNAVAILABLE 24, UNAUTHENTICATED 26); 2 is a usage error."""
+    return 10 + int(code.value[0])
+
+
+def _generate(a, kwargs: dict, security) -> int:
+    from .client import SpecDecClient
+
+    with SpecDecClient(a.verifier, a.drafter, security=security) as client:
         if a.json:
             r = client.generate(a.prompt, **kwargs)
             print(

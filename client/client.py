@@ -9,6 +9,7 @@ output is identical to an uninterrupted run.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import uuid
 from collections.abc import Iterator
@@ -18,6 +19,7 @@ import grpc
 
 from specdec.convert import sampling_to_pb, stats_from_pb
 from specdec.rpc import channel
+from specdec.security import ClientSecurity
 from specdec.v1 import specdec_pb2 as pb
 from specdec.v1 import specdec_pb2_grpc as pb_grpc
 from specdec_core.sampling import SamplingParams
@@ -25,6 +27,48 @@ from specdec_core.sampling import SamplingParams
 log = logging.getLogger(__name__)
 
 RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.CANCELLED}
+
+
+class SpecDecError(grpc.RpcError):
+    """The one exception the client raises for a failed generation: ``code()`` is the gRPC status
+    (``INVALID_ARGUMENT`` for a request refused before it was sent), ``details()`` one line naming the field
+    or the cause. It is a ``grpc.RpcError``, so code written against the raw stubs keeps working."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(f"{code.name}: {details}")
+        self._code, self._details = code, details
+
+    def code(self) -> grpc.StatusCode:
+        return self._code
+
+    def details(self) -> str:
+        return self._details
+
+    @classmethod
+    def from_rpc(cls, exc: grpc.RpcError) -> SpecDecError:
+        code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
+        details = exc.details() if hasattr(exc, "details") else str(exc)
+        return cls(code or grpc.StatusCode.UNKNOWN, (details or "").splitlines()[0] if details else code.name)
+
+
+def check_request(prompt, max_new_tokens: int, temperature: float, top_k: int, top_p: float) -> None:
+    """Refuse what the verifier would refuse, before sending it (raises SpecDecError(INVALID_ARGUMENT))."""
+
+    def bad(field_name: str, reason: str) -> SpecDecError:
+        return SpecDecError(grpc.StatusCode.INVALID_ARGUMENT, f"{field_name}: {reason}")
+
+    if isinstance(prompt, str) and not prompt:
+        raise bad("prompt", "must not be empty")
+    if not isinstance(prompt, str) and not list(prompt):
+        raise bad("prompt", "must have at least one token id")
+    if max_new_tokens < 1:
+        raise bad("max_new_tokens", f"must be >= 1, got {max_new_tokens}")
+    if not math.isfinite(temperature) or temperature < 0:
+        raise bad("temperature", f"must be a finite number >= 0, got {temperature}")
+    if top_k < 0:
+        raise bad("top_k", f"must be >= 0, got {top_k}")
+    if not 0.0 < top_p <= 1.0:
+        raise bad("top_p", f"must be in (0, 1], got {top_p}")
 
 
 @dataclass
@@ -53,12 +97,16 @@ class SpecDecClient:
         drafter: str | None = None,
         retries: int = 5,
         retry_wait_s: float = 30.0,
+        security: ClientSecurity | None = None,
     ) -> None:
+        """``security``: TLS CA / client certificate / bearer token for the verifier; default from
+        ``$SPECDEC_TLS_CA``, ``$SPECDEC_TLS_CERT``, ``$SPECDEC_TLS_KEY``, ``$SPECDEC_TOKEN_FILE`` or
+        ``$SPECDEC_TOKEN`` (plaintext, no token when none is set)."""
         self.verifier = verifier or os.environ.get("SPECDEC_VERIFIER_ADDR", "localhost:50051")
         self.drafter = drafter if drafter is not None else os.environ.get("SPECDEC_DRAFTER_ADDR", "")
         self.retries = retries
         self.retry_wait_s = retry_wait_s
-        self._channel = channel(self.verifier)
+        self._channel = channel(self.verifier, security or ClientSecurity.from_env())
         self._stub = pb_grpc.GenerationStub(self._channel)
         self.resumes = 0
 
@@ -88,7 +136,9 @@ class SpecDecClient:
         ignore_eos: bool = False,
         request_id: str = "",
     ) -> Iterator[StreamPiece]:
-        """Stream pieces of the generation as the verifier accepts them; the last one has the stats."""
+        """Stream pieces of the generation as the verifier accepts them; the last one has the stats.
+        Raises SpecDecError (a grpc.RpcError carrying the status code) when the generation fails."""
+        check_request(prompt, max_new_tokens, temperature, top_k, top_p)
         request = pb.GenerateRequest(
             chat=chat,
             sampling=sampling_to_pb(SamplingParams(temperature, top_k, top_p, seed)),
@@ -124,7 +174,7 @@ class SpecDecClient:
                 return
             except grpc.RpcError as exc:
                 if exc.code() not in RETRYABLE or not prompt_ids or self.resumes >= self.retries:
-                    raise
+                    raise SpecDecError.from_rpc(exc) from None
                 self.resumes += 1
                 log.warning(
                     "verifier %s: %s; resuming from %d received tokens (attempt %d)",

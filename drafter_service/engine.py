@@ -40,7 +40,8 @@ class DrafterEngine:
         torch.set_num_threads(self.config.threads or layout.default_threads(torch.get_num_threads()))
         if model is None:
             model, tokenizer = load_model(self.config.model, self.config.device, self.config.dtype)
-        return prepare_drafter(model, self.config.quantization), tokenizer
+        with self.scheduler.lease:  # timed probes: not while the other role computes on these cores
+            return prepare_drafter(model, self.config.quantization), tokenizer
 
     def close(self) -> None:
         self.scheduler.close()

@@ -7,6 +7,7 @@ import logging
 from specdec import convert
 from specdec.config import DrafterConfig
 from specdec.rpc import make_server, map_errors, run_service
+from specdec.security import ServerSecurity
 from specdec.v1 import specdec_pb2_grpc as pb_grpc
 
 from .engine import DrafterEngine
@@ -69,6 +70,8 @@ def start(config: DrafterConfig, engine: DrafterEngine | None = None):
         ["specdec.v1.Drafter"],
         max_workers=config.max_sessions + 4,
         host=config.host,
+        security=ServerSecurity.from_config(config, "drafter"),
+        role="drafter",
     )
 
 

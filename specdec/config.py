@@ -42,6 +42,12 @@ class CommonConfig:
     compute_lease: bool = True
     grace_s: float = 5.0
     log_level: str = "INFO"
+    # access (specdec/security.py): TLS on the port, mutual TLS with a client CA, a bearer token read from
+    # this file or else from $SPECDEC_<ROLE>_AUTH_TOKEN (never a flag's value: it would show in `ps`)
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_client_ca: str = ""
+    auth_token_file: str = ""
 
 
 @dataclass(frozen=True)
@@ -71,6 +77,15 @@ class VerifierConfig(CommonConfig):
     # start remote drafters' prefill while the target prefills: auto (unless the drafter shares this
     # host's CPU cores, from its Info) | on | off
     overlap_prefill: str = "auto"
+    # a Generate request may name its own drafter only if it is one of `drafters`, unless this is set
+    allow_any_drafter: bool = False
+    # the verifier's channels to its drafters: CA to trust, client certificate (mutual TLS), TLS name to
+    # check, token file (else $SPECDEC_VERIFIER_DRAFTER_TOKEN)
+    drafter_tls_ca: str = ""
+    drafter_tls_cert: str = ""
+    drafter_tls_key: str = ""
+    drafter_tls_server_name: str = ""
+    drafter_token_file: str = ""
 
 
 def add_config_args(parser: argparse.ArgumentParser, cls: type, prefix: str) -> None:

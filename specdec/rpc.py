@@ -14,6 +14,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from specdec.config import add_config_args, config_from_args
+from specdec.security import MESSAGE_OPTIONS, ClientSecurity, ServerSecurity, warn_if_open
 from specdec_core.models import ModelError, TokenizerMismatch
 from specdec_core.runtime.admission import GenerationCancelled, QueueFull
 
@@ -28,6 +29,10 @@ class LimitExceeded(RuntimeError):
     """A configured capacity (sessions, tokens) is full."""
 
 
+class PermissionDenied(RuntimeError):
+    """The caller may not do this with the service's configuration (the message names the flag)."""
+
+
 class DependencyUnavailable(RuntimeError):
     """A service this one needs (e.g. the drafter) cannot be reached."""
 
@@ -39,6 +44,7 @@ STATUS_OF: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (QueueFull, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (GenerationCancelled, grpc.StatusCode.CANCELLED),
     (DependencyUnavailable, grpc.StatusCode.UNAVAILABLE),
+    (PermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
     (TokenizerMismatch, grpc.StatusCode.FAILED_PRECONDITION),
     (ModelError, grpc.StatusCode.FAILED_PRECONDITION),
     (ValueError, grpc.StatusCode.INVALID_ARGUMENT),
@@ -89,19 +95,27 @@ def make_server(
     service_names: Iterable[str],
     max_workers: int = 16,
     host: str = "[::]",
+    security: ServerSecurity | None = None,
+    role: str = "service",
 ) -> tuple[grpc.Server, int, health.HealthServicer]:
-    """Build a started server with the standard health service reporting SERVING; return (server, port, health)."""
+    """Build a started server with the standard health service reporting SERVING; return (server, port, health).
+    ``security``: TLS / mutual TLS on the port and a bearer-token check on every call but health's."""
+    security = security or ServerSecurity()
+    credentials = security.credentials()
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers),
-        options=[("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)],
+        interceptors=security.interceptors(),
+        options=MESSAGE_OPTIONS,
     )
     for add in register:
         add(server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    bound = server.add_insecure_port(f"{host}:{port}")
+    address = f"{host}:{port}"
+    bound = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
     if bound == 0:
         raise RuntimeError(f"cannot bind port {port}")
+    warn_if_open(role, host, credentials is not None, bool(security.token))
     server.start()
     for name in ["", *service_names]:
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -124,12 +138,9 @@ def serve_until_signal(server: grpc.Server, health_servicer: health.HealthServic
     log.info("stopped")
 
 
-def channel(address: str) -> grpc.Channel:
-    """An insecure channel with the message limits the services use."""
-    return grpc.insecure_channel(
-        address,
-        options=[("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)],
-    )
+def channel(address: str, security: ClientSecurity | None = None) -> grpc.Channel:
+    """A channel with the message limits the services use (plaintext unless ``security`` says otherwise)."""
+    return (security or ClientSecurity()).channel(address)
 
 
 def run_service(

@@ -127,7 +127,10 @@ class SleepyDrafter:
         self.engine.close()
 
 
-def test_a_session_whose_drafter_is_slow_holds_up_nobody(pair, models):
+def test_a_session_whose_drafter_is_slow_holds_up_nobody(models):
+    # requests name their drafters here (one of them a slow one started below)
+    cfg = VerifierConfig(port=0, host="127.0.0.1", model="tiny", fast_verify="off", allow_any_drafter=True)
+    pair = Pair(*models, verifier_cfg=cfg)
     sleepy = SleepyDrafter(models[1], 0.4)
     try:
 
@@ -150,6 +153,7 @@ def test_a_session_whose_drafter_is_slow_holds_up_nobody(pair, models):
         )
     finally:
         sleepy.stop()
+        pair.stop()
     assert slow_s > 2.0 and slow_r.stats["drafted"] > 0  # each of its rounds waited 0.8 s for its drafts
     # the others ran their ~15 rounds meanwhile: each waited at most one (millisecond) forward for it
     assert max(fast_s, fast2_s) < min(slow_s / 2, alone_s + 1.0)

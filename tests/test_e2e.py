@@ -30,7 +30,7 @@ def test_cli_generate_against_real_processes(model_dirs, tmp_path):
         verifier = launch(
             "verifier",
             str(target_dir),
-            args=["--threads", "1", "--fast-verify", "off"],
+            args=["--threads", "1", "--fast-verify", "off", "--drafter", drafter.address],
             env={"OMP_WAIT_POLICY": "", "GOMP_SPINCOUNT": ""},
             log_file=log,
             timeout_s=120,
@@ -77,6 +77,12 @@ def test_cli_generate_against_real_processes(model_dirs, tmp_path):
         # the plain streaming mode prints the same text
         plain = subprocess.run(cmd[:-1], cwd=ROOT, capture_output=True, text=True, timeout=120, check=True)
         assert plain.stdout.rstrip("\n") == result["text"]
+        # a server error: one line naming the code and the cause, a status of its own, no traceback
+        other = [*cmd[:7], "127.0.0.1:9", *cmd[8:]]
+        denied = subprocess.run(other, cwd=ROOT, capture_output=True, text=True, timeout=60)
+        assert denied.returncode == 17  # 10 + PERMISSION_DENIED
+        assert denied.stderr.strip().count("\n") == 0 and "Traceback" not in denied.stderr
+        assert "PERMISSION_DENIED" in denied.stderr and "--allow-any-drafter" in denied.stderr
     finally:
         codes = [s.stop() for s in (verifier, drafter) if s is not None]
         log.close()
@@ -84,3 +90,39 @@ def test_cli_generate_against_real_processes(model_dirs, tmp_path):
     # the CLI chose the OpenMP policy for this layout before torch started (unpinned: a brief spin)
     started = (tmp_path / "verifier.log").read_text()
     assert "OpenMP wait policy PASSIVE, spin count 10000" in started or "OpenMP wait policy ACTIVE" in started
+
+
+@pytest.mark.parametrize(
+    "args, flag",
+    [
+        (["--prompt", ""], "--prompt"),
+        (["--prompt", "x", "--max-new-tokens", "0"], "--max-new-tokens"),
+        (["--prompt", "x", "--temperature", "-1"], "--temperature"),
+        (["--prompt", "x", "--temperature", "nan"], "--temperature"),
+        (["--prompt", "x", "--top-p", "1.5"], "--top-p"),
+        (["--prompt", "x", "--top-p", "0"], "--top-p"),
+        (["--prompt", "x", "--top-k", "-1"], "--top-k"),
+    ],
+)
+def test_cli_usage_errors_are_one_line_and_exit_2(args, flag):
+    out = subprocess.run(
+        [sys.executable, "-m", "client.cli", "generate", "--verifier", "127.0.0.1:9", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 2
+    assert out.stderr.startswith(f"specdec generate: error: {flag}: ") and out.stderr.count("\n") == 1
+
+
+def test_cli_reports_an_unreachable_verifier_without_a_traceback():
+    out = subprocess.run(
+        [sys.executable, "-m", "client.cli", "generate", "--verifier", "127.0.0.1:9", "--prompt", "x"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 24  # 10 + UNAVAILABLE
+    assert out.stderr.startswith("specdec generate: UNAVAILABLE: ") and "Traceback" not in out.stderr

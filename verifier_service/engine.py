@@ -15,7 +15,8 @@ import torch
 
 from specdec import layout
 from specdec.config import VerifierConfig
-from specdec.rpc import DependencyUnavailable, LimitExceeded, SessionNotFound, channel
+from specdec.rpc import DependencyUnavailable, LimitExceeded, PermissionDenied, SessionNotFound, channel
+from specdec.security import ClientSecurity, read_token
 from specdec.v1 import specdec_pb2 as pb
 from specdec.v1 import specdec_pb2_grpc as pb_grpc
 from specdec_core.draft_length import DraftLengthPolicy, FixedDraftLength, LengthMemory
@@ -161,6 +162,13 @@ class VerifierEngine:
         self.admission = Admission(config.max_running, config.max_waiting)
         self.sessions = SessionStore(config)
         self._stubs: dict[str, pb_grpc.DrafterStub] = {}
+        self._drafter_security = ClientSecurity(
+            ca=config.drafter_tls_ca,
+            cert=config.drafter_tls_cert,
+            key=config.drafter_tls_key,
+            token=read_token(config.drafter_token_file, "SPECDEC_VERIFIER_DRAFTER_TOKEN"),
+            server_name=config.drafter_tls_server_name,
+        )
         self._paired: dict[str, bool] = {}  # drafter address -> shares this process's compute
         self.length_memory = LengthMemory()  # adaptive sessions start from the last one's measurements
         self._lock = threading.Lock()
@@ -170,7 +178,8 @@ class VerifierEngine:
         torch.set_num_threads(self.config.threads or layout.default_threads(torch.get_num_threads()))
         if model is None:
             model, tokenizer = load_model(self.config.model, self.config.device, self.config.dtype)
-        self.fast_verify = enable_fast_linear(model, self.config.fast_verify)
+        with self.scheduler.lease:  # timed probes: not while the other role computes on these cores
+            self.fast_verify = enable_fast_linear(model, self.config.fast_verify)
         return model, tokenizer
 
     def close(self) -> None:
@@ -264,6 +273,13 @@ class VerifierEngine:
 
     # -- drafters -------------------------------------------------------------------------------------
     def _remote_drafter(self, address: str, request_id: str) -> RemoteDrafter | None:
+        if address and address not in self.config.drafters and not self.config.allow_any_drafter:
+            # a request must not make this service dial an address of its choosing
+            raise PermissionDenied(
+                f"drafter {address!r} is not one of this verifier's drafters "
+                f"({', '.join(self.config.drafters) or 'none configured'}); "
+                "start it with --allow-any-drafter to let requests choose any address"
+            )
         addresses = [address] if address else self._rotated_defaults()
         if not addresses:
             return None
@@ -291,7 +307,7 @@ class VerifierEngine:
     def _stub(self, address: str) -> pb_grpc.DrafterStub:
         with self._lock:
             if address not in self._stubs:
-                self._stubs[address] = pb_grpc.DrafterStub(channel(address))
+                self._stubs[address] = pb_grpc.DrafterStub(channel(address, self._drafter_security))
             return self._stubs[address]
 
     def _check_pair(self, address: str) -> None:
@@ -309,7 +325,9 @@ class VerifierEngine:
                     diff or f"drafter at {address} has a different vocabulary fingerprint"
                 )
         except grpc.RpcError as exc:
-            raise DependencyUnavailable(f"drafter {address} unreachable: {exc.code()}") from exc
+            raise DependencyUnavailable(
+                f"drafter {address} unreachable or refused: {exc.code().name}"
+            ) from exc
         shared = layout.shares_compute(
             (layout.host_id(), str(self.runner.device), layout.cpus()), (info.host_id, info.device, info.cpus)
         )

@@ -7,6 +7,7 @@ import logging
 from specdec import convert
 from specdec.config import VerifierConfig
 from specdec.rpc import make_server, map_errors, run_service
+from specdec.security import ServerSecurity
 from specdec.v1 import specdec_pb2 as pb
 from specdec.v1 import specdec_pb2_grpc as pb_grpc
 from specdec_core.runtime.admission import Cancellation
@@ -98,6 +99,8 @@ def start(config: VerifierConfig, engine: VerifierEngine | None = None):
         # a handler thread per running, queued or session-based call, and a few for health and Info
         max_workers=config.max_running + config.max_waiting + config.max_sessions + 8,
         host=config.host,
+        security=ServerSecurity.from_config(config, "verifier"),
+        role="verifier",
     )
 
 
