@@ -6,11 +6,15 @@ with SpecDecClient("localhost:50051", drafter="localhost:50052") as c:
         print(piece.text, end="", flush=True)
 """
 
-__all__ = ["GenerationResult", "SpecDecClient", "SpecDecError", "StreamPiece"]
+__all__ = ["ClientSecurity", "GenerationResult", "SpecDecClient", "SpecDecError", "StreamPiece"]
 
 
 def __getattr__(name: str):
     # imported on first use: `specdec serve-*` must set the OpenMP environment before torch loads
+    if name == "ClientSecurity":
+        from specdec.security import ClientSecurity
+
+        return ClientSecurity
     if name in __all__:
         from . import client
 
