@@ -7,7 +7,7 @@ import threading
 
 import torch
 
-from specdec import layout
+from specdec import layout, validate
 from specdec.config import DrafterConfig
 from specdec.rpc import LimitExceeded
 from specdec_core.drafting import ModelDrafter
@@ -33,6 +33,9 @@ class DrafterEngine:
         self.runner = ModelRunner(model, name=config.model)
         self.tokenizer = tokenizer
         self.fingerprint = vocab_fingerprint(tokenizer)
+        self.limits = validate.Limits(
+            vocab_size=self.runner.vocab_size, context=self.runner.max_positions or 1 << 20
+        )
         self._active = 0
         self._lock = threading.Lock()
 

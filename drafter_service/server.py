@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from specdec import convert
+from specdec import convert, validate
 from specdec.config import DrafterConfig
 from specdec.rpc import make_server, map_errors, run_service
 from specdec.security import ServerSecurity
@@ -28,6 +28,7 @@ class DrafterServicer(pb_grpc.DrafterServicer):
         request_id = ""
         try:
             for req in request_iterator:
+                validate.check_draft_request(req, self.engine.limits)
                 if req.HasField("start"):
                     request_id = req.start.request_id
                     if req.start.max_support:
@@ -41,6 +42,10 @@ class DrafterServicer(pb_grpc.DrafterServicer):
                     raise ValueError("a Draft stream must begin with a start message")
                 step = req.step
                 if step.has_verdict:
+                    if step.num_accepted > drafter.pending:
+                        raise ValueError(
+                            f"step.num_accepted: {step.num_accepted} of a block of {drafter.pending} tokens"
+                        )
                     drafter.accept(step.num_accepted, step.next_token)
                 drafter.extend(list(step.committed))
                 block = drafter.propose(step.num_draft_tokens, convert.early_stop_from_pb(step))

@@ -89,6 +89,57 @@ def _is_generator(fn: Callable) -> bool:
     return inspect.isgeneratorfunction(fn)
 
 
+class _Malformed:
+    """A request whose bytes did not parse (invalid UTF-8 in a string field, truncated message)."""
+
+    def __init__(self, error: BaseException) -> None:
+        self.reason = str(error) or type(error).__name__
+
+
+class MalformedRequests(grpc.ServerInterceptor):
+    """Messages that do not parse answer ``INVALID_ARGUMENT`` naming the method, instead of gRPC's
+    ``INTERNAL`` "Exception deserializing request!"; inside a stream they end it the same way."""
+
+    def intercept_service(self, continuation, handler_call_details):
+        handler = continuation(handler_call_details)
+        if handler is None or handler.request_deserializer is None:
+            return handler
+        method = handler_call_details.method
+        parse = handler.request_deserializer
+
+        def safe_parse(data):
+            try:
+                return parse(data)
+            except Exception as exc:  # noqa: BLE001 - reported to the caller below
+                return _Malformed(exc)
+
+        def refuse(context, bad: _Malformed):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed request to {method}: {bad.reason}")
+
+        def checked(requests):
+            for request in requests:
+                if isinstance(request, _Malformed):
+                    raise ValueError(f"malformed message in the stream to {method}: {request.reason}")
+                yield request
+
+        if handler.unary_unary or handler.unary_stream:
+            kind = "unary_unary" if handler.unary_unary else "unary_stream"
+            behaviour = getattr(handler, kind)
+
+            def unary(request, context):
+                if isinstance(request, _Malformed):
+                    refuse(context, request)
+                return behaviour(request, context)
+
+            return handler._replace(request_deserializer=safe_parse, **{kind: unary})
+        kind = "stream_unary" if handler.stream_unary else "stream_stream"
+        behaviour = getattr(handler, kind)
+        return handler._replace(
+            request_deserializer=safe_parse,
+            **{kind: lambda requests, context: behaviour(checked(requests), context)},
+        )
+
+
 def make_server(
     port: int,
     register: Iterable[Callable[[grpc.Server], None]],
@@ -104,7 +155,7 @@ def make_server(
     credentials = security.credentials()
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers),
-        interceptors=security.interceptors(),
+        interceptors=[*security.interceptors(), MalformedRequests()],
         options=MESSAGE_OPTIONS,
     )
     for add in register:

@@ -230,6 +230,11 @@ class ModelDrafter(Drafter):
             self._lookahead_task.cancel()
             self._lookahead_task = None
 
+    @property
+    def pending(self) -> int:
+        """Tokens of the last block proposed and not yet judged (a verdict can accept at most these)."""
+        return len(self._drafted)
+
     def accept(self, num_accepted: int, next_token: int) -> None:
         self.executor.call(self._accept, num_accepted, next_token)
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import grpc
 import torch
 
-from specdec import layout
+from specdec import layout, validate
 from specdec.config import VerifierConfig
 from specdec.rpc import DependencyUnavailable, LimitExceeded, PermissionDenied, SessionNotFound, channel
 from specdec.security import ClientSecurity, read_token
@@ -152,6 +152,11 @@ class VerifierEngine:
         self.runner = ModelRunner(model, name=config.model)
         self.tokenizer = tokenizer
         self.fingerprint = vocab_fingerprint(tokenizer)
+        # what a request may ask for (checked before anything reaches the model; specdec/validate.py)
+        # (sessions of the Verify rpc have their own cap, max_session_tokens: RESOURCE_EXHAUSTED past it)
+        self.limits = validate.Limits(
+            vocab_size=self.runner.vocab_size, context=self.runner.max_positions or 1 << 20
+        )
         self.decoder = SpeculativeDecoder(
             self.runner,
             tokenizer,
@@ -191,7 +196,15 @@ class VerifierEngine:
         cancel = cancel or Cancellation()
         request_id = args.request_id or uuid.uuid4().hex[:12]
         prompt_ids = self.prompt_ids(args)
-        max_new = args.max_new_tokens or self.config.max_new_tokens
+        if args.max_new_tokens:
+            validate.check_context_fits(len(prompt_ids), args.max_new_tokens, self.limits)
+            max_new = args.max_new_tokens
+        else:  # the service's default budget, within what the context leaves
+            max_new = min(self.config.max_new_tokens, self.limits.context - len(prompt_ids))
+            if max_new < 1:
+                raise ValueError(
+                    f"prompt: {len(prompt_ids)} tokens fill the model's context of {self.limits.context}"
+                )
         eos = self.tokenizer.eos_token_id
         stop = StopCriteria(
             max_new_tokens=max_new,
@@ -293,7 +306,7 @@ class VerifierEngine:
         if not usable:
             log.warning("[%s] no drafter reachable, decoding with the target alone", request_id)
             return None
-        return RemoteDrafter(usable, self._stub, request_id=request_id)
+        return RemoteDrafter(usable, self._stub, request_id=request_id, limits=self.limits)
 
     def _rotated_defaults(self) -> list[str]:
         drafters = list(self.config.drafters)

@@ -15,7 +15,7 @@ from typing import Any
 
 import grpc
 
-from specdec import convert
+from specdec import convert, validate
 from specdec.v1 import specdec_pb2 as pb
 from specdec_core.drafting import DraftBlock, Drafter, DrafterUnavailable, EarlyStop
 from specdec_core.sampling import SamplingParams
@@ -31,6 +31,7 @@ class RemoteDrafter(Drafter):
         request_id: str = "",
         max_support: int = 0,
         timeout_s: float = 60.0,
+        limits: validate.Limits | None = None,
     ) -> None:
         if not addresses:
             raise ValueError("a remote drafter needs at least one address")
@@ -39,6 +40,9 @@ class RemoteDrafter(Drafter):
         self.request_id = request_id
         self.max_support = max_support
         self.timeout_s = timeout_s
+        self.limits = (
+            limits  # blocks are checked against them (a drafter sending garbage is a failed drafter)
+        )
         self.context: list[int] = []
         self.params = SamplingParams()
         self._verdict: tuple[int, int] | None = None
@@ -107,9 +111,14 @@ class RemoteDrafter(Drafter):
         if reply is None:
             raise DrafterUnavailable("drafter closed the stream")
         self._verdict, self._committed = None, []
+        if not 1 <= len(reply.tokens) <= k:
+            raise DrafterUnavailable(f"drafter returned {len(reply.tokens)} tokens, asked for up to {k}")
+        if self.limits is not None:
+            try:
+                validate.check_block("", reply.tokens, reply.dists, self.limits, max_tokens=k)
+            except ValueError as exc:
+                raise DrafterUnavailable(f"drafter sent a malformed block: {exc}") from None
         block = convert.block_from_pb(reply)
-        if not 1 <= len(block.tokens) <= k:
-            raise DrafterUnavailable(f"drafter returned {len(block.tokens)} tokens, asked for up to {k}")
         self._last = block.tokens
         return block
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from specdec import convert
+from specdec import convert, validate
 from specdec.config import VerifierConfig
 from specdec.rpc import make_server, map_errors, run_service
 from specdec.security import ServerSecurity
@@ -41,6 +41,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
     @map_errors
     def Generate(self, request, context):
         cancel = Cancellation()
+        validate.check_generate(request, self.engine.limits)
         context.add_callback(cancel.cancel)  # the client went away: free its rows at the next iteration
         for event in self.engine.generate(generate_args_from_pb(request), cancel):
             if not context.is_active():
@@ -60,6 +61,7 @@ class VerifierServicer(pb_grpc.VerifierServicer):
 
     @map_errors
     def Verify(self, request, context):
+        validate.check_verify(request, self.engine.limits)
         verdict, logprobs, length = self.engine.verify(
             request.session_id,
             list(request.tokens),
