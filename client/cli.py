@@ -40,6 +40,9 @@ def cmd_generate(argv: list[str]) -> int:
     p.add_argument("--chat", action="store_true", help="apply the model's chat template")
     p.add_argument("--no-draft", action="store_true", help="target-only decoding (the baseline)")
     p.add_argument("--json", action="store_true", help="print one JSON object with text, token_ids and stats")
+    p.add_argument(
+        "--timeout", type=float, default=None, help="seconds for the whole generation (resumes included)"
+    )
     tls = p.add_argument_group("access (defaults from the environment)")
     env = os.environ.get
     tls.add_argument(
@@ -75,6 +78,7 @@ def cmd_generate(argv: list[str]) -> int:
         chat=a.chat,
         stop=tuple(a.stop),
         ignore_eos=a.ignore_eos,
+        timeout=a.timeout,
     )
     security = ClientSecurity(
         ca=a.tls_ca,
@@ -160,7 +164,7 @@ def cmd_models(argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = ("serve-verifier", "serve-drafter", "generate", "demo", "models", "bench")
+    commands = ("serve-verifier", "serve-drafter", "generate", "demo", "models", "bench", "loadtest")
     if not argv or argv[0] not in commands:
         print(
             "usage: specdec {" + ",".join(commands) + "} ...\n\n"
@@ -169,7 +173,8 @@ def main(argv: list[str] | None = None) -> int:
             "  generate        generate text through a running pair\n"
             "  demo            start both services on the built-in Qwen pair and compare speeds\n"
             "  models          list / fetch / path of the built-in offline models\n"
-            "  bench           benchmark against target-only and HF assisted generation",
+            "  bench           benchmark against target-only and HF assisted generation\n"
+            "  loadtest        many clients against both services on loopback (tiny models), with checks",
             file=sys.stderr,
         )
         return 2
@@ -192,6 +197,10 @@ def main(argv: list[str] | None = None) -> int:
         from .demo import main as demo
 
         return demo(rest)
+    if command == "loadtest":
+        from benchmarks.loadtest import main as loadtest
+
+        return loadtest(rest)
     if command == "bench":
         from benchmarks.bench import main as bench
 

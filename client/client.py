@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -135,9 +136,13 @@ class SpecDecClient:
         stop: tuple[str, ...] = (),
         ignore_eos: bool = False,
         request_id: str = "",
+        timeout: float | None = None,
     ) -> Iterator[StreamPiece]:
         """Stream pieces of the generation as the verifier accepts them; the last one has the stats.
-        Raises SpecDecError (a grpc.RpcError carrying the status code) when the generation fails."""
+        ``timeout``: seconds for the whole generation, resumes included (the verifier ends it and frees its
+        rows when it passes). Raises SpecDecError (a grpc.RpcError carrying the status code) when the
+        generation fails: DEADLINE_EXCEEDED past ``timeout``, UNAVAILABLE when the verifier is gone and does
+        not come back within it."""
         check_request(prompt, max_new_tokens, temperature, top_k, top_p)
         request = pb.GenerateRequest(
             chat=chat,
@@ -153,15 +158,25 @@ class SpecDecClient:
             request.text = prompt
         else:
             request.token_ids.ids.extend(prompt)
-        yield from self._stream_with_resume(request, max_new_tokens)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        yield from self._stream_with_resume(request, max_new_tokens, deadline)
 
-    def _stream_with_resume(self, request: pb.GenerateRequest, max_new_tokens: int) -> Iterator[StreamPiece]:
+    def _stream_with_resume(
+        self, request: pb.GenerateRequest, max_new_tokens: int, deadline: float | None
+    ) -> Iterator[StreamPiece]:
         prompt_ids: list[int] = []
         received: list[int] = []
         self.resumes = 0
+        lost: grpc.RpcError | None = None  # why the verifier was lost, while resuming
+
+        def remaining() -> float | None:
+            return None if deadline is None else max(deadline - time.monotonic(), 0.0)
+
         while True:
             try:
-                for resp in self._stub.Generate(request, wait_for_ready=self.resumes > 0):
+                call = self._stub.Generate(request, wait_for_ready=self.resumes > 0, timeout=remaining())
+                for resp in call:
+                    lost = None  # (back) in touch with a verifier
                     if resp.prompt_token_ids and not prompt_ids:
                         prompt_ids = list(resp.prompt_token_ids)
                     received.extend(resp.token_ids)
@@ -173,8 +188,15 @@ class SpecDecClient:
                     )
                 return
             except grpc.RpcError as exc:
+                if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED and lost is not None:
+                    raise SpecDecError(
+                        grpc.StatusCode.UNAVAILABLE,
+                        f"verifier {self.verifier} lost ({lost.code().name}) and not back within the deadline; "
+                        f"{len(received)} tokens received",
+                    ) from None
                 if exc.code() not in RETRYABLE or not prompt_ids or self.resumes >= self.retries:
                     raise SpecDecError.from_rpc(exc) from None
+                lost = exc
                 self.resumes += 1
                 log.warning(
                     "verifier %s: %s; resuming from %d received tokens (attempt %d)",
@@ -188,11 +210,12 @@ class SpecDecClient:
                 request.chat = False
                 request.token_ids.ids[:] = prompt_ids + received
                 request.stop.max_new_tokens = max_new_tokens - len(received)
-                self._wait_ready()
+                left = remaining()
+                self._wait_ready(self.retry_wait_s if left is None else min(self.retry_wait_s, left))
 
-    def _wait_ready(self) -> None:
+    def _wait_ready(self, timeout: float) -> None:
         try:
-            grpc.channel_ready_future(self._channel).result(timeout=self.retry_wait_s)
+            grpc.channel_ready_future(self._channel).result(timeout=timeout)
         except grpc.FutureTimeoutError:
             pass
 

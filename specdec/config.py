@@ -40,6 +40,8 @@ class CommonConfig:
     prefill_chunk: int = 128  # while other sequences are active, feed prompts this many tokens at a time
     # on CPU, forwards take turns with the other specdec processes on the same cores (runtime/lease.py)
     compute_lease: bool = True
+    # a turn not given within this (the other process stopped or hung mid-forward) is not waited for
+    compute_lease_timeout_s: float = 10.0
     grace_s: float = 5.0
     log_level: str = "INFO"
     # access (specdec/security.py): TLS on the port, mutual TLS with a client CA, a bearer token read from
@@ -77,6 +79,11 @@ class VerifierConfig(CommonConfig):
     # start remote drafters' prefill while the target prefills: auto (unless the drafter shares this
     # host's CPU cores, from its Info) | on | off
     overlap_prefill: str = "auto"
+    # a drafter round trip later than this is a failed round (the generation goes on without drafts and
+    # health-checks the drafter with backoff); a round that (re)starts the drafter's stream, with its prefill,
+    # gets the second
+    drafter_timeout_s: float = 15.0
+    drafter_start_timeout_s: float = 60.0
     # a Generate request may name its own drafter only if it is one of `drafters`, unless this is set
     allow_any_drafter: bool = False
     # the verifier's channels to its drafters: CA to trust, client certificate (mutual TLS), TLS name to

@@ -105,6 +105,8 @@ def info_to_pb(model_name, runner, tokenizer, fingerprint, include_vocab) -> pb.
     )
     msg.host_id = layout.host_id()
     msg.cpus.extend(layout.cpus())
+    msg.active_sequences = runner.active_sequences
+    msg.kv_tokens = runner.kv_tokens_held
     if include_vocab:
         msg.vocab.extend(vocab_by_id(tokenizer))
     return msg

@@ -114,7 +114,7 @@ def compute_lease(config):
     from specdec_core.models import cache_root
     from specdec_core.runtime.lease import cpu_lease
 
-    return cpu_lease(cache_root(), host_id(), cpus())
+    return cpu_lease(cache_root(), host_id(), cpus(), config.compute_lease_timeout_s)
 
 
 def shares_compute(mine: tuple[str, str, Iterable[int]], theirs: tuple[str, str, Iterable[int]]) -> bool:

@@ -56,6 +56,16 @@ class DrafterUnavailable(RuntimeError):
     """The drafter cannot serve this generation any more (process died, connection lost)."""
 
 
+class DrafterDown(DrafterUnavailable):
+    """The drafter does not answer now (late past its deadline, restarting, unreachable): this round goes
+    without it, and the generation asks it again later. ``fresh``: a new failure, not a round skipped while
+    it is known to be down (stats count only fresh ones)."""
+
+    def __init__(self, message: str, fresh: bool = True) -> None:
+        super().__init__(message)
+        self.fresh = fresh
+
+
 @dataclass
 class DraftBlock:
     """k drafted tokens and the sparse distribution each was sampled from."""

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .draft_length import DraftLengthPolicy, FixedDraftLength
-from .drafting import DraftBlock, Drafter, DrafterUnavailable, EarlyStop
+from .drafting import DraftBlock, Drafter, DrafterDown, DrafterUnavailable, EarlyStop
 from .runtime.admission import Cancellation, GenerationCancelled
 from .runtime.load import BatchLoad
 from .runtime.runner import ModelRunner, Row, Sequence
@@ -371,7 +371,8 @@ class SpeculativeDecoder:
 
     @staticmethod
     def _drafter_call(drafter: Drafter | None, stats: GenerationStats, what: str, call):
-        """Run ``call(drafter)``; a ``DrafterUnavailable`` is logged and counted, and drops the drafter.
+        """Run ``call(drafter)``; a ``DrafterUnavailable`` is logged and counted, and drops the drafter (a
+        ``DrafterDown`` keeps it: the round goes without drafts).
 
         Returns (result, drafter) with drafter None once it is gone; the time spent counts as drafting.
         """
@@ -380,6 +381,11 @@ class SpeculativeDecoder:
         t0 = time.perf_counter()
         try:
             return call(drafter), drafter
+        except DrafterDown as exc:  # gone for this round only: kept, asked again in later rounds
+            if exc.fresh:
+                log.warning("drafter not answering %s, decoding without it until it does: %s", what, exc)
+                stats.drafter_failures += 1
+            return None, drafter
         except DrafterUnavailable as exc:
             log.warning("drafter lost %s, continuing with the target alone: %s", what, exc)
             stats.drafter_failures += 1
@@ -399,7 +405,7 @@ class SpeculativeDecoder:
         draft_before = stats.draft_s
         block, drafter = self._drafter_call(drafter, stats, "mid-generation", lambda d: d.propose(k, stop))
         if block is None:
-            return DraftBlock(tokens=[], dists=[]), None
+            return DraftBlock(tokens=[], dists=[]), drafter
         # the drafter reports its own compute time; the rest of the round trip is network (+ serialisation)
         stats.draft_s = draft_before + block.draft_s
         stats.network_s += max(time.perf_counter() - t0 - block.draft_s, 0.0)

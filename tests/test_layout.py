@@ -91,6 +91,24 @@ def test_the_lease_makes_forwards_on_the_same_cores_take_turns(tmp_path):
     assert inside in (["a in", "a out", "b in", "b out"], ["b in", "b out", "a in", "a out"])
 
 
+def test_a_holder_that_never_lets_go_does_not_stall_the_other_process(tmp_path):
+    stuck, waiter = cpu_lease(tmp_path, "host", [0]), cpu_lease(tmp_path, "host", [0], timeout_s=0.2)
+    waiter.skip_s = 0.3
+    stuck.__enter__()  # a process stopped in the middle of a forward
+    t0 = time.monotonic()
+    with waiter:
+        assert 0.15 < time.monotonic() - t0 < 1.0  # waited its timeout, then ran without the lease
+    t0 = time.monotonic()
+    with waiter:
+        assert time.monotonic() - t0 < 0.05  # skips the lease for a while instead of waiting every forward
+    stuck.__exit__(None, None, None)  # it comes back and lets go
+    time.sleep(0.35)
+    with waiter:
+        assert waiter._held  # the turns are taken again
+    with stuck:  # and released: the other one gets it at once
+        pass
+
+
 def test_threads_never_exceed_the_cores_a_process_may_use(monkeypatch):
     monkeypatch.setattr(layout, "cpus", lambda: [3])
     assert layout.default_threads(2) == 1  # pinned to one core: one thread, not two time-sliced

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 
 import grpc
 import torch
+from grpc_health.v1.health_pb2 import HealthCheckRequest, HealthCheckResponse
+from grpc_health.v1.health_pb2_grpc import HealthStub
 
 from specdec import layout, validate
 from specdec.config import VerifierConfig
@@ -123,6 +125,10 @@ class SessionStore:
         entry.last_used = time.monotonic()
         return entry
 
+    def __len__(self) -> int:
+        with self._lock:
+            return sum(1 for e in self._entries.values() if e.session is not None)
+
     def remove(self, session_id: str) -> None:
         with self._lock:
             entry = self._entries.pop(session_id, None)
@@ -166,7 +172,7 @@ class VerifierEngine:
         )
         self.admission = Admission(config.max_running, config.max_waiting)
         self.sessions = SessionStore(config)
-        self._stubs: dict[str, pb_grpc.DrafterStub] = {}
+        self._channels: dict[str, grpc.Channel] = {}
         self._drafter_security = ClientSecurity(
             ca=config.drafter_tls_ca,
             cert=config.drafter_tls_cert,
@@ -306,7 +312,15 @@ class VerifierEngine:
         if not usable:
             log.warning("[%s] no drafter reachable, decoding with the target alone", request_id)
             return None
-        return RemoteDrafter(usable, self._stub, request_id=request_id, limits=self.limits)
+        return RemoteDrafter(
+            usable,
+            self._stub,
+            request_id=request_id,
+            step_timeout_s=self.config.drafter_timeout_s,
+            start_timeout_s=self.config.drafter_start_timeout_s,
+            limits=self.limits,
+            healthy=self._drafter_healthy,
+        )
 
     def _rotated_defaults(self) -> list[str]:
         drafters = list(self.config.drafters)
@@ -317,11 +331,21 @@ class VerifierEngine:
             self._next_drafter += 1
         return drafters[i:] + drafters[:i]
 
-    def _stub(self, address: str) -> pb_grpc.DrafterStub:
+    def _channel(self, address: str) -> grpc.Channel:
         with self._lock:
-            if address not in self._stubs:
-                self._stubs[address] = pb_grpc.DrafterStub(channel(address, self._drafter_security))
-            return self._stubs[address]
+            if address not in self._channels:
+                self._channels[address] = channel(address, self._drafter_security)
+            return self._channels[address]
+
+    def _stub(self, address: str) -> pb_grpc.DrafterStub:
+        return pb_grpc.DrafterStub(self._channel(address))
+
+    def _drafter_healthy(self, address: str) -> bool:
+        try:
+            status = HealthStub(self._channel(address)).Check(HealthCheckRequest(), timeout=1.0).status
+        except grpc.RpcError:
+            return False
+        return status == HealthCheckResponse.SERVING
 
     def _check_pair(self, address: str) -> None:
         """Refuse a drafter whose tokenizer differs from ours (checked once per address); note whether it

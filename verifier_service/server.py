@@ -85,7 +85,9 @@ class VerifierServicer(pb_grpc.VerifierServicer):
     @map_errors
     def Info(self, request, context):
         e = self.engine
-        return convert.info_to_pb(e.config.model, e.runner, e.tokenizer, e.fingerprint, request.include_vocab)
+        info = convert.info_to_pb(e.config.model, e.runner, e.tokenizer, e.fingerprint, request.include_vocab)
+        info.sessions, info.running, info.waiting = len(e.sessions), e.admission.running, e.admission.waiting
+        return info
 
 
 def start(config: VerifierConfig, engine: VerifierEngine | None = None):

@@ -217,7 +217,7 @@ class InfoRequest(_message.Message):
     def __init__(self, include_vocab: _Optional[bool] = ...) -> None: ...
 
 class InfoResponse(_message.Message):
-    __slots__ = ("model", "vocab_fingerprint", "vocab_size", "device", "dtype", "vocab", "eos_token_id", "host_id", "cpus")
+    __slots__ = ("model", "vocab_fingerprint", "vocab_size", "device", "dtype", "vocab", "eos_token_id", "host_id", "cpus", "active_sequences", "kv_tokens", "sessions", "running", "waiting")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     VOCAB_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -227,6 +227,11 @@ class InfoResponse(_message.Message):
     EOS_TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
     HOST_ID_FIELD_NUMBER: _ClassVar[int]
     CPUS_FIELD_NUMBER: _ClassVar[int]
+    ACTIVE_SEQUENCES_FIELD_NUMBER: _ClassVar[int]
+    KV_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    SESSIONS_FIELD_NUMBER: _ClassVar[int]
+    RUNNING_FIELD_NUMBER: _ClassVar[int]
+    WAITING_FIELD_NUMBER: _ClassVar[int]
     model: str
     vocab_fingerprint: str
     vocab_size: int
@@ -236,4 +241,9 @@ class InfoResponse(_message.Message):
     eos_token_id: int
     host_id: str
     cpus: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, model: _Optional[str] = ..., vocab_fingerprint: _Optional[str] = ..., vocab_size: _Optional[int] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., vocab: _Optional[_Iterable[str]] = ..., eos_token_id: _Optional[int] = ..., host_id: _Optional[str] = ..., cpus: _Optional[_Iterable[int]] = ...) -> None: ...
+    active_sequences: int
+    kv_tokens: int
+    sessions: int
+    running: int
+    waiting: int
+    def __init__(self, model: _Optional[str] = ..., vocab_fingerprint: _Optional[str] = ..., vocab_size: _Optional[int] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., vocab: _Optional[_Iterable[str]] = ..., eos_token_id: _Optional[int] = ..., host_id: _Optional[str] = ..., cpus: _Optional[_Iterable[int]] = ..., active_sequences: _Optional[int] = ..., kv_tokens: _Optional[int] = ..., sessions: _Optional[int] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ...) -> None: ...

@@ -73,6 +73,7 @@ class ModelRunner:
         self.kv = SlotKV(self.device, slots, capacity)
         self._free = list(range(slots))  # a min-heap: low slots first, so busy rows stay contiguous
         self._released: list[int] = []
+        self._live: weakref.WeakValueDictionary[int, Sequence] = weakref.WeakValueDictionary()  # slot -> seq
         self._lock = threading.Lock()
         self.tokens_processed = 0
         self.forward_passes = 0
@@ -92,6 +93,7 @@ class ModelRunner:
                 self._free = list(range(self.kv.slots, grown))
                 self.kv.reserve(grown, self.kv.capacity)
             seq = Sequence(slot=heapq.heappop(self._free))
+            self._live[seq.slot] = seq
         seq.release = weakref.finalize(seq, self._release_slot, seq.slot)
         return seq
 
@@ -103,6 +105,7 @@ class ModelRunner:
 
     def _release_slot(self, slot: int) -> None:
         with self._lock:
+            self._live.pop(slot, None)
             if slot not in self._released and slot not in self._free:
                 self._released.append(slot)
 
@@ -116,8 +119,11 @@ class ModelRunner:
         with self._lock:
             return self.kv.slots - len(self._free) - len(self._released)
 
-    def kv_tokens(self, sequences) -> int:
-        return sum(len(s) for s in sequences)
+    @property
+    def kv_tokens_held(self) -> int:
+        """Positions cached for the live sequences (what the KV buffers hold for someone)."""
+        with self._lock:
+            return sum(len(s.tokens) for s in list(self._live.values()))
 
     # -- the forward -----------------------------------------------------------------------------------
     @torch.inference_mode()
