@@ -24,6 +24,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 PROMPTS = [
     "def add(a, b):\n",
@@ -67,7 +68,7 @@ class Sampler:
             "verifier": psutil.Process(verifier.proc.pid),
             "drafter": psutil.Process(drafter.proc.pid),
         }
-        self.info = {
+        self.info: dict[str, Any] = {
             "verifier": pb_grpc.VerifierStub(channel(verifier.address)),
             "drafter": pb_grpc.DrafterStub(channel(drafter.address)),
         }

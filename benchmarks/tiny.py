@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -44,7 +45,7 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
 
 
-def tiny_model(family: str, seed: int = 0, layers: int = 2, hidden: int = 64) -> torch.nn.Module:
+def tiny_model(family: str, seed: int = 0, layers: int = 2, hidden: int = 64) -> Any:
     """A random-weight causal LM of ``family`` over the tiny tokenizer's vocabulary."""
     vocab = len(tiny_tokenizer())
     torch.manual_seed(seed)
@@ -61,7 +62,7 @@ def tiny_model(family: str, seed: int = 0, layers: int = 2, hidden: int = 64) ->
             num_key_value_heads=2,
             max_position_embeddings=512,
         )
-        model = model_cls(cfg)
+        model: Any = model_cls(cfg)  # type: ignore[arg-type]
     elif family == "gpt2":
         model = GPT2LMHeadModel(
             GPT2Config(vocab_size=vocab, n_embd=hidden, n_layer=layers, n_head=4, n_positions=512)
@@ -72,7 +73,7 @@ def tiny_model(family: str, seed: int = 0, layers: int = 2, hidden: int = 64) ->
     return model.eval()
 
 
-def perturbed(model: torch.nn.Module, scale: float, seed: int = 1) -> torch.nn.Module:
+def perturbed(model: Any, scale: float, seed: int = 1) -> Any:
     """A copy of ``model`` with Gaussian noise on every weight: a drafter that agrees often, not always."""
     draft = copy.deepcopy(model)
     gen = torch.Generator().manual_seed(seed)
