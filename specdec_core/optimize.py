@@ -168,6 +168,9 @@ def enable_fast_linear(model: nn.Module, mode: str = "auto", min_gain: float = 1
     """
     if mode not in FAST_MODES:
         raise ValueError(f"fast verify mode must be one of {', '.join(FAST_MODES)}, got {mode!r}")
+    installed = getattr(model, "_specdec_linear_path", None)
+    if installed is not None:  # prepared already (one model object served by several engines, as in tests)
+        return installed
     mode = "transpose" if mode == "on" else mode
     if mode == "auto":
         if next(model.parameters()).device.type != "cpu":
@@ -188,6 +191,8 @@ def enable_fast_linear(model: nn.Module, mode: str = "auto", min_gain: float = 1
         )
         mode = best if timings["off"] / timings[best] >= min_gain else "off"
     _install(model, mode, drop_dense=True)
+    if mode != "off":  # installed, its dense weights possibly dropped: never probe or install over it
+        model._specdec_linear_path = mode  # type: ignore[assignment]
     return mode
 
 

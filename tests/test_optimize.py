@@ -71,6 +71,8 @@ def test_fast_path_off_and_auto_probe():
     assert [m.forward for m in model.modules()] == forwards
     installed = enable_fast_linear(model, "auto")  # the probe decides; either way the model still works
     assert installed in ("off", "transpose", "onednn")
+    if installed != "off":  # a prepared model is not probed or prepared again (its dense weights may be gone)
+        assert enable_fast_linear(model, "transpose" if installed == "onednn" else "onednn") == installed
     with pytest.raises(ValueError):
         enable_fast_linear(model, "sometimes")
 
