@@ -2,7 +2,8 @@
 
 ``--clients`` threads call Generate back to back for ``--duration`` seconds; each request either runs to
 its end, is cancelled by its client after a few tokens, or carries a short deadline. The verifier's waiting
-queue is kept small (``--max-waiting``) so that refusals happen too. It checks what a service under
+queue is kept small (``--max-waiting``) so that refusals happen too; a refused client waits 0.1-0.5 s
+before its next request. It checks what a service under
 sustained load must keep true:
 
 * every request ends as completed (with the ids the target gives that prompt alone), cancelled by its
@@ -152,6 +153,8 @@ def client_loop(address, drafter, args, stop_at: float, reference: dict, records
         if code == "OK":
             record["correct"] = ids == reference[prompt][:n]
         records.append(record)
+        if code == "RESOURCE_EXHAUSTED":  # refused: back off before asking again, as a retry policy would
+            time.sleep(rng.uniform(0.1, 0.5))
 
 
 def main(argv: list[str] | None = None) -> int:
