@@ -137,6 +137,29 @@ def _generate(a, kwargs: dict, security) -> int:
     return 0
 
 
+def cmd_health(argv: list[str]) -> int:
+    """Exit 0 when the service at --address reports SERVING (docker-compose and Kubernetes probes)."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from specdec.security import ClientSecurity
+
+    p = argparse.ArgumentParser("specdec health", description="Check a service's grpc.health.v1 status.")
+    p.add_argument("--address", default="localhost:50051")
+    p.add_argument("--service", default="", help="service name ('' = the whole server)")
+    p.add_argument("--timeout", type=float, default=3.0)
+    a = p.parse_args(argv)
+    try:  # TLS settings from SPECDEC_TLS_CA / _CERT / _KEY / _SERVER_NAME, as for any client
+        with ClientSecurity.from_env().channel(a.address) as ch:
+            request = health_pb2.HealthCheckRequest(service=a.service)
+            status = health_pb2_grpc.HealthStub(ch).Check(request, timeout=a.timeout).status
+    except grpc.RpcError as exc:
+        print(f"specdec health: {a.address}: {exc.code().name}", file=sys.stderr)
+        return 1
+    print(health_pb2.HealthCheckResponse.ServingStatus.Name(status))
+    return 0 if status == health_pb2.HealthCheckResponse.SERVING else 1
+
+
 def cmd_models(argv: list[str]) -> int:
     from specdec_core import models
 
@@ -164,13 +187,23 @@ def cmd_models(argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = ("serve-verifier", "serve-drafter", "generate", "demo", "models", "bench", "loadtest")
+    commands = (
+        "serve-verifier",
+        "serve-drafter",
+        "generate",
+        "health",
+        "demo",
+        "models",
+        "bench",
+        "loadtest",
+    )
     if not argv or argv[0] not in commands:
         print(
             "usage: specdec {" + ",".join(commands) + "} ...\n\n"
             "  serve-verifier  serve the target model (Generate + Verify rpcs)\n"
             "  serve-drafter   serve the drafter model\n"
             "  generate        generate text through a running pair\n"
+            "  health          probe a service's grpc.health.v1 status (exit 0 when SERVING)\n"
             "  demo            start both services on the built-in Qwen pair and compare speeds\n"
             "  models          list / fetch / path of the built-in offline models\n"
             "  bench           benchmark against target-only and HF assisted generation\n"
@@ -206,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return bench(rest)
     logging.basicConfig(level=logging.WARNING)
-    return {"generate": cmd_generate, "models": cmd_models}[command](rest)
+    return {"generate": cmd_generate, "health": cmd_health, "models": cmd_models}[command](rest)
 
 
 if __name__ == "__main__":

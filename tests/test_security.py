@@ -90,7 +90,7 @@ def refused(services, security) -> grpc.StatusCode:
     return err.value.code()
 
 
-def test_tls_and_mutual_tls(models, expected, pki):
+def test_tls_and_mutual_tls(models, expected, pki, monkeypatch):
     cert, key = pki["verifier"]
     tls = Services(models, verifier_kw={"tls_cert": cert, "tls_key": key})
     try:
@@ -99,6 +99,13 @@ def test_tls_and_mutual_tls(models, expected, pki):
         assert (
             refused(tls, ClientSecurity(ca=pki["other_ca"])) == grpc.StatusCode.UNAVAILABLE
         )  # untrusted server
+        # the probe docker-compose runs: `specdec health`, with the client's TLS settings from the environment
+        from client.cli import main as cli
+
+        monkeypatch.setenv("SPECDEC_TLS_CA", str(pki["ca"]))
+        assert cli(["health", "--address", tls.verifier_addr]) == 0
+        monkeypatch.delenv("SPECDEC_TLS_CA")
+        assert cli(["health", "--address", tls.verifier_addr, "--timeout", "1"]) == 1
     finally:
         tls.stop()
     mtls = Services(models, verifier_kw={"tls_cert": cert, "tls_key": key, "tls_client_ca": pki["ca"]})
