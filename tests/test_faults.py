@@ -196,6 +196,7 @@ def test_verifier_killed_mid_stream_resumes_without_a_lost_or_repeated_token(mod
     port = free_port()
     drafter, verifier = start_pair(model_dirs, port=port)
     restarted = []
+    threads = []
 
     def kill_and_restart():
         verifier.proc.kill()
@@ -213,7 +214,8 @@ def test_verifier_killed_mid_stream_resumes_without_a_lost_or_repeated_token(mod
                 )
             )
 
-        threading.Thread(target=restart, daemon=True).start()
+        threads.append(threading.Thread(target=restart, daemon=True))
+        threads[-1].start()
 
     try:
         with SpecDecClient(verifier.address, drafter.address, retry_wait_s=60) as c:
@@ -221,6 +223,8 @@ def test_verifier_killed_mid_stream_resumes_without_a_lost_or_repeated_token(mod
             assert c.resumes >= 1
         assert ids == expected_ids  # no token lost, none repeated
     finally:
+        for t in threads:  # the client may resume before launch() returns: wait for it, then stop them all
+            t.join(150)
         for v in [verifier, *restarted]:
             v.stop()
         drafter.stop()
