@@ -100,12 +100,7 @@ class TokenCheck(grpc.ServerInterceptor):
     def __init__(self, token: str) -> None:
         self._expected = f"Bearer {token}".encode()
 
-        def deny(request, context):
-            context.abort(
-                grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token (metadata 'authorization')"
-            )
-
-        def deny_stream(request_iterator, context):
+        def deny(_request_or_iterator, context):
             context.abort(
                 grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token (metadata 'authorization')"
             )
@@ -113,8 +108,8 @@ class TokenCheck(grpc.ServerInterceptor):
         self._deny = {
             (False, False): grpc.unary_unary_rpc_method_handler(deny),
             (False, True): grpc.unary_stream_rpc_method_handler(deny),
-            (True, False): grpc.stream_unary_rpc_method_handler(deny_stream),
-            (True, True): grpc.stream_stream_rpc_method_handler(deny_stream),
+            (True, False): grpc.stream_unary_rpc_method_handler(deny),
+            (True, True): grpc.stream_stream_rpc_method_handler(deny),
         }
 
     def allowed(self, metadata) -> bool:

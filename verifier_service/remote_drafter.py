@@ -53,9 +53,8 @@ class RemoteDrafter(Drafter):
         self.max_support = max_support
         self.step_timeout_s = step_timeout_s
         self.start_timeout_s = start_timeout_s
-        self.limits = (
-            limits  # blocks are checked against them (a drafter sending garbage is a failed drafter)
-        )
+        # blocks are checked against them: a drafter sending garbage is a failed drafter
+        self.limits = limits
         self.healthy = healthy or (lambda address: True)
         self.context: list[int] = []
         self.params = SamplingParams()
@@ -69,7 +68,6 @@ class RemoteDrafter(Drafter):
         self._restarted = False  # the next round carries a (re)start of the stream
         self._down_until = 0.0  # while down: no calls until then
         self._backoff = 0.0
-        self.failures = 0  # failed round trips (late, broken, malformed)
 
     # -- Drafter interface -----------------------------------------------------------------------------
     def start(self, context: list[int], params: SamplingParams) -> None:
@@ -101,7 +99,6 @@ class RemoteDrafter(Drafter):
             except (grpc.RpcError, DrafterUnavailable) as exc:
                 reason = exc.code().name if isinstance(exc, grpc.RpcError) else exc
                 log.warning("[%s] drafter %s failed: %s", self.request_id, self.addresses[0], reason)
-                self.failures += 1
                 self.close()
                 self.addresses.append(self.addresses.pop(0))  # try the next address
                 if attempt + 1 < len(self.addresses):
