@@ -10,8 +10,6 @@ import sys
 
 
 def cmd_generate(argv: list[str]) -> int:
-    from specdec.security import ClientSecurity, read_token
-
     from .client import SpecDecError, check_request
 
     p = argparse.ArgumentParser("specdec generate", description="Generate through a verifier and a drafter.")
@@ -43,23 +41,12 @@ def cmd_generate(argv: list[str]) -> int:
     p.add_argument(
         "--timeout", type=float, default=None, help="seconds for the whole generation (resumes included)"
     )
-    tls = p.add_argument_group("access (defaults from the environment)")
-    env = os.environ.get
-    tls.add_argument(
-        "--tls-ca", default=env("SPECDEC_TLS_CA", ""), help="CA to trust: speak TLS (env SPECDEC_TLS_CA)"
-    )
-    tls.add_argument(
-        "--tls-cert", default=env("SPECDEC_TLS_CERT", ""), help="client certificate for mutual TLS"
-    )
-    tls.add_argument("--tls-key", default=env("SPECDEC_TLS_KEY", ""), help="its private key")
-    tls.add_argument(
-        "--tls-server-name", default=env("SPECDEC_TLS_SERVER_NAME", ""), help="TLS name to check"
-    )
-    tls.add_argument(
-        "--token-file",
-        default=env("SPECDEC_TOKEN_FILE", ""),
-        help="bearer token file (else env SPECDEC_TOKEN)",
-    )
+    tls = p.add_argument_group("access (each defaults to its SPECDEC_* variable: SPECDEC_TLS_CA, ...)")
+    tls.add_argument("--tls-ca", help="CA to trust: speak TLS (env SPECDEC_TLS_CA)")
+    tls.add_argument("--tls-cert", help="client certificate for mutual TLS (env SPECDEC_TLS_CERT)")
+    tls.add_argument("--tls-key", help="its private key (env SPECDEC_TLS_KEY)")
+    tls.add_argument("--tls-server-name", help="TLS name to check (env SPECDEC_TLS_SERVER_NAME)")
+    tls.add_argument("--token-file", help="bearer token file (env SPECDEC_TOKEN_FILE, else SPECDEC_TOKEN)")
     a = p.parse_args(argv)
     try:
         check_request(a.prompt, a.max_new_tokens, a.temperature, a.top_k, a.top_p)
@@ -80,15 +67,8 @@ def cmd_generate(argv: list[str]) -> int:
         ignore_eos=a.ignore_eos,
         timeout=a.timeout,
     )
-    security = ClientSecurity(
-        ca=a.tls_ca,
-        cert=a.tls_cert,
-        key=a.tls_key,
-        token=read_token(a.token_file, "SPECDEC_TOKEN"),
-        server_name=a.tls_server_name,
-    )
     try:
-        return _generate(a, kwargs, security)
+        return _generate(a, kwargs, _security(a))
     except SpecDecError as exc:
         print(f"specdec generate: {exc.code().name}: {exc.details()}", file=sys.stderr)
         return exit_status(exc.code())
@@ -97,6 +77,19 @@ def cmd_generate(argv: list[str]) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+
+
+def _security(a):
+    """The environment's access settings (ClientSecurity.from_env), with the flags given on top."""
+    import dataclasses
+
+    from specdec.security import ClientSecurity, read_token
+
+    flags = {"ca": a.tls_ca, "cert": a.tls_cert, "key": a.tls_key, "server_name": a.tls_server_name}
+    security = dataclasses.replace(
+        ClientSecurity.from_env(), **{k: v for k, v in flags.items() if v is not None}
+    )
+    return dataclasses.replace(security, token=read_token(a.token_file)) if a.token_file else security
 
 
 def exit_status(code) -> int:

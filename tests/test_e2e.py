@@ -126,3 +126,16 @@ def test_cli_reports_an_unreachable_verifier_without_a_traceback():
     )
     assert out.returncode == 24  # 10 + UNAVAILABLE
     assert out.stderr.startswith("specdec generate: UNAVAILABLE: ") and "Traceback" not in out.stderr
+
+
+def test_cli_reports_an_unreadable_token_file_in_one_line(tmp_path):
+    missing = tmp_path / "no-such-token"
+    out = subprocess.run(
+        [sys.executable, "-m", "client.cli", "generate", "--prompt", "x", "--token-file", str(missing)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 2
+    assert out.stderr == f"specdec generate: token file: cannot read {missing}: No such file or directory\n"

@@ -181,32 +181,30 @@ def still_serving(pair, before: list[int]) -> None:
     assert valid_ids(pair) == before
 
 
-def test_fuzzed_generate_requests(pair):
-    stub = pb_grpc.GenerationStub(channel(pair.verifier_addr))
+def fuzz(pair, strategy, call) -> tuple[list[int], set[grpc.StatusCode]]:
+    """The ids of a valid request before, then ``call(case)`` for every case: the codes answered."""
     before = valid_ids(pair)
     seen: set[grpc.StatusCode] = set()
 
     @FUZZ
-    @given(generate_requests())
-    def one(request):
-        seen.add(answer(lambda: list(stub.Generate(request, timeout=2))))
+    @given(strategy)
+    def one(case):
+        seen.add(answer(lambda: call(case)))
 
     one()
+    return before, seen
+
+
+def test_fuzzed_generate_requests(pair):
+    stub = pb_grpc.GenerationStub(channel(pair.verifier_addr))
+    before, seen = fuzz(pair, generate_requests(), lambda request: list(stub.Generate(request, timeout=2)))
     still_serving(pair, before)
     assert {grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT} <= seen
 
 
 def test_fuzzed_verify_requests(pair):
     stub = pb_grpc.VerifierStub(channel(pair.verifier_addr))
-    before = valid_ids(pair)
-    seen: set[grpc.StatusCode] = set()
-
-    @FUZZ
-    @given(verify_requests())
-    def one(request):
-        seen.add(answer(lambda: stub.Verify(request, timeout=5)))
-
-    one()
+    before, seen = fuzz(pair, verify_requests(), lambda request: stub.Verify(request, timeout=5))
     for session in ("a", "b"):
         stub.CloseSession(pb.CloseSessionRequest(session_id=session))
     still_serving(pair, before)
@@ -215,15 +213,7 @@ def test_fuzzed_verify_requests(pair):
 
 def test_fuzzed_draft_streams(pair):
     stub = pb_grpc.DrafterStub(channel(pair.drafter_addr))
-    before = valid_ids(pair)
-    seen: set[grpc.StatusCode] = set()
-
-    @FUZZ
-    @given(draft_streams())
-    def one(messages):
-        seen.add(answer(lambda: list(stub.Draft(iter(messages), timeout=5))))
-
-    one()
+    before, seen = fuzz(pair, draft_streams(), lambda messages: list(stub.Draft(iter(messages), timeout=5)))
     still_serving(pair, before)
     assert {grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT} <= seen
     deadline = time.monotonic() + 10  # the last streams' handlers finish after their clients have the answer
