@@ -47,6 +47,15 @@ ran at 0.91-0.96x of plain decoding). Drafting needs the plan to win by ``DRAFT_
 predicted gains are within the model's error. Resuming needs ``RESUME_MARGIN`` more, so noise does not
 flip a session between the two.
 
+Drafting has a start cost: before its first drafted round (or after plain rounds) the drafter prefills
+the context it has not seen, ``Load.start_tokens``. Where both roles share the cores (the compose layout,
+where the drafter starts lazily) that prefill stalls the whole batch (with the starts unpriced, 16 Qwen
+clients × 64 tokens drafted at 0.95× the aggregate of plain batched decoding). So a session that would have to start
+its drafter drafts only if the plan still wins once the start is paid from the tokens left to generate:
+the batch rate ``R / (R / rate + S)`` with ``R = Load.remaining`` and ``S`` the start time, priced from
+the measured seconds per prefilled token of earlier starts (``update(start_tokens=…)``: a start round's
+time beyond a normal round of its length). Probes that would start the drafter count the start too.
+
 A new session need not start blind: ``LengthMemory`` keeps, per drafter and sampling setting, what the
 last finished session measured, and a new policy starts from it scaled down to ``PRIOR_POSITIONS`` judged
 positions and ``PRIOR_ROUNDS`` rounds of costs, so its own measurements take over within a few rounds.
@@ -74,10 +83,12 @@ class Peer:
 
 @dataclass(frozen=True)
 class Load:
-    """The batch a session's rounds share; the zero load is a lone session."""
+    """The batch a session's rounds share (the zero load is a lone session), and where the session stands."""
 
     peers: tuple[Peer, ...] = ()  # the other active sessions
     forward_s: Callable[[float], float] | None = None  # F(N): seconds of a forward feeding N tokens
+    start_tokens: int = 0  # context the drafter must prefill before this session's next drafted round
+    remaining: int | None = None  # tokens this session may still generate (None: unbounded)
 
 
 @dataclass(frozen=True)
@@ -138,9 +149,11 @@ class DraftLengthPolicy(ABC):
         network_s: float = 0.0,
         confidences: Sequence[float] = (),
         costs_valid: bool = True,
+        start_tokens: int = 0,
     ) -> None:
         """Feedback after a round that drafted ``k`` tokens (``costs_valid`` False: the round's times also
-        paid a one-off, such as the drafter's prefill, and count for acceptance only)."""
+        paid a one-off, such as the drafter's prefill of ``start_tokens`` context tokens, and count for
+        acceptance and the start's price only)."""
 
     def peer(self) -> Peer:
         """How the other sessions of a batch should count this one."""
@@ -159,7 +172,15 @@ class FixedDraftLength(DraftLengthPolicy):
         return self.k
 
     def update(
-        self, k, num_accepted, verify_s, draft_s=0.0, network_s=0.0, confidences=(), costs_valid=True
+        self,
+        k,
+        num_accepted,
+        verify_s,
+        draft_s=0.0,
+        network_s=0.0,
+        confidences=(),
+        costs_valid=True,
+        start_tokens=0,
     ) -> None:
         self._drafted += k
         self._accepted += num_accepted
@@ -203,6 +224,8 @@ class AdaptiveDraftLength(DraftLengthPolicy):
         self._plan_age = 0
         self._plan_peers: tuple[int | None, ...] = ()
         self._probe_after = 0.0
+        self.start_s = 0.0  # drafter start time beyond a normal round's, summed over measured starts
+        self.start_tokens = 0.0  # context tokens those starts prefilled
         if prior is not None:
             self._start_from(prior)
 
@@ -221,6 +244,8 @@ class AdaptiveDraftLength(DraftLengthPolicy):
         self.verify_obs = {m: v[-4:] for m, v in prior.verify_obs.items() if m <= self.k_max + 1}
         self.uses_confidence = prior.uses_confidence
         self.probe_every = prior.probe_every
+        w_start = min(1.0, PRIOR_STARTS / max(prior.start_tokens, 1.0))
+        self.start_s, self.start_tokens = prior.start_s * w_start, prior.start_tokens * w_start
         if not self.uses_confidence and self.verify_obs:
             self.k = self.best_length()
 
@@ -248,7 +273,7 @@ class AdaptiveDraftLength(DraftLengthPolicy):
         # sessions finish unevenly (the batch's last one can end later than without drafting); resuming after
         # plain rounds needs a little more, so noise does not flip a session between the two
         margin = DRAFT_MARGIN * (RESUME_MARGIN if self.since_draft else 1.0)
-        if plan.rate < margin * self._plain_plan(load).rate:
+        if self._with_start(plan.rate, load) < margin * self._plain_plan(load).rate:
             return 0
         if self.since_draft:
             self.probe_every = PROBE_START
@@ -257,6 +282,20 @@ class AdaptiveDraftLength(DraftLengthPolicy):
         if self.uses_confidence and not (load is not None and load.peers):
             return self.k_max
         return plan.k
+
+    def start_cost(self, load: Load | None) -> float:
+        """Seconds the drafter needs to catch up with the context before drafting (0 until measured)."""
+        if load is None or not load.start_tokens or self.start_tokens <= 0:
+            return 0.0
+        return load.start_tokens * self.start_s / self.start_tokens
+
+    def _with_start(self, rate: float, load: Load | None) -> float:
+        """A drafting plan's batch rate over the tokens left, once the drafter's start is paid."""
+        start = self.start_cost(load)
+        if start <= 0 or rate <= 0 or load is None or load.remaining is None:
+            return rate
+        left = max(load.remaining, 1)
+        return left / (left / rate + start)
 
     def _probe_interval(self, load: Load | None) -> float:
         """Plain rounds before a probe: never, if not even a drafter that is always right would pay at
@@ -274,7 +313,7 @@ class AdaptiveDraftLength(DraftLengthPolicy):
         lengths = [0] * len(members)
         base = self._round_cost(load, members, lengths, t_net)
         lengths[0] = PROBE_LENGTH
-        extra = self._round_cost(load, members, lengths, t_net) - base
+        extra = self._round_cost(load, members, lengths, t_net) - base + self.start_cost(load)
         rows = 1 + (len(load.peers) if load else 0)
         return max(self.probe_every * rows, extra / (PROBE_BUDGET * base))
 
@@ -402,6 +441,7 @@ class AdaptiveDraftLength(DraftLengthPolicy):
         network_s: float = 0.0,
         confidences: Sequence[float] = (),
         costs_valid: bool = True,
+        start_tokens: int = 0,
     ) -> None:
         obs = self.verify_obs.setdefault(k + 1, [])
         obs.append(verify_s)
@@ -419,6 +459,11 @@ class AdaptiveDraftLength(DraftLengthPolicy):
         for i in range(1, min(k, num_accepted + 1) + 1):  # positions the verifier actually judged
             self.tried[i] += 1
             self.passed[i] += int(i <= num_accepted)
+        if not costs_valid and start_tokens > 0 and self.draft_tokens and self.rounds:
+            # what the round took beyond a normal drafted round of its length: the drafter's catching up
+            normal = k * self._t_draft() + self.network_s / self.rounds
+            self.start_s += max(draft_s + network_s - normal, 0.0)
+            self.start_tokens += start_tokens
         if costs_valid or not self.rounds:
             self.emitted += num_accepted + 1
             self.round_s += verify_s + draft_s + network_s
@@ -480,6 +525,7 @@ class AdaptiveDraftLength(DraftLengthPolicy):
 
 PRIOR_POSITIONS = 100  # a warm start counts as at most this many judged positions...
 PRIOR_ROUNDS = 8  # ...and this many rounds of measured costs
+PRIOR_STARTS = 2048  # ...and this many context tokens of measured drafter starts
 
 
 class LengthMemory:

@@ -11,7 +11,7 @@ import logging
 import time
 from collections.abc import Iterator
 from concurrent.futures import CancelledError
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -315,17 +315,21 @@ class SpeculativeDecoder:
             unsent: list[int] = []  # committed since the drafter last heard, in rounds without drafting
             while True:
                 cancel.check()
-                load = self.load.snapshot(policy)
                 room = stop.max_new_tokens - stopper.produced - 1
+                behind = len(unsent) if started else len(session.context)  # the drafter's catching up
+                load = replace(self.load.snapshot(policy), start_tokens=behind, remaining=room)
                 k = min(policy.next_length(load), room) if drafter else 0
                 if drafter is not None and log.isEnabledFor(logging.DEBUG) and hasattr(policy, "describe"):
                     log.debug("round %d: k %d; %s", stats.rounds, k, policy.describe(load))
+                start_s, catching_up = stats.draft_s, 0
                 if k > 0 and not started:
                     drafter, unsent = self._start_drafter(drafter, session.context, params, stats), []
                     started = fresh = True
+                    catching_up = behind
                 elif k > 0 and unsent:
                     drafter = self._drafter_call(drafter, stats, "catching up", lambda d: d.extend(unsent))[1]
-                    unsent, fresh = [], True
+                    unsent, fresh, catching_up = [], True, behind
+                start_s = stats.draft_s - start_s  # the start call's own time (a lazy drafter's is ~0)
                 k = k if drafter else 0
                 net_before = stats.network_s
                 early_stop = policy.early_stop(load) if k > 0 else None
@@ -344,10 +348,11 @@ class SpeculativeDecoder:
                     len(block.tokens),
                     verdict.num_accepted,
                     verify_s,
-                    block.draft_s,
+                    block.draft_s + start_s,
                     stats.network_s - net_before,
                     block.confidences,
                     costs_valid=not (fresh and block.tokens),
+                    start_tokens=catching_up if block.tokens else 0,
                 )
                 fresh = fresh and not block.tokens
                 emitted = block.tokens[: verdict.num_accepted] + [verdict.next_token]

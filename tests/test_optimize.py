@@ -2,6 +2,7 @@
 that is generated, and the cost model picks the k that maximises throughput."""
 
 import copy
+from dataclasses import replace
 
 import pytest
 import torch
@@ -176,3 +177,22 @@ def test_a_drafter_as_costly_as_its_target_is_not_used_but_probed():
         policy.update(k, n, roofline_forward(k + 1), draft_s=0.4 * k)  # ...but costs more than a target step
         drafted, plain = drafted + (k > 0), plain + (k == 0)
     assert plain > 0.9 * 200 and 0 < drafted  # it learnt, then only probes now and then
+
+
+def test_a_drafter_start_is_paid_from_the_tokens_left():
+    policy = trained_policy()
+    alike = Load(peers=(Peer(acceptance=0.8, t_draft=0.03),) * 7, forward_s=roofline_forward)
+    assert policy.next_length(alike) > 0  # drafting pays per round...
+    # ...and a start is priced from measured catching-up rounds: a round that prefilled 200 context tokens
+    # took 2 s more than a normal round of its length (10 ms a token)
+    policy.update(3, 3, roofline_forward(4), draft_s=3 * 0.03 + 2.0, costs_valid=False, start_tokens=200)
+    assert policy.start_cost(replace(alike, start_tokens=300)) == pytest.approx(3.0, rel=0.05)
+    # a drafter that must first prefill 300 tokens (3 s) does not pay back over the last 8 tokens...
+    assert policy.next_length(replace(alike, start_tokens=300, remaining=8)) == 0
+    # ...but does over 2000 of them, and a started drafter has nothing to pay
+    assert policy.next_length(replace(alike, start_tokens=300, remaining=2000)) > 0
+    assert policy.next_length(replace(alike, start_tokens=0, remaining=8)) > 0
+    # a warm start carries the price to the next session
+    assert AdaptiveDraftLength(prior=policy).start_cost(replace(alike, start_tokens=100)) == pytest.approx(
+        1.0, rel=0.05
+    )
