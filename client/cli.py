@@ -189,6 +189,7 @@ def main(argv: list[str] | None = None) -> int:
         "models",
         "bench",
         "loadtest",
+        "serve-openai",
     )
     if not argv or argv[0] not in commands:
         print(
@@ -200,11 +201,31 @@ def main(argv: list[str] | None = None) -> int:
             "  demo            start both services on the built-in Qwen pair and compare speeds\n"
             "  models          list / fetch / path of the built-in offline models\n"
             "  bench           benchmark against target-only and HF assisted generation\n"
-            "  loadtest        many clients against both services on loopback (tiny models), with checks",
+            "  loadtest        many clients against both services on loopback (tiny models), with checks\n"
+            "  serve-openai    OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions) over a verifier",
             file=sys.stderr,
         )
         return 2
     command, rest = argv[0], argv[1:]
+    try:
+        return _run(command, rest)
+    except ModuleNotFoundError as exc:  # a light install (the client only) asked to serve
+        extra = "openai" if command == "serve-openai" else "server"
+        if exc.name and exc.name.split(".")[0] in SERVER_MODULES:
+            print(
+                f"specdec {command} needs the {extra} extra: pip install 'specdec[{extra}]' ({exc})",
+                file=sys.stderr,
+            )
+            return 2
+        raise
+
+
+# what the `server` and `openai` extras bring (pyproject.toml)
+SERVER_MODULES = {"torch", "transformers", "tokenizers", "safetensors", "accelerate", "gguf", "tqdm", "psutil",
+                  "prometheus_client", "grpc_reflection", "fastapi", "uvicorn", "starlette", "matplotlib"}  # fmt: skip
+
+
+def _run(command: str, rest: list[str]) -> int:
     if command in ("serve-verifier", "serve-drafter"):
         from specdec.layout import apply_wait_policy
 
@@ -219,6 +240,10 @@ def main(argv: list[str] | None = None) -> int:
 
         serve(rest)
         return 0
+    if command == "serve-openai":
+        from .openai_api import main as serve_openai
+
+        return serve_openai(rest)
     if command == "demo":
         from .demo import main as demo
 

@@ -18,12 +18,11 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from specdec.convert import sampling_to_pb, stats_from_pb
-from specdec.rpc import channel
 from specdec.security import ClientSecurity
 from specdec.v1 import specdec_pb2 as pb
 from specdec.v1 import specdec_pb2_grpc as pb_grpc
-from specdec_core.sampling import SamplingParams
+from specdec.wire import sampling_to_pb, stats_from_pb
+from specdec_core.params import SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +60,13 @@ def check_request(prompt, max_new_tokens: int, temperature: float, top_k: int, t
     if isinstance(prompt, str) and not prompt:
         raise bad("prompt", "must not be empty")
     if not isinstance(prompt, str) and not list(prompt):
-        raise bad("prompt", "must have at least one token id")
+        raise bad("prompt", "must have at least one token id or message")
+    if not isinstance(prompt, str) and any(isinstance(m, dict) for m in prompt):
+        for i, m in enumerate(prompt):
+            if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+                raise bad(f"messages[{i}]", "a message is a dict with a 'role' and a 'content'")
+            if not isinstance(m.get("content", ""), str):
+                raise bad(f"messages[{i}].content", "must be a string")
     if max_new_tokens < 1:
         raise bad("max_new_tokens", f"must be >= 1, got {max_new_tokens}")
     if not math.isfinite(temperature) or temperature < 0:
@@ -78,6 +83,7 @@ class StreamPiece:
     text: str
     finish_reason: str | None = None
     stats: dict | None = None
+    prompt_token_ids: list[int] = field(default_factory=list)  # on the first piece: the prompt as tokenized
 
 
 @dataclass
@@ -87,6 +93,7 @@ class GenerationResult:
     finish_reason: str
     stats: dict = field(default_factory=dict)
     resumes: int = 0
+    prompt_token_ids: list[int] = field(default_factory=list)
 
 
 class SpecDecClient:
@@ -107,7 +114,7 @@ class SpecDecClient:
         self.drafter = drafter if drafter is not None else os.environ.get("SPECDEC_DRAFTER_ADDR", "")
         self.retries = retries
         self.retry_wait_s = retry_wait_s
-        self._channel = channel(self.verifier, security or ClientSecurity.from_env())
+        self._channel = (security or ClientSecurity.from_env()).channel(self.verifier)
         self._stub = pb_grpc.GenerationStub(self._channel)
         self.resumes = 0
 
@@ -122,7 +129,7 @@ class SpecDecClient:
 
     def stream(
         self,
-        prompt: str | list[int],
+        prompt: str | list[int] | list[dict[str, str]],
         *,
         max_new_tokens: int = 128,
         temperature: float = 0.0,
@@ -139,6 +146,8 @@ class SpecDecClient:
         timeout: float | None = None,
     ) -> Iterator[StreamPiece]:
         """Stream pieces of the generation as the verifier accepts them; the last one has the stats.
+        ``prompt``: text, token ids, or a conversation (``[{"role": "user", "content": ...}, ...]``, rendered
+        by the verifier's chat template). Closing the iterator early cancels the generation on the server.
         ``timeout``: seconds for the whole generation, resumes included (the verifier ends it and frees its
         rows when it passes). Raises SpecDecError (a grpc.RpcError carrying the status code) when the
         generation fails: DEADLINE_EXCEEDED past ``timeout``, UNAVAILABLE when the verifier is gone and does
@@ -156,6 +165,10 @@ class SpecDecClient:
         )
         if isinstance(prompt, str):
             request.text = prompt
+        elif prompt and isinstance(prompt[0], dict):  # a conversation: the verifier's chat template
+            request.messages.messages.extend(
+                pb.ChatMessage(role=m["role"], content=m.get("content") or "") for m in prompt
+            )
         else:
             request.token_ids.ids.extend(prompt)
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -175,7 +188,7 @@ class SpecDecClient:
         while True:
             try:
                 call = self._stub.Generate(request, wait_for_ready=self.resumes > 0, timeout=remaining())
-                for resp in call:
+                for resp in _cancel_on_close(call):
                     lost = None  # (back) in touch with a verifier
                     if resp.prompt_token_ids and not prompt_ids:
                         prompt_ids = list(resp.prompt_token_ids)
@@ -185,6 +198,7 @@ class SpecDecClient:
                         resp.text,
                         resp.finish_reason or None,
                         stats_from_pb(resp.stats) if resp.HasField("stats") else None,
+                        list(resp.prompt_token_ids),
                     )
                 return
             except grpc.RpcError as exc:
@@ -207,6 +221,7 @@ class SpecDecClient:
                 )
                 # resume: the history we hold becomes the prompt; the budget shrinks accordingly
                 request.ClearField("text")
+                request.ClearField("messages")
                 request.chat = False
                 request.token_ids.ids[:] = prompt_ids + received
                 request.stop.max_new_tokens = max_new_tokens - len(received)
@@ -225,9 +240,20 @@ class SpecDecClient:
         ids: list[int] = []
         finish = ""
         stats: dict = {}
+        prompt_ids: list[int] = []
         for piece in self.stream(prompt, **kwargs):
             text.append(piece.text)
             ids.extend(piece.token_ids)
             finish = piece.finish_reason or finish
             stats = piece.stats or stats
-        return GenerationResult("".join(text), ids, finish, stats, self.resumes)
+            prompt_ids = prompt_ids or piece.prompt_token_ids
+        return GenerationResult("".join(text), ids, finish, stats, self.resumes, prompt_ids)
+
+
+def _cancel_on_close(call) -> Iterator:
+    """The call's responses; a consumer that stops early (closes the generator) cancels the rpc, so the
+    verifier frees the generation's rows at once instead of generating for nobody."""
+    try:
+        yield from call
+    finally:
+        call.cancel()  # a no-op once the call has ended

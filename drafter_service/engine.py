@@ -9,6 +9,7 @@ import torch
 
 from specdec import layout, validate
 from specdec.config import DrafterConfig
+from specdec.metrics import ServiceMetrics
 from specdec.rpc import LimitExceeded
 from specdec_core.drafting import ModelDrafter
 from specdec_core.models import load_model, vocab_fingerprint
@@ -27,8 +28,9 @@ class DrafterEngine:
 
     def __init__(self, config: DrafterConfig, model=None, tokenizer=None) -> None:
         self.config = config
+        self.metrics = ServiceMetrics("drafter", config.model_name or config.model)
         # forward costs decide whether prompt chunks and draft steps share a forward
-        self.scheduler, self.load = layout.service_scheduler("drafter-compute", config)
+        self.scheduler, self.load = layout.service_scheduler("drafter-compute", config, self.metrics)
         model, tokenizer = self.scheduler.call(self._load, model, tokenizer)
         self.runner = ModelRunner(model, name=config.model)
         self.tokenizer = tokenizer
@@ -38,6 +40,11 @@ class DrafterEngine:
         )
         self._active = 0
         self._lock = threading.Lock()
+        self.metrics.track(
+            running=lambda: self._active,
+            sessions=lambda: self.runner.active_sequences,
+            kv_tokens=lambda: self.runner.kv_tokens_held,
+        )
 
     def _load(self, model, tokenizer):
         torch.set_num_threads(self.config.threads or layout.default_threads(torch.get_num_threads()))

@@ -50,6 +50,7 @@ class DrafterServicer(pb_grpc.DrafterServicer):
                 drafter.extend(list(step.committed))
                 block = drafter.propose(step.num_draft_tokens, convert.early_stop_from_pb(step))
                 log.debug("[%s] drafted %d tokens in %.4fs", request_id, len(block.tokens), block.draft_s)
+                self.engine.metrics.drafted(len(block.tokens))
                 yield convert.block_to_pb(block)
         finally:
             self.engine.close_session(drafter)
@@ -69,6 +70,8 @@ class DrafterServicer(pb_grpc.DrafterServicer):
 def start(config: DrafterConfig, engine: DrafterEngine | None = None):
     """Start a drafter server (port 0 picks a free port); returns (server, port, health servicer)."""
     engine = engine or DrafterEngine(config)
+    if config.metrics_port:
+        engine.metrics.serve(config.metrics_port, config.metrics_host)
     return make_server(
         config.port,
         [lambda s: pb_grpc.add_DrafterServicer_to_server(DrafterServicer(engine), s)],
@@ -77,6 +80,18 @@ def start(config: DrafterConfig, engine: DrafterEngine | None = None):
         host=config.host,
         security=ServerSecurity.from_config(config, "drafter"),
         role="drafter",
+        options=connection_age(config.max_connection_age_s),
+    )
+
+
+def connection_age(seconds: float) -> tuple[tuple[str, object], ...]:
+    """Server options that close each connection after ``seconds`` (GOAWAY: no new streams on it), leaving
+    the streams in flight an hour to finish (a Draft stream lives as long as its generation)."""
+    if seconds <= 0:
+        return ()
+    return (
+        ("grpc.max_connection_age_ms", int(seconds * 1000)),
+        ("grpc.max_connection_age_grace_ms", 3_600_000),
     )
 
 

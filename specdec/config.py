@@ -44,6 +44,11 @@ class CommonConfig:
     compute_lease_timeout_s: float = 10.0
     grace_s: float = 5.0
     log_level: str = "INFO"
+    log_format: str = "text"  # text | json (one JSON object per line, with request id and timings)
+    # Prometheus /metrics on its own HTTP port (vLLM's metric names where they exist); 0: off
+    metrics_port: int = 0
+    metrics_host: str = "0.0.0.0"
+    model_name: str = ""  # the `model_name` label of the metrics (and /v1/models); default: the model
     # access (specdec/security.py): TLS on the port, mutual TLS with a client CA, a bearer token read from
     # this file or else from $SPECDEC_<ROLE>_AUTH_TOKEN (never a flag's value: it would show in `ps`)
     tls_cert: str = ""
@@ -61,6 +66,9 @@ class DrafterConfig(CommonConfig):
     quantization: str = (
         "auto"  # none | int8 (CPU dynamic int8) | bf16 | fp16 | auto (probe: int8 if >= 1.5x on CPU)
     )
+    # recycle each verifier connection after this long (0: never): the verifier then re-resolves a
+    # dns:/// drafter name and reaches drafters started since; streams in flight finish on the old one
+    max_connection_age_s: float = 300.0
 
 
 @dataclass(frozen=True)

@@ -6,26 +6,11 @@ import torch
 
 from specdec import layout
 from specdec.v1 import specdec_pb2 as pb
+from specdec.wire import sampling_from_pb, sampling_to_pb, stats_from_pb  # noqa: F401 - re-exported
 from specdec_core.drafting import CONFIDENCE_BINS, DraftBlock, EarlyStop
 from specdec_core.engine import GenerationStats, StopCriteria
 from specdec_core.models import vocab_by_id
-from specdec_core.sampling import SamplingParams, SparseDist
-
-
-def sampling_from_pb(msg: pb.SamplingParams) -> SamplingParams:
-    return SamplingParams(
-        temperature=float(msg.temperature),
-        top_k=int(msg.top_k),
-        top_p=float(msg.top_p) if msg.top_p > 0 else 1.0,
-        seed=int(msg.seed) if msg.HasField("seed") else None,
-    )
-
-
-def sampling_to_pb(params: SamplingParams) -> pb.SamplingParams:
-    msg = pb.SamplingParams(temperature=params.temperature, top_k=params.top_k, top_p=params.top_p)
-    if params.seed is not None:
-        msg.seed = params.seed
-    return msg
+from specdec_core.sampling import SparseDist
 
 
 def stop_from_pb(
@@ -84,13 +69,6 @@ def block_from_pb(msg: pb.DraftResponse | pb.VerifyRequest) -> DraftBlock:
 def stats_to_pb(stats: GenerationStats) -> pb.GenerationStats:
     d = stats.to_dict()
     return pb.GenerationStats(**{k: d[k] for k in pb.GenerationStats.DESCRIPTOR.fields_by_name})
-
-
-def stats_from_pb(msg: pb.GenerationStats) -> dict:
-    from google.protobuf.json_format import MessageToDict
-
-    d = MessageToDict(msg, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
-    return {k: (float(v) if isinstance(v, float) else v) for k, v in d.items()}
 
 
 def info_to_pb(model_name, runner, tokenizer, fingerprint, include_vocab) -> pb.InfoResponse:

@@ -89,19 +89,26 @@ def apply_wait_policy(argv: list[str], role: str) -> str:
     return policy
 
 
-def service_scheduler(name: str, config):
-    """The compute thread of a service (``config``: a service config) and the forward costs it learns."""
+def service_scheduler(name: str, config, metrics=None):
+    """The compute thread of a service (``config``: a service config) and the forward costs it learns;
+    ``metrics`` (``specdec.metrics.ServiceMetrics``) sees every forward too."""
     from specdec_core.runtime.load import BatchLoad
     from specdec_core.runtime.scheduler import Scheduler
 
     load = BatchLoad()
+
+    def on_forward(row_tokens, seconds: float) -> None:
+        load.on_forward(row_tokens, seconds)
+        if metrics is not None:
+            metrics.on_forward(row_tokens, seconds)
+
     scheduler = Scheduler(
         name,
         max_rows=config.max_batch_rows,
         max_tokens=config.max_batch_tokens,
         prefill_chunk=config.prefill_chunk,
         lease=compute_lease(config),
-        on_forward=load.on_forward,
+        on_forward=on_forward,
         forward_cost=load.forward_cost,
     )
     return scheduler, load

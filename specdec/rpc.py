@@ -12,7 +12,9 @@ from concurrent import futures
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
 
+from specdec import logs
 from specdec.config import add_config_args, config_from_args
 from specdec.security import MESSAGE_OPTIONS, ClientSecurity, ServerSecurity, warn_if_open
 from specdec_core.models import ModelError, TokenizerMismatch
@@ -148,6 +150,7 @@ def make_server(
     host: str = "[::]",
     security: ServerSecurity | None = None,
     role: str = "service",
+    options: tuple[tuple[str, object], ...] = (),
 ) -> tuple[grpc.Server, int, health.HealthServicer]:
     """Build a started server with the standard health service reporting SERVING; return (server, port, health).
     ``security``: TLS / mutual TLS on the port and a bearer-token check on every call but health's."""
@@ -156,12 +159,16 @@ def make_server(
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers),
         interceptors=[*security.interceptors(), MalformedRequests()],
-        options=MESSAGE_OPTIONS,
+        options=[*MESSAGE_OPTIONS, *options],
     )
     for add in register:
         add(server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    # the standard reflection service: grpcurl and other tools list and call the rpcs without the protos
+    reflection.enable_server_reflection(
+        (*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+    )
     address = f"{host}:{port}"
     bound = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
     if bound == 0:
@@ -201,9 +208,7 @@ def run_service(
     parser = argparse.ArgumentParser(f"specdec serve-{role}", description=description)
     add_config_args(parser, config_cls, role.upper())
     config = config_from_args(config_cls, parser.parse_args(argv))
-    logging.basicConfig(
-        level=config.log_level, format=f"%(asctime)s %(levelname)s {role} %(name)s: %(message)s"
-    )
+    logs.configure(role, config.log_level, config.log_format)
     server, port, health_servicer = start(config)
     extra = (
         f", drafters {', '.join(config.drafters) or 'none configured'}" if hasattr(config, "drafters") else ""

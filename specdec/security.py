@@ -183,9 +183,15 @@ class ClientSecurity:
             server_name=env(f"{prefix}_TLS_SERVER_NAME", ""),
         )
 
-    def channel(self, address: str) -> grpc.Channel:
+    def channel(self, address: str, extra_options: tuple[tuple[str, object], ...] = ()) -> grpc.Channel:
         """A channel to ``address`` with these credentials and the services' message limits."""
-        options: list[tuple[str, object]] = list(MESSAGE_OPTIONS)
+        # a channel of its own subchannels: a new client does not inherit the reconnect backoff of another
+        # channel's connection to the same address (a server restarted on a reused port looked down)
+        options: list[tuple[str, object]] = [
+            *MESSAGE_OPTIONS,
+            ("grpc.use_local_subchannel_pool", 1),
+            *extra_options,
+        ]
         if self.server_name:
             options.append(("grpc.ssl_target_name_override", self.server_name))
         if self.tls:

@@ -17,11 +17,15 @@ from specdec.v1 import specdec_pb2 as pb
 PROB_SUM_TOLERANCE = 1e-3
 
 
+CHAT_ROLES = ("system", "user", "assistant", "tool")
+
+
 @dataclass(frozen=True)
 class Limits:
     vocab_size: int
     context: int  # positions a sequence may reach: prompt + generated (the model's and the service's cap)
     max_prompt_chars: int = 1 << 20
+    max_messages: int = 1024
     max_stop_strings: int = 16
     max_stop_chars: int = 256
     max_draft_tokens: int = 64  # tokens of one drafted block
@@ -64,6 +68,17 @@ def check_generate(req: pb.GenerateRequest, limits: Limits) -> None:
             raise _bad("text", "the prompt must not be empty")
         if len(req.text) > limits.max_prompt_chars:
             raise _bad("text", f"longer than {limits.max_prompt_chars} characters")
+    elif kind == "messages":
+        turns = req.messages.messages
+        if not turns:
+            raise _bad("messages", "a conversation needs at least one message")
+        if len(turns) > limits.max_messages:
+            raise _bad("messages", f"at most {limits.max_messages} messages, got {len(turns)}")
+        for i, m in enumerate(turns):
+            if m.role not in CHAT_ROLES:
+                raise _bad(f"messages[{i}].role", f"must be one of {', '.join(CHAT_ROLES)}, got {m.role!r}")
+        if sum(len(m.content) for m in turns) > limits.max_prompt_chars:
+            raise _bad("messages", f"longer than {limits.max_prompt_chars} characters in all")
     else:
         ids = req.token_ids.ids
         if not ids:

@@ -5,31 +5,35 @@ provisioning and the generation loop. Imports neither grpc nor generated protobu
 and the client import this package, never the other way round.
 """
 
-from .drafting import DraftBlock, Drafter, DrafterUnavailable, ModelDrafter
-from .engine import Chunk, GenerationStats, SpeculativeDecoder, StopCriteria, TargetSession
-from .runtime.runner import ModelRunner, Row, Sequence
-from .runtime.scheduler import Scheduler
-from .sampling import SamplingParams, SparseDist, logits_to_probs
-from .verification import Verdict, verify_greedy, verify_sampled
+_EXPORTS = {
+    "DraftBlock": "drafting",
+    "Drafter": "drafting",
+    "DrafterUnavailable": "drafting",
+    "ModelDrafter": "drafting",
+    "Chunk": "engine",
+    "GenerationStats": "engine",
+    "SpeculativeDecoder": "engine",
+    "StopCriteria": "engine",
+    "TargetSession": "engine",
+    "ModelRunner": "runtime.runner",
+    "Row": "runtime.runner",
+    "Sequence": "runtime.runner",
+    "Scheduler": "runtime.scheduler",
+    "SamplingParams": "params",
+    "SparseDist": "sampling",
+    "logits_to_probs": "sampling",
+    "Verdict": "verification",
+    "verify_greedy": "verification",
+    "verify_sampled": "verification",
+}
 
-__all__ = [
-    "Chunk",
-    "DraftBlock",
-    "Drafter",
-    "DrafterUnavailable",
-    "GenerationStats",
-    "ModelDrafter",
-    "ModelRunner",
-    "Row",
-    "SamplingParams",
-    "Scheduler",
-    "Sequence",
-    "SparseDist",
-    "SpeculativeDecoder",
-    "StopCriteria",
-    "TargetSession",
-    "Verdict",
-    "logits_to_probs",
-    "verify_greedy",
-    "verify_sampled",
-]
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    # imported on first use: ``specdec_core.params`` must not pull torch into a light client
+    if name in _EXPORTS:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module 'specdec_core' has no attribute {name!r}")

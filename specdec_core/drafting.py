@@ -18,6 +18,8 @@ from .sampling import (
     SparseDist,
     logits_to_probs,
     make_generator,
+    position_noise,
+    race,
     sample_sparse,
     truncate_support,
 )
@@ -122,8 +124,9 @@ class ModelDrafter(Drafter):
     the whole block will be accepted, guesses the verifier's bonus token and drafts the next block as a
     background job of the scheduler (a drafter with lookahead and no scheduler starts its own). If the
     verdict confirms the guess, the next block is already there; otherwise the speculative tokens are
-    rolled back. Each drafted position draws from a generator keyed by (seed, position), so the drafts,
-    and hence a seeded generation, do not depend on how far the lookahead got.
+    rolled back. Each drafted position draws from randomness keyed by (seed, position), so the drafts do
+    not depend on how far the lookahead got; a seeded generation races the same noise as its target
+    (``sampling.race``: the coupled rule).
     """
 
     def __init__(
@@ -180,6 +183,10 @@ class ModelDrafter(Drafter):
         if self._params.greedy:
             token = int(logits.argmax())
             dist = SparseDist(torch.tensor([token]), torch.tensor([1.0]))
+        elif self._params.seed is not None:  # race the target's noise at this position (coupled rule)
+            dist = truncate_support(logits_to_probs(logits, self._params), self.max_support)
+            noise = position_noise(self._params.seed, position, logits.shape[-1])[dist.token_ids]
+            token = int(dist.token_ids[int(race(dist.probs, noise))])
         else:
             dist = truncate_support(logits_to_probs(logits, self._params), self.max_support)
             token = sample_sparse(dist, make_generator(self._seed, stream=position))

@@ -21,8 +21,8 @@ from .runtime.admission import Cancellation, GenerationCancelled
 from .runtime.load import BatchLoad
 from .runtime.runner import ModelRunner, Row, Sequence
 from .runtime.scheduler import Executor, Inline, Job, Task
-from .sampling import SamplingParams, logits_to_probs, make_generator, sample
-from .verification import Verdict, verify_greedy, verify_sampled
+from .sampling import SamplingParams, logits_to_probs, make_generator, position_noise, race, sample
+from .verification import Verdict, verify_coupled, verify_greedy, verify_sampled
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +57,7 @@ class GenerationStats:
     drafter_failures: int = 0
     plain_rounds: int = 0  # rounds decoded without drafting (no drafter, or the policy chose k = 0)
     draft_lengths: list[int] = field(default_factory=list)
+    round_trips: list[float] = field(default_factory=list)  # seconds of each drafter call that drafted
 
     @property
     def acceptance_rate(self) -> float:
@@ -178,10 +179,19 @@ class TargetSession:
             return None
         if self.params.greedy:
             token = int(logits[0].argmax())
+        elif self.params.seed is not None:  # keyed by position: what the target alone draws there
+            probs = logits_to_probs(logits[0], self.params)
+            token = int(race(probs, position_noise(self.params.seed, len(self.context), probs.shape[-1])))
         else:
             token = sample(logits_to_probs(logits[0], self.params), self.generator)
         self.context.append(token)
         return token
+
+    @property
+    def _rejection_rule(self) -> bool:
+        """Sampled without a seed: the rejection rule, which needs the drafter's distributions (a seeded
+        generation is verified by the coupled rule, see ``verification``; greedy by the argmax)."""
+        return not self.params.greedy and self.params.seed is None
 
     def append(self, tokens: list[int]) -> None:
         """Commit tokens produced elsewhere (a client re-sending history it holds)."""
@@ -194,7 +204,7 @@ class TargetSession:
         model's log-probabilities of the emitted tokens (accepted drafts, then the next token).
         """
         k = len(draft_tokens)
-        if not self.params.greedy and k and (block is None or len(block.dists) != k):
+        if self._rejection_rule and k and (block is None or len(block.dists) != k):
             raise ValueError("sampled verification needs the drafter's distribution for every drafted token")
         return self._run(self._verify_job(draft_tokens, block, want_logprobs))
 
@@ -209,6 +219,11 @@ class TargetSession:
         drafted = torch.tensor(draft_tokens, dtype=torch.long)  # [k]
         if self.params.greedy:
             verdict = verify_greedy(drafted, logits)
+        elif self.params.seed is not None:
+            target_probs = logits_to_probs(logits, self.params)  # [k + 1, vocab]
+            base, vocab = len(self.context), logits.shape[-1]
+            noise = torch.stack([position_noise(self.params.seed, base + i, vocab) for i in range(k + 1)])
+            verdict = verify_coupled(drafted, target_probs, noise)
         else:
             assert block is not None or k == 0
             target_probs = logits_to_probs(logits, self.params)  # [k + 1, vocab]
@@ -412,8 +427,11 @@ class SpeculativeDecoder:
         if block is None:
             return DraftBlock(tokens=[], dists=[]), drafter
         # the drafter reports its own compute time; the rest of the round trip is network (+ serialisation)
+        round_trip = time.perf_counter() - t0
         stats.draft_s = draft_before + block.draft_s
-        stats.network_s += max(time.perf_counter() - t0 - block.draft_s, 0.0)
+        stats.network_s += max(round_trip - block.draft_s, 0.0)
+        if block.tokens:
+            stats.round_trips.append(round_trip)
         return block, drafter
 
     def _feedback(self, drafter: Drafter | None, verdict: Verdict, stats: GenerationStats) -> Drafter | None:

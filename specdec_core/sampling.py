@@ -9,38 +9,26 @@ Sparse draft distributions: the drafter samples from its processed distribution 
 truncated distribution, so the rejection rule stays exact (lossless) while the wire carries a few hundred
 bytes per drafted token instead of a vocabulary-sized vector. The cap only lowers acceptance a little
 when the drafter's processed distribution has mass outside its top ``max_support`` tokens.
+
+Seeded generations sample by position (``position_noise``, ``race``): the token at sequence position i is
+``argmax_x p(x) / E_i(x)`` with ``E_i`` a vector of Exp(1) draws keyed by (seed, i) alone (the exponential
+race, the Gumbel-max trick in another form), which is an exact draw from ``p``. The drafter races its own
+distribution against the same noise, and the verifier keeps a drafted token while it equals the target's
+race winner (``verification.verify_coupled``). Each emitted token is then the one the target model alone
+would sample at that position with that seed: a seeded generation gives the same tokens whatever the draft
+lengths, the load, the batch, the drafter (or none: ``--no-draft``), and on any host. The noise is drawn
+on the CPU with torch's Mersenne twister, so it does not depend on the device either.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 
+from .params import SamplingParams
+
 DEFAULT_MAX_SUPPORT = 64
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    """How tokens are chosen. ``temperature == 0`` is greedy; ``top_k == 0`` and ``top_p == 1`` disable them."""
-
-    temperature: float = 0.0
-    top_k: int = 0
-    top_p: float = 1.0
-    seed: int | None = None
-
-    def __post_init__(self) -> None:
-        if not math.isfinite(self.temperature) or self.temperature < 0:
-            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0.0
 
 
 def make_generator(seed: int | None, device: torch.device | str = "cpu", stream: int = 0) -> torch.Generator:
@@ -51,6 +39,32 @@ def make_generator(seed: int | None, device: torch.device | str = "cpu", stream:
     else:
         gen.manual_seed((int(seed) * 1_000_003 + stream) % (2**63))
     return gen
+
+
+def _mix(seed: int, position: int) -> int:
+    """splitmix64 of (seed, position): a generator seed per position, unrelated between neighbours."""
+    mask = 2**64 - 1
+    z = (int(seed) * 0x9E3779B97F4A7C15 + (position + 1) * 0xBF58476D1CE4E5B9) & mask
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
+    return (z ^ (z >> 31)) & (2**63 - 1)
+
+
+def position_noise(seed: int, position: int, vocab_size: int) -> torch.Tensor:
+    """Exp(1) draws [vocab_size] (float32, CPU) for the token at sequence ``position`` of a seeded generation.
+
+    The same on every host and device, and each a prefix of the longer vectors (a drafter whose vocabulary
+    is shorter than its target's races the same noise over the ids it has).
+    """
+    gen = torch.Generator().manual_seed(_mix(seed, position))
+    uniform = torch.rand(vocab_size, generator=gen, dtype=torch.float64)  # [0, 1)
+    return (-torch.log1p(-uniform)).float().clamp_min_(1e-30)  # no division by 0 below
+
+
+def race(probs: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """The exponential race: ``argmax probs / noise`` over the last dim, an exact draw from ``probs``
+    ([..., vocab] -> [...]; a token of probability 0 never wins)."""
+    return (probs / noise.to(probs.device)[..., : probs.shape[-1]]).argmax(dim=-1)
 
 
 def logits_to_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:

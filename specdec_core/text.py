@@ -7,7 +7,13 @@ def encode_prompt(tokenizer, text: str, chat: bool = False) -> list[int]:
     """Token ids of a prompt; with ``chat`` it is wrapped in the model's chat template as one user turn."""
     if not chat:
         return list(tokenizer(text)["input_ids"])
-    messages = [{"role": "user", "content": text}]
+    return encode_messages(tokenizer, [{"role": "user", "content": text}])
+
+
+def encode_messages(tokenizer, messages: list[dict[str, str]]) -> list[int]:
+    """Token ids of a conversation rendered by the model's chat template, with the generation prompt."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("messages: this model's tokenizer has no chat template; send the prompt as text")
     ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
     return list(ids["input_ids"] if hasattr(ids, "keys") else ids)  # transformers 5 returns an encoding
 

@@ -10,6 +10,13 @@ Vocabulary used throughout:
     ``k + 1``.
 Every emitted token is then distributed exactly as the target model's own sampling would be. For greedy
 decoding the rule reduces to: accept while the drafted token is the target's argmax, then emit the argmax.
+
+Seeded generations use the coupled rule instead (``verify_coupled``): the target's token at each position
+is the winner of an exponential race keyed by (seed, position) (``sampling.race``), an exact draw from its
+distribution; drafted tokens are kept while they equal it. The emitted tokens are then exactly what the
+target alone samples with that seed, so a seeded generation is reproducible whatever was drafted. The
+price: a drafter racing its own distribution against the same noise matches with a probability somewhat
+below the rejection rule's ``1 - TV(p, q)`` (docs/serving.md gives the measured figures).
 """
 
 from __future__ import annotations
@@ -17,6 +24,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+from .sampling import race
 
 
 @dataclass(frozen=True)
@@ -35,11 +44,7 @@ def verify_greedy(draft_tokens: torch.Tensor, target_logits: torch.Tensor) -> Ve
 
     draft_tokens: [k] int64; target_logits (or probabilities): [k + 1, vocab].
     """
-    target_tokens = target_logits.argmax(dim=-1)  # [k + 1]
-    k = draft_tokens.shape[0]
-    mismatch = (draft_tokens.to(target_tokens.device) != target_tokens[:k]).nonzero()
-    n = int(mismatch[0, 0].item()) if mismatch.numel() else k
-    return Verdict(num_accepted=n, next_token=int(target_tokens[n].item()))
+    return _verify_by_tokens(draft_tokens, target_logits.argmax(dim=-1))
 
 
 def verify_sampled(
@@ -75,3 +80,20 @@ def verify_sampled(
         next_probs = next_probs / total if total > 0 else target_probs[n]
     next_token = int(torch.multinomial(next_probs, 1, generator=generator).item())
     return Verdict(num_accepted=n, next_token=next_token)
+
+
+def verify_coupled(draft_tokens: torch.Tensor, target_probs: torch.Tensor, noise: torch.Tensor) -> Verdict:
+    """Coupled verification of a seeded block: accept the longest prefix equal to the target's race winners.
+
+    draft_tokens: [k]; target_probs: [k + 1, vocab] processed; noise: [k + 1, >= vocab] Exp(1) draws keyed by
+    (seed, position) of each of the k + 1 positions (``sampling.position_noise``).
+    """
+    return _verify_by_tokens(draft_tokens, race(target_probs, noise))
+
+
+def _verify_by_tokens(draft_tokens: torch.Tensor, target_tokens: torch.Tensor) -> Verdict:
+    """Keep drafts while they equal the target's chosen tokens [k + 1]; emit the target's next one."""
+    k = draft_tokens.shape[0]
+    mismatch = (draft_tokens.to(target_tokens.device) != target_tokens[:k]).nonzero()
+    n = int(mismatch[0, 0].item()) if mismatch.numel() else k
+    return Verdict(num_accepted=n, next_token=int(target_tokens[n].item()))

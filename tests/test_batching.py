@@ -97,18 +97,26 @@ def test_concurrent_generations_each_equal_their_target_greedy_output(pair, mode
     assert results[0].stats["drafted"] > 0 and results[2].stats["drafted"] == 0
 
 
-def test_seeded_sampling_is_the_same_alone_and_batched(pair):
-    kw = dict(max_new_tokens=24, temperature=0.9, top_p=0.95, ignore_eos=True, num_draft_tokens=3)
+def test_seeded_sampling_is_the_same_alone_batched_and_without_drafting(pair):
+    """The coupled rule: a seeded generation's tokens do not depend on the draft lengths (adaptive ones
+    follow the load), the batch, or whether anything was drafted at all."""
+    kw = dict(max_new_tokens=24, temperature=0.9, top_p=0.95, ignore_eos=True)
 
-    def gen(i, seed):
+    def gen(i, seed, **mode):
         with SpecDecClient(pair.verifier_addr, pair.drafter_addr) as c:
-            return c.generate(PROMPTS[i], seed=seed, **kw).token_ids
+            return c.generate(PROMPTS[i], seed=seed, **kw, **mode)
 
-    alone = gen(0, 11)
+    alone = gen(0, 11, adaptive=True)
+    fixed = gen(0, 11, num_draft_tokens=3)
+    plain = gen(0, 11, no_draft=True)
     slow_down(pair.v_engine.runner, 0.005)
-    batched = run_concurrently([lambda: gen(0, 11)] + [lambda i=i: gen(i, 100 + i) for i in range(1, 5)])
-    assert batched[0] == alone
-    assert len({tuple(b) for b in batched}) == 5  # the other sessions sampled their own streams
+    batched = run_concurrently(
+        [lambda: gen(0, 11, adaptive=True)]
+        + [lambda i=i: gen(i, 100 + i, adaptive=True) for i in range(1, 5)]
+    )
+    assert alone.stats["drafted"] > 0 and fixed.stats["drafted"] > 0 and plain.stats["drafted"] == 0
+    assert alone.token_ids == fixed.token_ids == plain.token_ids == batched[0].token_ids
+    assert len({tuple(b.token_ids) for b in batched}) == 5  # the other sessions sampled their own streams
 
 
 class SleepyDrafter:

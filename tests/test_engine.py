@@ -98,6 +98,9 @@ def test_sampled_generation_is_reproducible_with_seed():
     c, _, _ = run(target, drafter, SamplingParams(temperature=0.9, top_p=0.95, top_k=50, seed=12), max_new=30)
     assert a == b
     assert a != c
+    # the coupled rule: the same tokens whatever was drafted, and what the target alone samples
+    for drafter_, k in ((drafter, 2), (drafter, 6), (tiny_model("qwen2", seed=7), 4), (None, 4)):
+        assert run(target, drafter_, params, max_new=30, k=k)[0] == a
 
 
 def test_eos_and_stop_strings():

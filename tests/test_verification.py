@@ -9,10 +9,12 @@ from specdec_core.sampling import (
     SamplingParams,
     logits_to_probs,
     make_generator,
+    position_noise,
+    race,
     sample_sparse,
     truncate_support,
 )
-from specdec_core.verification import Verdict, verify_greedy, verify_sampled
+from specdec_core.verification import Verdict, verify_coupled, verify_greedy, verify_sampled
 
 
 def one_hot_logits(token_ids, vocab=6):
@@ -169,3 +171,64 @@ def test_statistical_check_detects_a_wrong_rule():
     n = counts[0].sum().item()
     tv = 0.5 * (counts[0] / n - target_rows[0]).abs().sum().item()
     assert tv > tv_bound(target_rows[0], n)
+
+
+# --- the coupled rule of seeded generations ----------------------------------------------------------
+
+
+def coupled_rounds(params, max_support, draws=DRAWS):
+    """Rounds of the coupled rule over seeds 0..draws-1 on the fixed rows of ``emitted_histograms``: the
+    drafter races its truncated distribution against the same noise as the target.
+
+    Returns (histograms of emitted tokens at positions 0 and 1, accepted-at-position-0 rate, the rejection
+    rule's 1 - TV at position 0, target rows)."""
+    gen = torch.Generator().manual_seed(1234)
+    target_logits = torch.randn(K + 1, VOCAB, generator=gen) * 1.5
+    draft_logits = target_logits[:K] + torch.randn(K, VOCAB, generator=gen) * 1.5
+    target_probs = logits_to_probs(target_logits, params)
+    dists = [truncate_support(p, max_support) for p in logits_to_probs(draft_logits, params)]
+    counts, first_accepted = torch.zeros(2, VOCAB), 0
+    for seed in range(draws):
+        noise = torch.stack([position_noise(seed, 40 + pos, VOCAB) for pos in range(K + 1)])  # [K + 1, V]
+        tokens = torch.tensor(
+            [int(d.token_ids[race(d.probs, noise[j][d.token_ids])]) for j, d in enumerate(dists)]
+        )
+        verdict = verify_coupled(tokens, target_probs, noise)
+        emitted = tokens[: verdict.num_accepted].tolist() + [verdict.next_token]
+        first_accepted += int(verdict.num_accepted > 0)
+        if len(emitted) < 2:  # the next round samples position 1 from the target with the same noise
+            emitted.append(int(race(target_probs[1], noise[1])))
+        for pos in range(2):
+            counts[pos, emitted[pos]] += 1
+    one_minus_tv = 1 - 0.5 * (dists[0].to_dense(VOCAB) - target_probs[0]).abs().sum().item()
+    return counts, first_accepted / draws, one_minus_tv, target_probs[:2]
+
+
+@pytest.mark.parametrize(
+    "params,max_support",
+    [(SamplingParams(temperature=1.0, seed=1), 64), (SamplingParams(temperature=0.7, top_p=0.9, seed=2), 3)],
+)
+def test_coupled_rule_emits_the_target_distribution(params, max_support):
+    counts, accepted, one_minus_tv, target_rows = coupled_rounds(params, max_support, draws=6000)
+    for pos in range(2):
+        n = counts[pos].sum().item()
+        tv = 0.5 * (counts[pos] / n - target_rows[pos]).abs().sum().item()
+        assert tv < tv_bound(target_rows[pos], n), f"position {pos}: TV {tv:.4f}"
+    # a drafter racing the same noise matches at least (1 - TV) / (1 + TV) of the time (Daliri et al. 2024),
+    # and never more than the rejection rule's optimum 1 - TV
+    tv0 = 1 - one_minus_tv
+    assert (1 - tv0) / (1 + tv0) - 0.03 < accepted <= one_minus_tv + 0.03
+
+
+def test_coupled_noise_is_keyed_by_seed_and_position_only():
+    a = position_noise(5, 100, 1000)
+    assert torch.equal(a, position_noise(5, 100, 1000))
+    assert torch.equal(a[:300], position_noise(5, 100, 300))  # a shorter vocabulary races a prefix
+    assert not torch.equal(a, position_noise(5, 101, 1000)) and not torch.equal(
+        a, position_noise(6, 100, 1000)
+    )
+    assert (a > 0).all()
+    # the race over a one-hot row picks its token whatever the noise; a zero-probability token never wins
+    one_hot = torch.zeros(1000)
+    one_hot[17] = 1.0
+    assert int(race(one_hot, a)) == 17

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -17,7 +18,8 @@ from grpc_health.v1.health_pb2_grpc import HealthStub
 
 from specdec import layout, validate
 from specdec.config import VerifierConfig
-from specdec.rpc import DependencyUnavailable, LimitExceeded, PermissionDenied, SessionNotFound, channel
+from specdec.metrics import ServiceMetrics
+from specdec.rpc import DependencyUnavailable, LimitExceeded, PermissionDenied, SessionNotFound
 from specdec.security import ClientSecurity, read_token
 from specdec.v1 import specdec_pb2 as pb
 from specdec.v1 import specdec_pb2_grpc as pb_grpc
@@ -35,12 +37,14 @@ from specdec_core.optimize import enable_fast_linear
 from specdec_core.runtime.admission import Admission, Cancellation
 from specdec_core.runtime.runner import ModelRunner
 from specdec_core.sampling import SamplingParams
-from specdec_core.text import IncrementalText, encode_prompt
+from specdec_core.text import IncrementalText, encode_messages, encode_prompt
 from specdec_core.verification import Verdict
 
 from .remote_drafter import RemoteDrafter
 
 log = logging.getLogger(__name__)
+
+ROUND_ROBIN = (("grpc.service_config", json.dumps({"loadBalancingConfig": [{"round_robin": {}}]})),)
 
 
 @dataclass(frozen=True)
@@ -49,6 +53,7 @@ class GenerateArgs:
 
     prompt_text: str | None = None
     prompt_ids: list[int] | None = None
+    messages: tuple[tuple[str, str], ...] = ()  # (role, content) turns, rendered by the chat template
     chat: bool = False
     params: SamplingParams = SamplingParams()
     max_new_tokens: int = 0
@@ -151,9 +156,10 @@ class VerifierEngine:
 
     def __init__(self, config: VerifierConfig, model=None, tokenizer=None) -> None:
         self.config = config
+        self.metrics = ServiceMetrics("verifier", config.model_name or config.model)
         # every forward of this process runs on the scheduler's thread, batched across generations; the load
         # (forward costs, the sessions in the batch) is what the draft-length policies plan with
-        self.scheduler, self.load = layout.service_scheduler("verifier-compute", config)
+        self.scheduler, self.load = layout.service_scheduler("verifier-compute", config, self.metrics)
         model, tokenizer = self.scheduler.call(self._load, model, tokenizer)
         self.runner = ModelRunner(model, name=config.model)
         self.tokenizer = tokenizer
@@ -184,6 +190,12 @@ class VerifierEngine:
         self.length_memory = LengthMemory()  # adaptive sessions start from the last one's measurements
         self._lock = threading.Lock()
         self._next_drafter = 0
+        self.metrics.track(
+            running=lambda: self.admission.running,
+            waiting=lambda: self.admission.waiting,
+            sessions=lambda: self.runner.active_sequences,
+            kv_tokens=lambda: self.runner.kv_tokens_held,
+        )
 
     def _load(self, model, tokenizer):
         torch.set_num_threads(self.config.threads or layout.default_threads(torch.get_num_threads()))
@@ -231,6 +243,7 @@ class VerifierEngine:
         )
         overlap = self._overlap_prefill(drafter.addresses[0]) if drafter else False
         stats = GenerationStats()
+        observed = self.metrics.generation(len(prompt_ids))
         text = IncrementalText(self.tokenizer, args.stop_strings)
         log.info(
             "[%s] generate: prompt %d tokens, max_new %d, k %s, drafter %s%s",
@@ -254,6 +267,9 @@ class VerifierEngine:
                 )
                 for chunk in chunks:
                     done = chunk.finish_reason is not None
+                    observed.tokens(len(chunk.token_ids))
+                    if done:
+                        observed.finished(stats, chunk.finish_reason or "")
                     yield GenerateEvent(
                         chunk.token_ids,
                         text.add(chunk.token_ids, final=done),
@@ -278,6 +294,28 @@ class VerifierEngine:
             stats.accepted,
             stats.first_token_s,
             stats.tokens_per_s,
+            extra={  # the fields of a --log-format json line
+                "event": "generation",
+                "request_id": request_id,
+                "session": f"generate:{request_id}",
+                "drafter": drafter.addresses[0] if drafter else "",
+                "prompt_tokens": len(prompt_ids),
+                "new_tokens": stats.new_tokens,
+                "k": f"adaptive<={k or 8}" if adaptive else k,
+                "mean_k": stats.drafted / max(stats.rounds - stats.plain_rounds, 1),
+                "rounds": stats.rounds,
+                "plain_rounds": stats.plain_rounds,
+                "drafted": stats.drafted,
+                "accepted": stats.accepted,
+                "acceptance_rate": round(stats.acceptance_rate, 4),
+                "first_token_s": round(stats.first_token_s, 4),
+                "wall_s": round(stats.wall_s, 4),
+                "draft_s": round(stats.draft_s, 4),
+                "verify_s": round(stats.verify_s, 4),
+                "network_s": round(stats.network_s, 4),
+                "tokens_per_s": round(stats.tokens_per_s, 3),
+                "drafter_failures": stats.drafter_failures,
+            },
         )
 
     def prompt_ids(self, args: GenerateArgs) -> list[int]:
@@ -286,6 +324,9 @@ class VerifierEngine:
             if max(ids) >= self.runner.vocab_size or min(ids) < 0:
                 raise ValueError(f"prompt token ids must be in [0, {self.runner.vocab_size})")
             return ids
+        if args.messages:
+            turns = [{"role": role, "content": content} for role, content in args.messages]
+            return encode_messages(self.tokenizer, turns)
         if not args.prompt_text:
             raise ValueError("empty prompt")
         return encode_prompt(self.tokenizer, args.prompt_text, args.chat)
@@ -332,9 +373,14 @@ class VerifierEngine:
         return drafters[i:] + drafters[:i]
 
     def _channel(self, address: str) -> grpc.Channel:
+        """One channel per drafter address. A ``dns:///name:port`` address (a Kubernetes headless Service)
+        resolves to every drafter behind the name: its streams go round robin across them, and gRPC
+        re-resolves the name when a connection drops (drafters recycle theirs every few minutes, see
+        ``DrafterConfig.max_connection_age_s``, so new pods are picked up too)."""
         with self._lock:
             if address not in self._channels:
-                self._channels[address] = channel(address, self._drafter_security)
+                options = ROUND_ROBIN if address.split(":", 1)[0] in ("dns", "ipv4", "ipv6") else ()
+                self._channels[address] = self._drafter_security.channel(address, options)
             return self._channels[address]
 
     def _stub(self, address: str) -> pb_grpc.DrafterStub:

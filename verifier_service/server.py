@@ -21,6 +21,9 @@ def generate_args_from_pb(req: pb.GenerateRequest) -> GenerateArgs:
     return GenerateArgs(
         prompt_text=req.text if req.WhichOneof("prompt") == "text" else None,
         prompt_ids=list(req.token_ids.ids) if req.WhichOneof("prompt") == "token_ids" else None,
+        messages=tuple((m.role, m.content) for m in req.messages.messages)
+        if req.WhichOneof("prompt") == "messages"
+        else (),
         chat=req.chat,
         params=convert.sampling_from_pb(req.sampling),
         max_new_tokens=req.stop.max_new_tokens,
@@ -93,6 +96,8 @@ class VerifierServicer(pb_grpc.VerifierServicer):
 def start(config: VerifierConfig, engine: VerifierEngine | None = None):
     """Start a verifier server (port 0 picks a free port); returns (server, port, health servicer)."""
     engine = engine or VerifierEngine(config)
+    if config.metrics_port:
+        engine.metrics.serve(config.metrics_port, config.metrics_host)
     return make_server(
         config.port,
         [
