@@ -12,6 +12,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH)"
 	$(BIN)/python -m pip install -q -e ".[server,openai,dev,bench]"
+	bash scripts/deploy_tools.sh $(VENV)
+	$(BIN)/python deploy/k8s/validate.py --install-kubectl
 	touch $(STAMP)
 
 setup: $(STAMP)
