@@ -224,6 +224,7 @@ class AdaptiveDraftLength(DraftLengthPolicy):
         self._plan_age = 0
         self._plan_peers: tuple[int | None, ...] = ()
         self._probe_after = 0.0
+        self.last_k: int | None = None  # the length chosen for the round under way (None: none yet)
         self.start_s = 0.0  # drafter start time beyond a normal round's, summed over measured starts
         self.start_tokens = 0.0  # context tokens those starts prefilled
         if prior is not None:
@@ -255,6 +256,10 @@ class AdaptiveDraftLength(DraftLengthPolicy):
 
     # -- the choice --------------------------------------------------------------------------------------
     def next_length(self, load: Load | None = None) -> int:
+        self.last_k = self._choose(load)
+        return self.last_k
+
+    def _choose(self, load: Load | None) -> int:
         if self.learning:  # nothing measured yet: draft to learn
             return self.k_max if self.uses_confidence else self.k
         peers = tuple(p.fixed for p in load.peers) if load else ()  # the batch's make-up
@@ -340,9 +345,13 @@ class AdaptiveDraftLength(DraftLengthPolicy):
         )
 
     def peer(self) -> Peer:
+        # a session decoding plainly counts as plain until it drafts again (its peers must not plan a
+        # drafting phase it will not join: two sessions that drafted while fourteen decoded plainly made all
+        # sixteen wait for their drafts); one that has not chosen yet, or drafts, counts as adaptive
+        fixed = 0 if self.last_k == 0 else None
         if self.learning:
-            return Peer(acceptance=self.acceptance(0), t_draft=0.0)
-        return Peer(acceptance=self.acceptance(0), t_draft=self.draft_s / self.draft_tokens)
+            return Peer(acceptance=self.acceptance(0), t_draft=0.0, fixed=fixed)
+        return Peer(acceptance=self.acceptance(0), t_draft=self.draft_s / self.draft_tokens, fixed=fixed)
 
     # -- planning the batch's round ----------------------------------------------------------------------
     def plan(self, load: Load | None = None) -> Plan:

@@ -196,3 +196,17 @@ def test_a_drafter_start_is_paid_from_the_tokens_left():
     assert AdaptiveDraftLength(prior=policy).start_cost(replace(alike, start_tokens=100)) == pytest.approx(
         1.0, rel=0.05
     )
+
+
+def test_a_session_decoding_plainly_counts_as_plain_for_its_peers():
+    policy = trained_policy()
+    assert policy.peer().fixed is None  # drafting (or not decided yet): planned with as adaptive
+    crushing = Load(peers=(Peer(acceptance=0.8, t_draft=0.03),) * 63, forward_s=lambda n: 0.05 * n)
+    assert policy.next_length(crushing) == 0
+    assert policy.peer().fixed == 0  # decoding plainly: its peers do not plan a drafting phase it skips
+    # fourteen peers that decode plainly: drafting now would make them all wait for this session's drafts
+    other = trained_policy()
+    mixed = Load(
+        peers=(Peer(acceptance=0.8, t_draft=0.03),) + (policy.peer(),) * 14, forward_s=roofline_forward
+    )
+    assert other.next_length(mixed) == 0
