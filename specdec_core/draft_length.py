@@ -54,7 +54,9 @@ clients × 64 tokens drafted at 0.95× the aggregate of plain batched decoding).
 its drafter drafts only if the plan still wins once the start is paid from the tokens left to generate:
 the batch rate ``R / (R / rate + S)`` with ``R = Load.remaining`` and ``S`` the start time, priced from
 the measured seconds per prefilled token of earlier starts (``update(start_tokens=…)``: a start round's
-time beyond a normal round of its length). Probes that would start the drafter count the start too.
+time beyond a normal round of its length). ``S`` is the mean start of the sessions that would draft
+(``Peer.start_tokens``), not this session's own: all of them start when the batch drafts, and pricing the
+same starts they decide alike. Probes that would start the drafter count the start too.
 
 A new session need not start blind: ``LengthMemory`` keeps, per drafter and sampling setting, what the
 last finished session measured, and a new policy starts from it scaled down to ``PRIOR_POSITIONS`` judged
@@ -67,7 +69,7 @@ from __future__ import annotations
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Hashable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from .drafting import CONFIDENCE_BINS, EarlyStop, confidence_bin
 
@@ -79,6 +81,7 @@ class Peer:
     acceptance: float = 0.0  # pooled acceptance of a drafted token
     t_draft: float = 0.0  # seconds per drafted token
     fixed: int | None = None  # a fixed draft length (0: decodes without drafting); None: adaptive
+    start_tokens: int | None = None  # context its drafter must catch up on before drafting (None: unknown)
 
 
 @dataclass(frozen=True)
@@ -225,6 +228,7 @@ class AdaptiveDraftLength(DraftLengthPolicy):
         self._plan_peers: tuple[int | None, ...] = ()
         self._probe_after = 0.0
         self.last_k: int | None = None  # the length chosen for the round under way (None: none yet)
+        self.pending_start: int | None = None  # context its drafter has not seen (None: not known yet)
         self.start_s = 0.0  # drafter start time beyond a normal round's, summed over measured starts
         self.start_tokens = 0.0  # context tokens those starts prefilled
         if prior is not None:
@@ -256,7 +260,10 @@ class AdaptiveDraftLength(DraftLengthPolicy):
 
     # -- the choice --------------------------------------------------------------------------------------
     def next_length(self, load: Load | None = None) -> int:
+        self.pending_start = load.start_tokens if load is not None else 0
         self.last_k = self._choose(load)
+        if self.last_k > 0:
+            self.pending_start = 0  # it catches up now
         return self.last_k
 
     def _choose(self, load: Load | None) -> int:
@@ -294,9 +301,22 @@ class AdaptiveDraftLength(DraftLengthPolicy):
             return 0.0
         return load.start_tokens * self.start_s / self.start_tokens
 
+    def batch_start_cost(self, load: Load | None) -> float:
+        """The drafter starts a drafting batch pays, per session: the mean over this session and its adaptive
+        peers (a peer whose start is not known yet counts as this one's). Every session of the batch then
+        prices the same starts, so they decide alike: pricing its own alone, the short prompts of a batch
+        started drafting while the others did not, and made them wait for their drafts."""
+        if load is None:
+            return 0.0
+        own = load.start_tokens
+        tokens = [own] + [
+            own if p.start_tokens is None else p.start_tokens for p in load.peers if p.fixed is None
+        ]
+        return self.start_cost(replace(load, start_tokens=sum(tokens) / len(tokens)))
+
     def _with_start(self, rate: float, load: Load | None) -> float:
-        """A drafting plan's batch rate over the tokens left, once the drafter's start is paid."""
-        start = self.start_cost(load)
+        """A drafting plan's batch rate over the tokens left, once the drafters' starts are paid."""
+        start = self.batch_start_cost(load)
         if start <= 0 or rate <= 0 or load is None or load.remaining is None:
             return rate
         left = max(load.remaining, 1)
@@ -349,9 +369,10 @@ class AdaptiveDraftLength(DraftLengthPolicy):
         # drafting phase it will not join: two sessions that drafted while fourteen decoded plainly made all
         # sixteen wait for their drafts); one that has not chosen yet, or drafts, counts as adaptive
         fixed = 0 if self.last_k == 0 else None
-        if self.learning:
-            return Peer(acceptance=self.acceptance(0), t_draft=0.0, fixed=fixed)
-        return Peer(acceptance=self.acceptance(0), t_draft=self.draft_s / self.draft_tokens, fixed=fixed)
+        t_draft = 0.0 if self.learning else self.draft_s / self.draft_tokens
+        return Peer(
+            acceptance=self.acceptance(0), t_draft=t_draft, fixed=fixed, start_tokens=self.pending_start
+        )
 
     # -- planning the batch's round ----------------------------------------------------------------------
     def plan(self, load: Load | None = None) -> Plan:

@@ -367,3 +367,36 @@ def test_a_dns_drafter_target_resolves(models):
     finally:
         p.v_server.stop(0)
         server.stop(0)
+
+
+def test_a_fresh_venv_with_the_client_alone_generates(pair, tmp_path):
+    """`pip install specdec` with no extra, in a venv of its own: no torch there, and it still generates."""
+    venv = tmp_path / "client-venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
+    py = venv / "bin" / "python"
+    install = subprocess.run(
+        [str(py), "-m", "pip", "install", "-q", "--disable-pip-version-check", str(ROOT)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    if install.returncode != 0:  # no package index reachable: nothing to judge the package by
+        pytest.skip(f"pip install of the client failed (index unreachable?): {install.stderr[-300:]}")
+    listed = subprocess.run([str(py), "-m", "pip", "list", "--format=freeze"], capture_output=True, text=True)
+    names = {line.split("==")[0].lower() for line in listed.stdout.split()}
+    assert "specdec" in names and not names & {"torch", "transformers", "numpy", "tokenizers"}, names
+    code = (
+        "from client import SpecDecClient\n"
+        f"with SpecDecClient({pair.verifier_addr!r}) as c:\n"
+        f"    print(c.generate({PROMPT!r}, max_new_tokens=12, ignore_eos=True).token_ids)\n"
+    )
+    out = subprocess.run([str(py), "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout) == hf_greedy(pair.target, tiny_tokenizer()(PROMPT)["input_ids"], 12)
+    cli = subprocess.run(
+        [str(venv / "bin" / "specdec"), "generate", "--verifier", pair.verifier_addr, "--prompt", PROMPT,
+         "--max-new-tokens", "6", "--json"],
+        capture_output=True, text=True, cwd=tmp_path, timeout=120,
+    )  # fmt: skip
+    assert cli.returncode == 0, cli.stderr
+    assert len(json.loads(cli.stdout)["token_ids"]) == 6

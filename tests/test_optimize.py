@@ -210,3 +210,16 @@ def test_a_session_decoding_plainly_counts_as_plain_for_its_peers():
         peers=(Peer(acceptance=0.8, t_draft=0.03),) + (policy.peer(),) * 14, forward_s=roofline_forward
     )
     assert other.next_length(mixed) == 0
+
+
+def test_the_batch_prices_the_starts_of_every_session_that_would_draft():
+    policy = trained_policy()
+    policy.update(3, 3, roofline_forward(4), draft_s=3 * 0.03 + 2.0, costs_valid=False, start_tokens=200)
+    short = Peer(acceptance=0.8, t_draft=0.03, start_tokens=20)
+    long = Peer(acceptance=0.8, t_draft=0.03, start_tokens=2000)
+    # its own start is short, but drafting means seven long starts too: it stays plain, as they will
+    costly = Load(peers=(long,) * 7, forward_s=roofline_forward, start_tokens=20, remaining=60)
+    assert policy.next_length(costly) == 0
+    cheap = Load(peers=(short,) * 7, forward_s=roofline_forward, start_tokens=20, remaining=60)
+    assert policy.next_length(cheap) > 0
+    assert policy.peer().start_tokens == 0  # drafting: its drafter has caught up
