@@ -162,6 +162,10 @@ class DraftLengthPolicy(ABC):
         """How the other sessions of a batch should count this one."""
         return Peer(fixed=0)
 
+    def begin(self, start_tokens: int) -> None:  # noqa: B027 - optional hook
+        """The generation starts; its drafter will have ``start_tokens`` of context to catch up on before
+        its first drafted round (0: it is started with the generation)."""
+
 
 class FixedDraftLength(DraftLengthPolicy):
     def __init__(self, k: int) -> None:
@@ -300,6 +304,9 @@ class AdaptiveDraftLength(DraftLengthPolicy):
         if load is None or not load.start_tokens or self.start_tokens <= 0:
             return 0.0
         return load.start_tokens * self.start_s / self.start_tokens
+
+    def begin(self, start_tokens: int) -> None:
+        self.pending_start = start_tokens  # its peers price this start from the first round on
 
     def batch_start_cost(self, load: Load | None) -> float:
         """The drafter starts a drafting batch pays, per session: the mean over this session and its adaptive

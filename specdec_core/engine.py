@@ -308,6 +308,7 @@ class SpeculativeDecoder:
         if drafter is not None:
             cancel.on_cancel(drafter.cancel)
         member = policy if drafter is not None else FixedDraftLength(0)  # what the batch's planners see
+        member.begin(0 if overlap else len(prompt_ids))  # a lazily started drafter catches up later
         self.load.join(member)
         try:
             if overlap:  # a remote drafter prefills on its own device while the target prefills here
