@@ -319,7 +319,7 @@ class AdaptiveDraftLength(DraftLengthPolicy):
         tokens = [own] + [
             own if p.start_tokens is None else p.start_tokens for p in load.peers if p.fixed is None
         ]
-        return self.start_cost(replace(load, start_tokens=sum(tokens) / len(tokens)))
+        return self.start_cost(replace(load, start_tokens=round(sum(tokens) / len(tokens))))
 
     def _with_start(self, rate: float, load: Load | None) -> float:
         """A drafting plan's batch rate over the tokens left, once the drafters' starts are paid."""
