@@ -21,7 +21,9 @@ def cmd_generate(argv: list[str]) -> int:
     p.add_argument(
         "--drafter",
         default=os.environ.get("SPECDEC_DRAFTER_ADDR", ""),
-        help="drafter host:port (env SPECDEC_DRAFTER_ADDR); empty: the verifier's configured drafters",
+        help="drafter host:port, or ngram (prompt lookup inside the verifier) or hybrid (lookup where it "
+        "matches and pays, else the verifier's model drafter) (env SPECDEC_DRAFTER_ADDR); empty: the "
+        "verifier's default",
     )
     p.add_argument("--prompt", required=True)
     p.add_argument("--max-new-tokens", type=int, default=128)

@@ -92,6 +92,9 @@ class VerifierConfig(CommonConfig):
     # gets the second
     drafter_timeout_s: float = 15.0
     drafter_start_timeout_s: float = 60.0
+    # prompt lookup (drafter "ngram", and the lookup side of "hybrid"): n-gram sizes matched, longest first
+    ngram_min: int = 2
+    ngram_max: int = 4
     # a Generate request may name its own drafter only if it is one of `drafters`, unless this is set
     allow_any_drafter: bool = False
     # the verifier's channels to its drafters: CA to trust, client certificate (mutual TLS), TLS name to
@@ -116,7 +119,8 @@ def add_config_args(parser: argparse.ArgumentParser, cls: type, prefix: str) -> 
                 dest="drafters",
                 action="append",
                 default=None,
-                help=f"drafter address host:port, repeatable (env {env}, comma-separated)",
+                help=f"drafter address host:port, repeatable (env {env}, comma-separated); the names ngram "
+                "and hybrid draft inside the verifier (first one given: the default of requests naming none)",
             )
             parser.set_defaults(_drafters_env=value)
             continue

@@ -68,7 +68,11 @@ def block_from_pb(msg: pb.DraftResponse | pb.VerifyRequest) -> DraftBlock:
 
 def stats_to_pb(stats: GenerationStats) -> pb.GenerationStats:
     d = stats.to_dict()
-    return pb.GenerationStats(**{k: d[k] for k in pb.GenerationStats.DESCRIPTOR.fields_by_name})
+    sources = d.pop("drafter_source")
+    msg = pb.GenerationStats(**{k: d[k] for k in pb.GenerationStats.DESCRIPTOR.fields_by_name if k in d})
+    for source, counts in sources.items():
+        msg.drafter_source[source].CopyFrom(pb.SourceStats(**counts))
+    return msg
 
 
 def info_to_pb(model_name, runner, tokenizer, fingerprint, include_vocab) -> pb.InfoResponse:

@@ -15,8 +15,9 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from .draft_length import DraftLengthPolicy, FixedDraftLength
+from .draft_length import AdaptiveDraftLength, DraftLengthPolicy, FixedDraftLength, Load
 from .drafting import DraftBlock, Drafter, DrafterDown, DrafterUnavailable, EarlyStop
+from .ngram import MODEL, NGRAM, HybridDrafter, NgramDrafter
 from .runtime.admission import Cancellation, GenerationCancelled
 from .runtime.load import BatchLoad
 from .runtime.runner import ModelRunner, Row, Sequence
@@ -58,6 +59,7 @@ class GenerationStats:
     plain_rounds: int = 0  # rounds decoded without drafting (no drafter, or the policy chose k = 0)
     draft_lengths: list[int] = field(default_factory=list)
     round_trips: list[float] = field(default_factory=list)  # seconds of each drafter call that drafted
+    sources: dict[str, list[int]] = field(default_factory=dict)  # source -> [rounds, drafted, accepted]
 
     @property
     def acceptance_rate(self) -> float:
@@ -78,6 +80,11 @@ class GenerationStats:
         self.drafted += k
         self.accepted += n
         self.draft_lengths.append(k)
+
+    def record_source(self, source: str, k: int, n: int) -> None:
+        """A drafted round's block came from ``source`` ("model", "ngram")."""
+        counts = self.sources.setdefault(source, [0, 0, 0])
+        counts[0], counts[1], counts[2] = counts[0] + 1, counts[1] + k, counts[2] + n
 
     def to_dict(self) -> dict:
         return {
@@ -104,6 +111,10 @@ class GenerationStats:
             "mean_draft_length": sum(self.draft_lengths) / len(self.draft_lengths)
             if self.draft_lengths
             else 0.0,
+            "drafter_source": {
+                source: {"rounds": r, "drafted": d, "accepted": a}
+                for source, (r, d, a) in self.sources.items()
+            },
         }
 
 
@@ -289,16 +300,24 @@ class SpeculativeDecoder:
         stats: GenerationStats | None = None,
         cancel: Cancellation | None = None,
         overlap_prefill: bool | None = None,
+        ngram_length: DraftLengthPolicy | None = None,
     ) -> Iterator[Chunk]:
         """Yield emitted tokens round by round until a stop condition; fills ``stats`` as it goes.
 
         The first chunk is the first token, sampled from the target's prefill (no drafting round first).
         Without a drafter (once it fails, or in rounds where the policy drafts nothing) a round is a plain
         target decoding step. ``cancel`` abandons the generation from another thread (a client gone);
-        ``overlap_prefill`` overrides the decoder's setting for this generation.
+        ``overlap_prefill`` overrides the decoder's setting for this generation. With a ``HybridDrafter``
+        each round drafts from the source it picks, and ``ngram_length`` (default: adaptive) sizes the
+        n-gram source's blocks while ``draft_length`` sizes the model's.
         """
         stats = stats if stats is not None else GenerationStats()
         policy = draft_length or FixedDraftLength(4)
+        hybrid = drafter if isinstance(drafter, HybridDrafter) else None
+        # each source has its own measured acceptance and cost, hence its own length policy
+        policies = {MODEL: policy}
+        if hybrid is not None:
+            policies[NGRAM] = ngram_length or AdaptiveDraftLength()
         cancel = cancel or Cancellation()
         overlap = self.overlap_prefill if overlap_prefill is None else overlap_prefill
         t_start = time.perf_counter()
@@ -334,9 +353,17 @@ class SpeculativeDecoder:
                 room = stop.max_new_tokens - stopper.produced - 1
                 behind = len(unsent) if started else len(session.context)  # the drafter's catching up
                 load = replace(self.load.snapshot(policy), start_tokens=behind, remaining=room)
-                k = min(policy.next_length(load), room) if drafter else 0
-                if drafter is not None and log.isEnabledFor(logging.DEBUG) and hasattr(policy, "describe"):
-                    log.debug("round %d: k %d; %s", stats.rounds, k, policy.describe(load))
+                source = MODEL
+                if hybrid is not None:
+                    if unsent:  # the lookup must see every committed token before it picks the source
+                        hybrid.extend(unsent)
+                        unsent = []
+                    hybrid.prefer_ngram = _ngram_pays(policies, load)
+                    source = hybrid.source()
+                chosen = policies[source]
+                k = min(chosen.next_length(load), room) if drafter else 0
+                if drafter is not None and log.isEnabledFor(logging.DEBUG) and hasattr(chosen, "describe"):
+                    log.debug("round %d: %s k %d; %s", stats.rounds, source, k, chosen.describe(load))
                 start_s, catching_up = stats.draft_s, 0
                 if k > 0 and not started:
                     drafter, unsent = self._start_drafter(drafter, session.context, params, stats), []
@@ -355,12 +382,15 @@ class SpeculativeDecoder:
                 verify_s = time.perf_counter() - t0
                 stats.verify_s += verify_s
                 stats.record_round(len(block.tokens), verdict.num_accepted)
+                if block.tokens:
+                    stats.record_source(source if hybrid is not None else _source_of(drafter), len(block.tokens),
+                                        verdict.num_accepted)  # fmt: skip
                 stats.target_passes, stats.target_tokens = session.passes, session.tokens_processed
                 if block.tokens:
                     drafter = self._feedback(drafter, verdict, stats)
                 elif drafter is not None and started:
                     unsent.append(verdict.next_token)
-                policy.update(
+                chosen.update(
                     len(block.tokens),
                     verdict.num_accepted,
                     verify_s,
@@ -438,6 +468,21 @@ class SpeculativeDecoder:
     def _feedback(self, drafter: Drafter | None, verdict: Verdict, stats: GenerationStats) -> Drafter | None:
         call = lambda d: d.accept(verdict.num_accepted, verdict.next_token)  # noqa: E731
         return self._drafter_call(drafter, stats, "while accepting", call)[1]
+
+
+def _ngram_pays(policies: dict[str, DraftLengthPolicy], load: Load) -> bool:
+    """Whether a hybrid's n-gram source should draft when it has a match: while either source is still
+    learning, try it (lookups cost nothing); then where its planned rate is at least the model's."""
+    ngram, model = policies[NGRAM], policies[MODEL]
+    if not isinstance(ngram, AdaptiveDraftLength) or not isinstance(model, AdaptiveDraftLength):
+        return True
+    if ngram.learning or model.learning:
+        return True
+    return ngram.plan(load).rate >= model.plan(load).rate
+
+
+def _source_of(drafter: Drafter | None) -> str:
+    return NGRAM if isinstance(drafter, NgramDrafter) else MODEL
 
 
 class _Stopper:

@@ -24,7 +24,7 @@ from specdec.security import ClientSecurity, read_token
 from specdec.v1 import specdec_pb2 as pb
 from specdec.v1 import specdec_pb2_grpc as pb_grpc
 from specdec_core.draft_length import DraftLengthPolicy, FixedDraftLength, LengthMemory
-from specdec_core.drafting import DraftBlock
+from specdec_core.drafting import DraftBlock, Drafter
 from specdec_core.engine import GenerationStats, SpeculativeDecoder, StopCriteria, TargetSession
 from specdec_core.models import (
     TokenizerMismatch,
@@ -33,6 +33,7 @@ from specdec_core.models import (
     vocab_by_id,
     vocab_fingerprint,
 )
+from specdec_core.ngram import NGRAM, HybridDrafter, NgramDrafter
 from specdec_core.optimize import enable_fast_linear
 from specdec_core.runtime.admission import Admission, Cancellation
 from specdec_core.runtime.runner import ModelRunner
@@ -43,6 +44,18 @@ from specdec_core.verification import Verdict
 from .remote_drafter import RemoteDrafter
 
 log = logging.getLogger(__name__)
+
+HYBRID = "hybrid"
+IN_PROCESS = (NGRAM, HYBRID)  # drafter names served inside the verifier (specdec_core/ngram.py)
+
+
+def _drafter_name(drafter) -> str:
+    if isinstance(drafter, RemoteDrafter):
+        return drafter.addresses[0]
+    if isinstance(drafter, HybridDrafter):
+        return f"{HYBRID}+{_drafter_name(drafter.model)}"
+    return NGRAM if isinstance(drafter, NgramDrafter) else ""
+
 
 ROUND_ROBIN = (("grpc.service_config", json.dumps({"loadBalancingConfig": [{"round_robin": {}}]})),)
 
@@ -231,9 +244,10 @@ class VerifierEngine:
         )
         k = args.num_draft_tokens or self.config.num_draft_tokens
         adaptive = args.adaptive or k == 0  # the default: adaptive length
-        drafter = None if args.no_draft else self._remote_drafter(args.drafter, request_id)
+        drafter = None if args.no_draft else self._drafter(args.drafter, request_id)
+        name = _drafter_name(drafter)
         memory_key = (
-            drafter.addresses[0] if drafter else "",
+            name,
             args.params.temperature,
             args.params.top_k,
             args.params.top_p,
@@ -241,7 +255,8 @@ class VerifierEngine:
         policy: DraftLengthPolicy = (
             self.length_memory.policy(memory_key, k_max=k or 8) if adaptive else FixedDraftLength(k)
         )
-        overlap = self._overlap_prefill(drafter.addresses[0]) if drafter else False
+        # in-process drafters start for free; a remote one overlaps its prefill unless it shares our cores
+        overlap = self._overlap_prefill(drafter.addresses[0]) if isinstance(drafter, RemoteDrafter) else True
         stats = GenerationStats()
         observed = self.metrics.generation(len(prompt_ids))
         text = IncrementalText(self.tokenizer, args.stop_strings)
@@ -251,7 +266,7 @@ class VerifierEngine:
             len(prompt_ids),
             max_new,
             f"adaptive<={k or 8}" if adaptive else k,
-            drafter.addresses[0] if drafter else "none",
+            name or "none",
             f", queued behind {self.admission.waiting}"
             if self.admission.running >= self.admission.max_running
             else "",
@@ -298,7 +313,7 @@ class VerifierEngine:
                 "event": "generation",
                 "request_id": request_id,
                 "session": f"generate:{request_id}",
-                "drafter": drafter.addresses[0] if drafter else "",
+                "drafter": name,
                 "prompt_tokens": len(prompt_ids),
                 "new_tokens": stats.new_tokens,
                 "k": f"adaptive<={k or 8}" if adaptive else k,
@@ -332,6 +347,23 @@ class VerifierEngine:
         return encode_prompt(self.tokenizer, args.prompt_text, args.chat)
 
     # -- drafters -------------------------------------------------------------------------------------
+    def _drafter(self, name: str, request_id: str) -> Drafter | None:
+        """The drafter a request asks for: an address, "ngram" or "hybrid" (in this process), or, when it
+        names none, the service's default (the first of ``--drafter``, which may be one of those names)."""
+        defaults = [d for d in self.config.drafters if d not in IN_PROCESS]
+        if not name and self.config.drafters and self.config.drafters[0] in IN_PROCESS:
+            name = self.config.drafters[0]
+        lookup = lambda: NgramDrafter(self.config.ngram_min, self.config.ngram_max)  # noqa: E731
+        if name == NGRAM:
+            return lookup()
+        if name == HYBRID:
+            model = self._remote_drafter("", request_id) if defaults else None
+            if model is None:
+                log.warning("[%s] hybrid drafting without a model drafter: prompt lookup only", request_id)
+                return lookup()
+            return HybridDrafter(model, lookup())
+        return self._remote_drafter(name, request_id)
+
     def _remote_drafter(self, address: str, request_id: str) -> RemoteDrafter | None:
         if address and address not in self.config.drafters and not self.config.allow_any_drafter:
             # a request must not make this service dial an address of its choosing
@@ -364,7 +396,7 @@ class VerifierEngine:
         )
 
     def _rotated_defaults(self) -> list[str]:
-        drafters = list(self.config.drafters)
+        drafters = [d for d in self.config.drafters if d not in IN_PROCESS]
         if not drafters:
             return []
         with self._lock:  # spread generations over the configured drafters

@@ -24,13 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18specdec/v1/specdec.proto\x12\nspecdec.v1\"_\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_k\x18\x02 \x01(\r\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x00\x88\x01\x01\x42\x07\n\x05_seed\"J\n\x0eStopConditions\x12\x16\n\x0emax_new_tokens\x18\x01 \x01(\r\x12\x0c\n\x04stop\x18\x02 \x03(\t\x12\x12\n\nignore_eos\x18\x03 \x01(\x08\"6\n\x12SparseDistribution\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\r\n\x05probs\x18\x02 \x03(\x02\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"9\n\x0c\x43hatMessages\x12)\n\x08messages\x18\x01 \x03(\x0b\x32\x17.specdec.v1.ChatMessage\"\xd3\x02\n\x0fGenerateRequest\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12)\n\ttoken_ids\x18\x02 \x01(\x0b\x32\x14.specdec.v1.TokenIdsH\x00\x12,\n\x08messages\x18\x0b \x01(\x0b\x32\x18.specdec.v1.ChatMessagesH\x00\x12\x0c\n\x04\x63hat\x18\x03 \x01(\x08\x12,\n\x08sampling\x18\x04 \x01(\x0b\x32\x1a.specdec.v1.SamplingParams\x12(\n\x04stop\x18\x05 \x01(\x0b\x32\x1a.specdec.v1.StopConditions\x12\x18\n\x10num_draft_tokens\x18\x06 \x01(\r\x12\x16\n\x0e\x61\x64\x61ptive_draft\x18\x07 \x01(\x08\x12\x10\n\x08no_draft\x18\x08 \x01(\x08\x12\x0f\n\x07\x64rafter\x18\t \x01(\t\x12\x12\n\nrequest_id\x18\n \x01(\tB\x08\n\x06prompt\"\x90\x01\n\x10GenerateResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12*\n\x05stats\x18\x04 \x01(\x0b\x32\x1b.specdec.v1.GenerationStats\x12\x18\n\x10prompt_token_ids\x18\x05 \x03(\x05\"\x8f\x03\n\x0fGenerationStats\x12\x0e\n\x06rounds\x18\x01 \x01(\r\x12\x0f\n\x07\x64rafted\x18\x02 \x01(\r\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x03 \x01(\r\x12\x17\n\x0f\x61\x63\x63\x65ptance_rate\x18\x04 \x01(\x02\x12\x1d\n\x15\x61\x63\x63\x65pted_per_position\x18\x05 \x03(\x02\x12\x15\n\rtarget_passes\x18\x06 \x01(\r\x12\x0f\n\x07\x64raft_s\x18\x07 \x01(\x02\x12\x10\n\x08verify_s\x18\x08 \x01(\x02\x12\x11\n\tnetwork_s\x18\t \x01(\x02\x12\x14\n\x0ctokens_per_s\x18\n \x01(\x02\x12\x12\n\nnew_tokens\x18\x0b \x01(\r\x12\x0e\n\x06wall_s\x18\x0c \x01(\x02\x12\x19\n\x11mean_draft_length\x18\r \x01(\x02\x12\x18\n\x10\x64rafter_failures\x18\x0e \x01(\r\x12\x15\n\rtarget_tokens\x18\x0f \x01(\r\x12\x11\n\tprefill_s\x18\x10 \x01(\x02\x12\x15\n\rfirst_token_s\x18\x11 \x01(\x02\x12\x14\n\x0cplain_rounds\x18\x12 \x01(\r\"\xd4\x01\n\rVerifyRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0e\n\x06tokens\x18\x02 \x03(\x05\x12\r\n\x05reset\x18\x03 \x01(\x08\x12,\n\x08sampling\x18\x04 \x01(\x0b\x32\x1a.specdec.v1.SamplingParams\x12\x14\n\x0c\x64raft_tokens\x18\x05 \x03(\x05\x12\x33\n\x0b\x64raft_dists\x18\x06 \x03(\x0b\x32\x1e.specdec.v1.SparseDistribution\x12\x17\n\x0freturn_logprobs\x18\x07 \x01(\x08\"d\n\x0eVerifyResponse\x12\x14\n\x0cnum_accepted\x18\x01 \x01(\r\x12\x12\n\nnext_token\x18\x02 \x01(\x05\x12\x10\n\x08logprobs\x18\x03 \x03(\x02\x12\x16\n\x0e\x63ontext_length\x18\x04 \x01(\r\")\n\x13\x43loseSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\x16\n\x14\x43loseSessionResponse\"f\n\x0c\x44raftRequest\x12\'\n\x05start\x18\x01 \x01(\x0b\x32\x16.specdec.v1.DraftStartH\x00\x12%\n\x04step\x18\x02 \x01(\x0b\x32\x15.specdec.v1.DraftStepH\x00\x42\x06\n\x04kind\"t\n\nDraftStart\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontext\x18\x02 \x03(\x05\x12,\n\x08sampling\x18\x03 \x01(\x0b\x32\x1a.specdec.v1.SamplingParams\x12\x13\n\x0bmax_support\x18\x04 \x01(\r\"\xad\x01\n\tDraftStep\x12\x13\n\x0bhas_verdict\x18\x01 \x01(\x08\x12\x14\n\x0cnum_accepted\x18\x02 \x01(\r\x12\x12\n\nnext_token\x18\x03 \x01(\x05\x12\x18\n\x10num_draft_tokens\x18\x04 \x01(\r\x12\x12\n\nstop_below\x18\x05 \x01(\x02\x12 \n\x18\x61\x63\x63\x65ptance_by_confidence\x18\x06 \x03(\x02\x12\x11\n\tcommitted\x18\x07 \x03(\x05\"t\n\rDraftResponse\x12\x0e\n\x06tokens\x18\x01 \x03(\x05\x12-\n\x05\x64ists\x18\x02 \x03(\x0b\x32\x1e.specdec.v1.SparseDistribution\x12\x0f\n\x07\x64raft_s\x18\x03 \x01(\x02\x12\x13\n\x0b\x63onfidences\x18\x04 \x03(\x02\"$\n\x0bInfoRequest\x12\x15\n\rinclude_vocab\x18\x01 \x01(\x08\"\x90\x02\n\x0cInfoResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x19\n\x11vocab_fingerprint\x18\x02 \x01(\t\x12\x12\n\nvocab_size\x18\x03 \x01(\r\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\x12\r\n\x05\x64type\x18\x05 \x01(\t\x12\r\n\x05vocab\x18\x06 \x03(\t\x12\x14\n\x0c\x65os_token_id\x18\x07 \x01(\x05\x12\x0f\n\x07host_id\x18\x08 \x01(\t\x12\x0c\n\x04\x63pus\x18\t \x03(\r\x12\x18\n\x10\x61\x63tive_sequences\x18\n \x01(\r\x12\x11\n\tkv_tokens\x18\x0b \x01(\x04\x12\x10\n\x08sessions\x18\x0c \x01(\r\x12\x0f\n\x07running\x18\r \x01(\r\x12\x0f\n\x07waiting\x18\x0e \x01(\r2U\n\nGeneration\x12G\n\x08Generate\x12\x1b.specdec.v1.GenerateRequest\x1a\x1c.specdec.v1.GenerateResponse0\x01\x32\xd9\x01\n\x08Verifier\x12?\n\x06Verify\x12\x19.specdec.v1.VerifyRequest\x1a\x1a.specdec.v1.VerifyResponse\x12Q\n\x0c\x43loseSession\x12\x1f.specdec.v1.CloseSessionRequest\x1a .specdec.v1.CloseSessionResponse\x12\x39\n\x04Info\x12\x17.specdec.v1.InfoRequest\x1a\x18.specdec.v1.InfoResponse2\x86\x01\n\x07\x44rafter\x12@\n\x05\x44raft\x12\x18.specdec.v1.DraftRequest\x1a\x19.specdec.v1.DraftResponse(\x01\x30\x01\x12\x39\n\x04Info\x12\x17.specdec.v1.InfoRequest\x1a\x18.specdec.v1.InfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18specdec/v1/specdec.proto\x12\nspecdec.v1\"_\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_k\x18\x02 \x01(\r\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x00\x88\x01\x01\x42\x07\n\x05_seed\"J\n\x0eStopConditions\x12\x16\n\x0emax_new_tokens\x18\x01 \x01(\r\x12\x0c\n\x04stop\x18\x02 \x03(\t\x12\x12\n\nignore_eos\x18\x03 \x01(\x08\"6\n\x12SparseDistribution\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\r\n\x05probs\x18\x02 \x03(\x02\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"9\n\x0c\x43hatMessages\x12)\n\x08messages\x18\x01 \x03(\x0b\x32\x17.specdec.v1.ChatMessage\"\xd3\x02\n\x0fGenerateRequest\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12)\n\ttoken_ids\x18\x02 \x01(\x0b\x32\x14.specdec.v1.TokenIdsH\x00\x12,\n\x08messages\x18\x0b \x01(\x0b\x32\x18.specdec.v1.ChatMessagesH\x00\x12\x0c\n\x04\x63hat\x18\x03 \x01(\x08\x12,\n\x08sampling\x18\x04 \x01(\x0b\x32\x1a.specdec.v1.SamplingParams\x12(\n\x04stop\x18\x05 \x01(\x0b\x32\x1a.specdec.v1.StopConditions\x12\x18\n\x10num_draft_tokens\x18\x06 \x01(\r\x12\x16\n\x0e\x61\x64\x61ptive_draft\x18\x07 \x01(\x08\x12\x10\n\x08no_draft\x18\x08 \x01(\x08\x12\x0f\n\x07\x64rafter\x18\t \x01(\t\x12\x12\n\nrequest_id\x18\n \x01(\tB\x08\n\x06prompt\"@\n\x0bSourceStats\x12\x0e\n\x06rounds\x18\x01 \x01(\r\x12\x0f\n\x07\x64rafted\x18\x02 \x01(\r\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x03 \x01(\r\"\x90\x01\n\x10GenerateResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12*\n\x05stats\x18\x04 \x01(\x0b\x32\x1b.specdec.v1.GenerationStats\x12\x18\n\x10prompt_token_ids\x18\x05 \x03(\x05\"\xa6\x04\n\x0fGenerationStats\x12\x0e\n\x06rounds\x18\x01 \x01(\r\x12\x0f\n\x07\x64rafted\x18\x02 \x01(\r\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x03 \x01(\r\x12\x17\n\x0f\x61\x63\x63\x65ptance_rate\x18\x04 \x01(\x02\x12\x1d\n\x15\x61\x63\x63\x65pted_per_position\x18\x05 \x03(\x02\x12\x15\n\rtarget_passes\x18\x06 \x01(\r\x12\x0f\n\x07\x64raft_s\x18\x07 \x01(\x02\x12\x10\n\x08verify_s\x18\x08 \x01(\x02\x12\x11\n\tnetwork_s\x18\t \x01(\x02\x12\x14\n\x0ctokens_per_s\x18\n \x01(\x02\x12\x12\n\nnew_tokens\x18\x0b \x01(\r\x12\x0e\n\x06wall_s\x18\x0c \x01(\x02\x12\x19\n\x11mean_draft_length\x18\r \x01(\x02\x12\x18\n\x10\x64rafter_failures\x18\x0e \x01(\r\x12\x15\n\rtarget_tokens\x18\x0f \x01(\r\x12\x11\n\tprefill_s\x18\x10 \x01(\x02\x12\x15\n\rfirst_token_s\x18\x11 \x01(\x02\x12\x14\n\x0cplain_rounds\x18\x12 \x01(\r\x12\x46\n\x0e\x64rafter_source\x18\x13 \x03(\x0b\x32..specdec.v1.GenerationStats.DrafterSourceEntry\x1aM\n\x12\x44rafterSourceEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12&\n\x05value\x18\x02 \x01(\x0b\x32\x17.specdec.v1.SourceStats:\x02\x38\x01\"\xd4\x01\n\rVerifyRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0e\n\x06tokens\x18\x02 \x03(\x05\x12\r\n\x05reset\x18\x03 \x01(\x08\x12,\n\x08sampling\x18\x04 \x01(\x0b\x32\x1a.specdec.v1.SamplingParams\x12\x14\n\x0c\x64raft_tokens\x18\x05 \x03(\x05\x12\x33\n\x0b\x64raft_dists\x18\x06 \x03(\x0b\x32\x1e.specdec.v1.SparseDistribution\x12\x17\n\x0freturn_logprobs\x18\x07 \x01(\x08\"d\n\x0eVerifyResponse\x12\x14\n\x0cnum_accepted\x18\x01 \x01(\r\x12\x12\n\nnext_token\x18\x02 \x01(\x05\x12\x10\n\x08logprobs\x18\x03 \x03(\x02\x12\x16\n\x0e\x63ontext_length\x18\x04 \x01(\r\")\n\x13\x43loseSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\x16\n\x14\x43loseSessionResponse\"f\n\x0c\x44raftRequest\x12\'\n\x05start\x18\x01 \x01(\x0b\x32\x16.specdec.v1.DraftStartH\x00\x12%\n\x04step\x18\x02 \x01(\x0b\x32\x15.specdec.v1.DraftStepH\x00\x42\x06\n\x04kind\"t\n\nDraftStart\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontext\x18\x02 \x03(\x05\x12,\n\x08sampling\x18\x03 \x01(\x0b\x32\x1a.specdec.v1.SamplingParams\x12\x13\n\x0bmax_support\x18\x04 \x01(\r\"\xad\x01\n\tDraftStep\x12\x13\n\x0bhas_verdict\x18\x01 \x01(\x08\x12\x14\n\x0cnum_accepted\x18\x02 \x01(\r\x12\x12\n\nnext_token\x18\x03 \x01(\x05\x12\x18\n\x10num_draft_tokens\x18\x04 \x01(\r\x12\x12\n\nstop_below\x18\x05 \x01(\x02\x12 \n\x18\x61\x63\x63\x65ptance_by_confidence\x18\x06 \x03(\x02\x12\x11\n\tcommitted\x18\x07 \x03(\x05\"t\n\rDraftResponse\x12\x0e\n\x06tokens\x18\x01 \x03(\x05\x12-\n\x05\x64ists\x18\x02 \x03(\x0b\x32\x1e.specdec.v1.SparseDistribution\x12\x0f\n\x07\x64raft_s\x18\x03 \x01(\x02\x12\x13\n\x0b\x63onfidences\x18\x04 \x03(\x02\"$\n\x0bInfoRequest\x12\x15\n\rinclude_vocab\x18\x01 \x01(\x08\"\x90\x02\n\x0cInfoResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x19\n\x11vocab_fingerprint\x18\x02 \x01(\t\x12\x12\n\nvocab_size\x18\x03 \x01(\r\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\x12\r\n\x05\x64type\x18\x05 \x01(\t\x12\r\n\x05vocab\x18\x06 \x03(\t\x12\x14\n\x0c\x65os_token_id\x18\x07 \x01(\x05\x12\x0f\n\x07host_id\x18\x08 \x01(\t\x12\x0c\n\x04\x63pus\x18\t \x03(\r\x12\x18\n\x10\x61\x63tive_sequences\x18\n \x01(\r\x12\x11\n\tkv_tokens\x18\x0b \x01(\x04\x12\x10\n\x08sessions\x18\x0c \x01(\r\x12\x0f\n\x07running\x18\r \x01(\r\x12\x0f\n\x07waiting\x18\x0e \x01(\r2U\n\nGeneration\x12G\n\x08Generate\x12\x1b.specdec.v1.GenerateRequest\x1a\x1c.specdec.v1.GenerateResponse0\x01\x32\xd9\x01\n\x08Verifier\x12?\n\x06Verify\x12\x19.specdec.v1.VerifyRequest\x1a\x1a.specdec.v1.VerifyResponse\x12Q\n\x0c\x43loseSession\x12\x1f.specdec.v1.CloseSessionRequest\x1a .specdec.v1.CloseSessionResponse\x12\x39\n\x04Info\x12\x17.specdec.v1.InfoRequest\x1a\x18.specdec.v1.InfoResponse2\x86\x01\n\x07\x44rafter\x12@\n\x05\x44raft\x12\x18.specdec.v1.DraftRequest\x1a\x19.specdec.v1.DraftResponse(\x01\x30\x01\x12\x39\n\x04Info\x12\x17.specdec.v1.InfoRequest\x1a\x18.specdec.v1.InfoResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'specdec.v1.specdec_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_GENERATIONSTATS_DRAFTERSOURCEENTRY']._loaded_options = None
+  _globals['_GENERATIONSTATS_DRAFTERSOURCEENTRY']._serialized_options = b'8\001'
   _globals['_SAMPLINGPARAMS']._serialized_start=40
   _globals['_SAMPLINGPARAMS']._serialized_end=135
   _globals['_STOPCONDITIONS']._serialized_start=137
@@ -45,34 +47,38 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CHATMESSAGES']._serialized_end=397
   _globals['_GENERATEREQUEST']._serialized_start=400
   _globals['_GENERATEREQUEST']._serialized_end=739
-  _globals['_GENERATERESPONSE']._serialized_start=742
-  _globals['_GENERATERESPONSE']._serialized_end=886
-  _globals['_GENERATIONSTATS']._serialized_start=889
-  _globals['_GENERATIONSTATS']._serialized_end=1288
-  _globals['_VERIFYREQUEST']._serialized_start=1291
-  _globals['_VERIFYREQUEST']._serialized_end=1503
-  _globals['_VERIFYRESPONSE']._serialized_start=1505
-  _globals['_VERIFYRESPONSE']._serialized_end=1605
-  _globals['_CLOSESESSIONREQUEST']._serialized_start=1607
-  _globals['_CLOSESESSIONREQUEST']._serialized_end=1648
-  _globals['_CLOSESESSIONRESPONSE']._serialized_start=1650
-  _globals['_CLOSESESSIONRESPONSE']._serialized_end=1672
-  _globals['_DRAFTREQUEST']._serialized_start=1674
-  _globals['_DRAFTREQUEST']._serialized_end=1776
-  _globals['_DRAFTSTART']._serialized_start=1778
-  _globals['_DRAFTSTART']._serialized_end=1894
-  _globals['_DRAFTSTEP']._serialized_start=1897
-  _globals['_DRAFTSTEP']._serialized_end=2070
-  _globals['_DRAFTRESPONSE']._serialized_start=2072
-  _globals['_DRAFTRESPONSE']._serialized_end=2188
-  _globals['_INFOREQUEST']._serialized_start=2190
-  _globals['_INFOREQUEST']._serialized_end=2226
-  _globals['_INFORESPONSE']._serialized_start=2229
-  _globals['_INFORESPONSE']._serialized_end=2501
-  _globals['_GENERATION']._serialized_start=2503
-  _globals['_GENERATION']._serialized_end=2588
-  _globals['_VERIFIER']._serialized_start=2591
-  _globals['_VERIFIER']._serialized_end=2808
-  _globals['_DRAFTER']._serialized_start=2811
-  _globals['_DRAFTER']._serialized_end=2945
+  _globals['_SOURCESTATS']._serialized_start=741
+  _globals['_SOURCESTATS']._serialized_end=805
+  _globals['_GENERATERESPONSE']._serialized_start=808
+  _globals['_GENERATERESPONSE']._serialized_end=952
+  _globals['_GENERATIONSTATS']._serialized_start=955
+  _globals['_GENERATIONSTATS']._serialized_end=1505
+  _globals['_GENERATIONSTATS_DRAFTERSOURCEENTRY']._serialized_start=1428
+  _globals['_GENERATIONSTATS_DRAFTERSOURCEENTRY']._serialized_end=1505
+  _globals['_VERIFYREQUEST']._serialized_start=1508
+  _globals['_VERIFYREQUEST']._serialized_end=1720
+  _globals['_VERIFYRESPONSE']._serialized_start=1722
+  _globals['_VERIFYRESPONSE']._serialized_end=1822
+  _globals['_CLOSESESSIONREQUEST']._serialized_start=1824
+  _globals['_CLOSESESSIONREQUEST']._serialized_end=1865
+  _globals['_CLOSESESSIONRESPONSE']._serialized_start=1867
+  _globals['_CLOSESESSIONRESPONSE']._serialized_end=1889
+  _globals['_DRAFTREQUEST']._serialized_start=1891
+  _globals['_DRAFTREQUEST']._serialized_end=1993
+  _globals['_DRAFTSTART']._serialized_start=1995
+  _globals['_DRAFTSTART']._serialized_end=2111
+  _globals['_DRAFTSTEP']._serialized_start=2114
+  _globals['_DRAFTSTEP']._serialized_end=2287
+  _globals['_DRAFTRESPONSE']._serialized_start=2289
+  _globals['_DRAFTRESPONSE']._serialized_end=2405
+  _globals['_INFOREQUEST']._serialized_start=2407
+  _globals['_INFOREQUEST']._serialized_end=2443
+  _globals['_INFORESPONSE']._serialized_start=2446
+  _globals['_INFORESPONSE']._serialized_end=2718
+  _globals['_GENERATION']._serialized_start=2720
+  _globals['_GENERATION']._serialized_end=2805
+  _globals['_VERIFIER']._serialized_start=2808
+  _globals['_VERIFIER']._serialized_end=3025
+  _globals['_DRAFTER']._serialized_start=3028
+  _globals['_DRAFTER']._serialized_end=3162
 # @@protoc_insertion_point(module_scope)
