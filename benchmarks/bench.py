@@ -266,6 +266,12 @@ def parse_args(argv):
     )
     p.add_argument("--out", default=str(ROOT / "bench-results"))
     p.add_argument("--docs", action="store_true", help="also write docs/benchmarks.md and the plot")
+    p.add_argument(
+        "--lookup",
+        action="store_true",
+        help="prompt-lookup mode (lookup.py): hf, hf-lookup, model, ngram, hybrid on grounded and existing prompts",
+    )
+    p.add_argument("--lookup-systems", default="hf,hf-lookup,model,ngram,hybrid")
     load = p.add_argument_group("load mode (--concurrency): many concurrent clients over gRPC, see load.py")
     load.add_argument("--concurrency", default="", help="e.g. 1,2,4,8,16: run the concurrency benchmark")
     load.add_argument("--layouts", default="shared", help="shared (both roles on all cores) and/or pinned")
@@ -308,6 +314,7 @@ def parse_args(argv):
     a.ks = [int(k) for k in a.ks.split(",")]
     a.temperatures = [float(t) for t in a.temperatures.split(",")]
     a.systems = a.systems.split(",")
+    a.lookup_systems = a.lookup_systems.split(",")
     return a
 
 
@@ -315,6 +322,10 @@ def main(argv: list[str] | None = None) -> int:
     from .report import write_reports
 
     a = parse_args(argv)
+    if a.lookup:
+        from .lookup import run as lookup
+
+        return lookup(a)
     if a.concurrency:
         from .load import main as load_main
 
