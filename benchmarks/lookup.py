@@ -29,7 +29,7 @@ import torch
 from specdec_core import models
 from specdec_core.draft_length import LengthMemory
 from specdec_core.drafting import ModelDrafter
-from specdec_core.engine import GenerationStats, SpeculativeDecoder, StopCriteria
+from specdec_core.engine import LOOKUP_K_MAX, GenerationStats, SpeculativeDecoder, StopCriteria
 from specdec_core.ngram import HybridDrafter, NgramDrafter
 from specdec_core.optimize import enable_fast_linear, prepare_drafter
 from specdec_core.runtime.runner import ModelRunner
@@ -72,7 +72,9 @@ def run(a) -> int:
         decoder = decoder_box["decoder"]
         draft_runner = decoder_box["draft_runner"]
         s = GenerationStats()
-        policy = memory.policy(system, k_max=8)
+        # as the verifier: the lookup alone may draft up to LOOKUP_K_MAX; the hybrid's lookup side starts
+        # fresh each generation (how often lookups are accepted depends on the text)
+        policy = memory.policy(system, k_max=LOOKUP_K_MAX if system == "ngram" else 8)
         ngram_policy = None
         if system == "model":
             d = ModelDrafter(draft_runner)
@@ -80,14 +82,11 @@ def run(a) -> int:
             d = NgramDrafter()
         else:
             d = HybridDrafter(ModelDrafter(draft_runner), NgramDrafter())
-            ngram_policy = memory.policy("hybrid-ngram", k_max=8)
         out: list[int] = []
         for chunk in decoder.generate(ids, SamplingParams(), StopCriteria(max_new_tokens=max_new), d, policy, s,
                                       ngram_length=ngram_policy):  # fmt: skip
             out.extend(chunk.token_ids)
         memory.remember(system, policy)
-        if ngram_policy is not None:
-            memory.remember("hybrid-ngram", ngram_policy)
         stats.setdefault(system, []).append(s.to_dict())
         return out
 

@@ -317,7 +317,8 @@ class SpeculativeDecoder:
         # each source has its own measured acceptance and cost, hence its own length policy
         policies = {MODEL: policy}
         if hybrid is not None:
-            policies[NGRAM] = ngram_length or AdaptiveDraftLength()
+            policies[NGRAM] = ngram_length or AdaptiveDraftLength(k_max=LOOKUP_K_MAX)
+        lookup_skipped = 0  # rounds with a lookup match that drafted from the model instead
         cancel = cancel or Cancellation()
         overlap = self.overlap_prefill if overlap_prefill is None else overlap_prefill
         t_start = time.perf_counter()
@@ -358,8 +359,13 @@ class SpeculativeDecoder:
                     if unsent:  # the lookup must see every committed token before it picks the source
                         hybrid.extend(unsent)
                         unsent = []
-                    hybrid.prefer_ngram = _ngram_pays(policies, load)
+                    # the lookup's acceptance depends on the text: where it lost, it is tried again now and
+                    # then (every LOOKUP_PROBE matched rounds), so a stretch that repeats the input is found
+                    pays = _ngram_pays(policies, load) or lookup_skipped >= LOOKUP_PROBE
+                    hybrid.prefer_ngram = pays
                     source = hybrid.source()
+                    if hybrid.ngram.has_match:
+                        lookup_skipped = 0 if source == NGRAM else lookup_skipped + 1
                 chosen = policies[source]
                 k = min(chosen.next_length(load), room) if drafter else 0
                 if drafter is not None and log.isEnabledFor(logging.DEBUG) and hasattr(chosen, "describe"):
@@ -468,6 +474,10 @@ class SpeculativeDecoder:
     def _feedback(self, drafter: Drafter | None, verdict: Verdict, stats: GenerationStats) -> Drafter | None:
         call = lambda d: d.accept(verdict.num_accepted, verdict.next_token)  # noqa: E731
         return self._drafter_call(drafter, stats, "while accepting", call)[1]
+
+
+LOOKUP_K_MAX = 16  # lookup drafts cost nothing: only the verify forward bounds their length
+LOOKUP_PROBE = 8
 
 
 def _ngram_pays(policies: dict[str, DraftLengthPolicy], load: Load) -> bool:

@@ -25,7 +25,7 @@ from specdec.v1 import specdec_pb2 as pb
 from specdec.v1 import specdec_pb2_grpc as pb_grpc
 from specdec_core.draft_length import DraftLengthPolicy, FixedDraftLength, LengthMemory
 from specdec_core.drafting import DraftBlock, Drafter
-from specdec_core.engine import GenerationStats, SpeculativeDecoder, StopCriteria, TargetSession
+from specdec_core.engine import LOOKUP_K_MAX, GenerationStats, SpeculativeDecoder, StopCriteria, TargetSession
 from specdec_core.models import (
     TokenizerMismatch,
     first_vocab_difference,
@@ -253,7 +253,9 @@ class VerifierEngine:
             args.params.top_p,
         )
         policy: DraftLengthPolicy = (
-            self.length_memory.policy(memory_key, k_max=k or 8) if adaptive else FixedDraftLength(k)
+            self.length_memory.policy(memory_key, k_max=k or (LOOKUP_K_MAX if name == NGRAM else 8))
+            if adaptive
+            else FixedDraftLength(k)
         )
         # in-process drafters start for free; a remote one overlaps its prefill unless it shares our cores
         overlap = self._overlap_prefill(drafter.addresses[0]) if isinstance(drafter, RemoteDrafter) else True
