@@ -197,8 +197,7 @@ class GenerationMetrics:
         m, name = self.m, self.name
         m.e2e.labels(name).observe(time.perf_counter() - self.start)
         m.request_success.labels(name, reason).inc()
-        drafted_rounds = sum(1 for k in stats.draft_lengths if k > 0)
-        m.num_drafts.labels(name).inc(drafted_rounds)
+        m.num_drafts.labels(name).inc(stats.rounds - stats.plain_rounds)
         m.num_draft_tokens.labels(name).inc(stats.drafted)
         m.num_accepted_tokens.labels(name).inc(stats.accepted)
         for position, accepted in enumerate(stats.accepted_per_position):

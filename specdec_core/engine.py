@@ -381,7 +381,7 @@ class SpeculativeDecoder:
                 start_s = stats.draft_s - start_s  # the start call's own time (a lazy drafter's is ~0)
                 k = k if drafter else 0
                 net_before = stats.network_s
-                early_stop = policy.early_stop(load) if k > 0 else None
+                early_stop = chosen.early_stop(load) if k > 0 else None
                 block, drafter = self._draft(drafter, max(k, 0), early_stop, stats)
                 t0 = time.perf_counter()
                 verdict, _ = session.verify(block.tokens, block)

@@ -133,7 +133,6 @@ class HybridDrafter(Drafter):
         self._last: str | None = None  # the source of the block in flight
         self._model_started = False
         self._model_drafted: list[int] = []
-        self.model_starts = 0  # rounds whose model block also paid the model drafter's start
 
     def start(self, context: list[int], params: SamplingParams) -> None:
         self.ngram.start(context, params)
@@ -151,7 +150,6 @@ class HybridDrafter(Drafter):
         if not self._model_started:
             self.model.start(list(self.ngram.index.tokens), self._params)
             self._model_started = True
-            self.model_starts += 1
         block = self.model.propose(k, stop)
         self._model_drafted = list(block.tokens)
         return block
