@@ -121,20 +121,27 @@ def load_prompts(tokenizer, count: int) -> list[tuple[str, list[int]]]:
     return [(p["id"], encode_prompt(tokenizer, p["text"], p["chat"])) for p in prompts]
 
 
-def hf_config(model, max_new: int, temperature: float):
-    gc = copy.deepcopy(model.generation_config)
-    gc.eos_token_id = None
-    gc.max_new_tokens = max_new
-    gc.do_sample = temperature > 0
-    gc.temperature = temperature if temperature > 0 else None
-    gc.top_p, gc.top_k = None, None
-    gc.pad_token_id = gc.pad_token_id if gc.pad_token_id is not None else 0
-    return gc
+def hf_kwargs(model, max_new: int, temperature: float) -> dict:
+    """``generate()`` arguments for the target-only reference: ``max_new`` tokens, EOS ignored, plain
+    sampling at ``temperature`` (0: greedy). Every value is passed explicitly as a keyword: transformers 5
+    fills the unset (None) fields of a passed ``generation_config`` from the model's own, so a config with
+    ``eos_token_id = None`` still stopped at the model's EOS (the earlier ``hf_config`` did)."""
+    pad = model.generation_config.pad_token_id
+    return {
+        "max_new_tokens": max_new,
+        "min_new_tokens": None,
+        "do_sample": temperature > 0,
+        "temperature": temperature if temperature > 0 else None,
+        "top_p": None,
+        "top_k": None,
+        "repetition_penalty": None,
+        "eos_token_id": None,
+        "pad_token_id": pad if pad is not None else 0,
+    }
 
 
 def run_hf(target, ids, max_new, temperature, seed, assistant=None, k=None) -> list[int]:
-    gc = hf_config(target, max_new, temperature)
-    kwargs = {}
+    kwargs = hf_kwargs(target, max_new, temperature)
     if assistant is not None:
         assistant.generation_config.num_assistant_tokens = k
         assistant.generation_config.num_assistant_tokens_schedule = "constant"
@@ -142,7 +149,7 @@ def run_hf(target, ids, max_new, temperature, seed, assistant=None, k=None) -> l
         kwargs["assistant_model"] = assistant
     torch.manual_seed(seed)
     x = torch.tensor([ids], device=target.device)
-    out = target.generate(x, attention_mask=torch.ones_like(x), generation_config=gc, **kwargs)
+    out = target.generate(x, attention_mask=torch.ones_like(x), **kwargs)
     return out[0, len(ids) :].tolist()
 
 

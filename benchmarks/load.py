@@ -36,7 +36,7 @@ import torch
 from specdec_core import models
 from specdec_core.text import encode_prompt
 
-from .bench import describe_hardware, hf_config, measure_bandwidth, peak_rss_mb, weight_bytes
+from .bench import describe_hardware, hf_kwargs, measure_bandwidth, peak_rss_mb, weight_bytes
 
 HERE = Path(__file__).resolve().parent
 
@@ -222,7 +222,7 @@ def hf_batch(model, tokenizer, prompts, max_new: int) -> tuple[list[Request], fl
         out = model.generate(
             ids.to(model.device),
             attention_mask=mask.to(model.device),
-            generation_config=hf_config(model, max_new, 0.0),
+            **hf_kwargs(model, max_new, 0.0),
             logits_processor=LogitsProcessorList([clock]),
         )
     wall = time.perf_counter() - t0

@@ -36,7 +36,7 @@ from specdec_core.runtime.runner import ModelRunner
 from specdec_core.sampling import SamplingParams
 from specdec_core.text import encode_prompt
 
-from .bench import describe_hardware, hf_config
+from .bench import describe_hardware, hf_kwargs
 
 HERE = Path(__file__).resolve().parent
 SYSTEMS = ("hf", "hf-lookup", "model", "ngram", "hybrid")
@@ -59,11 +59,10 @@ def run(a) -> int:
     stats: dict = {}
 
     def hf(ids, lookup=False):
-        gc = hf_config(hf_target, max_new, 0.0)
-        kwargs = {"prompt_lookup_num_tokens": 10} if lookup else {}
+        kwargs = hf_kwargs(hf_target, max_new, 0.0) | ({"prompt_lookup_num_tokens": 10} if lookup else {})
         x = torch.tensor([ids], device=hf_target.device)
         with torch.no_grad():
-            out = hf_target.generate(x, attention_mask=torch.ones_like(x), generation_config=gc, **kwargs)
+            out = hf_target.generate(x, attention_mask=torch.ones_like(x), **kwargs)
         return out[0, len(ids) :].tolist()
 
     decoder_box: dict = {}
