@@ -1,4 +1,5 @@
-"""The drafter's engine: one loaded model shared by per-stream drafting sessions."""
+"""The drafter's engine: one loaded model shared by per-stream drafting sessions, or (``--source ngram``)
+prompt lookup per stream, with no model at all."""
 
 from __future__ import annotations
 
@@ -13,21 +14,33 @@ from specdec.metrics import ServiceMetrics
 from specdec.rpc import LimitExceeded
 from specdec_core.drafting import ModelDrafter
 from specdec_core.models import load_model, vocab_fingerprint
+from specdec_core.ngram import NGRAM, NgramDrafter
 from specdec_core.optimize import prepare_drafter
 from specdec_core.runtime.runner import ModelRunner
 
 log = logging.getLogger(__name__)
 
 
+SOURCES = ("model", NGRAM)
+
+
 class DrafterEngine:
     """Loads the drafter model once; hands out a ``ModelDrafter`` (own KV cache) per generation stream.
 
     Every forward runs on the scheduler's thread: the draft steps of all streams that are drafting go
-    through one forward per drafted position.
+    through one forward per drafted position. With ``source="ngram"`` nothing is loaded: each stream gets
+    an ``NgramDrafter`` (prompt lookup over token ids, any vocabulary), run on the stream's own thread.
     """
 
     def __init__(self, config: DrafterConfig, model=None, tokenizer=None) -> None:
+        if config.source not in SOURCES:
+            raise ValueError(f"source must be one of {', '.join(SOURCES)}, got {config.source!r}")
         self.config = config
+        self._active = 0
+        self._lock = threading.Lock()
+        if config.source == NGRAM:
+            self._init_lookup()
+            return
         self.metrics = ServiceMetrics("drafter", config.model_name or config.model)
         # forward costs decide whether prompt chunks and draft steps share a forward
         self.scheduler, self.load = layout.service_scheduler("drafter-compute", config, self.metrics)
@@ -38,13 +51,20 @@ class DrafterEngine:
         self.limits = validate.Limits(
             vocab_size=self.runner.vocab_size, context=self.runner.max_positions or 1 << 20
         )
-        self._active = 0
-        self._lock = threading.Lock()
         self.metrics.track(
             running=lambda: self._active,
             sessions=lambda: self.runner.active_sequences,
             kv_tokens=lambda: self.runner.kv_tokens_held,
         )
+
+    def _init_lookup(self) -> None:
+        self.metrics = ServiceMetrics("drafter", self.config.model_name or NGRAM)
+        NgramDrafter(self.config.ngram_min, self.config.ngram_max)  # the sizes are checked at start-up
+        self.scheduler = self.runner = self.tokenizer = None
+        self.fingerprint = ""
+        # token ids are only copied: any vocabulary, the verifier bounds them by its own
+        self.limits = validate.Limits(vocab_size=2**31 - 1, context=1 << 20)
+        self.metrics.track(running=lambda: self._active, sessions=lambda: self._active, kv_tokens=lambda: 0)
 
     def _load(self, model, tokenizer):
         torch.set_num_threads(self.config.threads or layout.default_threads(torch.get_num_threads()))
@@ -54,13 +74,16 @@ class DrafterEngine:
             return prepare_drafter(model, self.config.quantization), tokenizer
 
     def close(self) -> None:
-        self.scheduler.close()
+        if self.scheduler is not None:
+            self.scheduler.close()
 
-    def open_session(self) -> ModelDrafter:
+    def open_session(self) -> ModelDrafter | NgramDrafter:
         with self._lock:
             if self._active >= self.config.max_sessions:
                 raise LimitExceeded(f"drafter at its limit of {self.config.max_sessions} concurrent sessions")
             self._active += 1
+        if self.config.source == NGRAM:
+            return NgramDrafter(self.config.ngram_min, self.config.ngram_max)
         return ModelDrafter(
             self.runner,
             max_support=self.config.max_support,
@@ -68,7 +91,7 @@ class DrafterEngine:
             executor=self.scheduler,
         )
 
-    def close_session(self, drafter: ModelDrafter) -> None:
+    def close_session(self, drafter: ModelDrafter | NgramDrafter) -> None:
         drafter.close()
         with self._lock:
             self._active -= 1

@@ -55,6 +55,10 @@ class CommonConfig:
     tls_key: str = ""
     tls_client_ca: str = ""
     auth_token_file: str = ""
+    # prompt lookup (a verifier's drafter "ngram" and the lookup side of "hybrid", a drafter's `--source
+    # ngram`): n-gram sizes matched, longest first
+    ngram_min: int = 2
+    ngram_max: int = 4
 
 
 @dataclass(frozen=True)
@@ -69,6 +73,9 @@ class DrafterConfig(CommonConfig):
     # recycle each verifier connection after this long (0: never): the verifier then re-resolves a
     # dns:/// drafter name and reaches drafters started since; streams in flight finish on the old one
     max_connection_age_s: float = 300.0
+    # what it drafts with: model (the language model `--model`) | ngram (prompt lookup over token ids: no
+    # model is loaded, and any verifier's vocabulary will do)
+    source: str = "model"
 
 
 @dataclass(frozen=True)
@@ -92,9 +99,6 @@ class VerifierConfig(CommonConfig):
     # gets the second
     drafter_timeout_s: float = 15.0
     drafter_start_timeout_s: float = 60.0
-    # prompt lookup (drafter "ngram", and the lookup side of "hybrid"): n-gram sizes matched, longest first
-    ngram_min: int = 2
-    ngram_max: int = 4
     # a Generate request may name its own drafter only if it is one of `drafters`, unless this is set
     allow_any_drafter: bool = False
     # the verifier's channels to its drafters: CA to trust, client certificate (mutual TLS), TLS name to

@@ -75,6 +75,15 @@ def stats_to_pb(stats: GenerationStats) -> pb.GenerationStats:
     return msg
 
 
+def lookup_info_to_pb(name: str, sessions: int) -> pb.InfoResponse:
+    """Info of a drafter serving prompt lookup: no model, no vocabulary (it only copies token ids)."""
+    msg = pb.InfoResponse(model=name, device="cpu", eos_token_id=-1, drafter_source="ngram")
+    msg.host_id = layout.host_id()
+    msg.cpus.extend(layout.cpus())
+    msg.active_sequences = sessions
+    return msg
+
+
 def info_to_pb(model_name, runner, tokenizer, fingerprint, include_vocab) -> pb.InfoResponse:
     eos = tokenizer.eos_token_id
     msg = pb.InfoResponse(

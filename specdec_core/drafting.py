@@ -88,6 +88,10 @@ class DraftBlock:
 class Drafter(ABC):
     """Proposes blocks of tokens for one generation at a time."""
 
+    # what its blocks come from, for the stats' per-source breakdown and the length policy's bounds:
+    # "model" (a language model) or "ngram" (prompt lookup, free to draft)
+    source: str = "model"
+
     @abstractmethod
     def start(self, context: list[int], params: SamplingParams) -> None:
         """Begin (or rebuild) a generation whose committed tokens are ``context``."""

@@ -310,14 +310,27 @@ class SpeculativeDecoder:
         ``overlap_prefill`` overrides the decoder's setting for this generation. With a ``HybridDrafter``
         each round drafts from the source it picks, and ``ngram_length`` (default: adaptive) sizes the
         n-gram source's blocks while ``draft_length`` sizes the model's.
+
+        Prompt lookup (an ``NgramDrafter``, or a hybrid's) is weighed in two states, each with its own
+        adaptive length: *copying*, while the text repeats an earlier stretch (the last ``COPY_STREAK`` or
+        more committed tokens were all what the lookup proposed, or would have: every round computes the
+        lookup's proposal, which costs nothing), and otherwise. A lookup is usually right, and worth long
+        blocks, in the first state and mostly wrong in the second.
         """
         stats = stats if stats is not None else GenerationStats()
         policy = draft_length or FixedDraftLength(4)
         hybrid = drafter if isinstance(drafter, HybridDrafter) else None
-        # each source has its own measured acceptance and cost, hence its own length policy
-        policies = {MODEL: policy}
+        lookup = hybrid.ngram if hybrid is not None else drafter if isinstance(drafter, NgramDrafter) else None
+        # each source has its own measured acceptance and cost, hence its own length policy; the lookup has
+        # one more, for the rounds where the text is copying (see above), adaptive whenever its others are
+        own = _source_of(drafter)  # a hybrid's own policy is its model drafter's
+        policies = {own: policy}
         if hybrid is not None:
             policies[NGRAM] = ngram_length or AdaptiveDraftLength(k_max=LOOKUP_K_MAX)
+        if lookup is not None:
+            adaptive = isinstance(policies[NGRAM], AdaptiveDraftLength)
+            policies[COPYING] = AdaptiveDraftLength(k_max=LOOKUP_K_MAX) if adaptive else policies[NGRAM]
+        streak = 0  # committed tokens in a row that the lookup proposed (or would have)
         lookup_skipped = 0  # rounds with a lookup match that drafted from the model instead
         cancel = cancel or Cancellation()
         overlap = self.overlap_prefill if overlap_prefill is None else overlap_prefill
@@ -354,19 +367,23 @@ class SpeculativeDecoder:
                 room = stop.max_new_tokens - stopper.produced - 1
                 behind = len(unsent) if started else len(session.context)  # the drafter's catching up
                 load = replace(self.load.snapshot(policy), start_tokens=behind, remaining=room)
-                source = MODEL
+                source = own
+                copying = streak >= COPY_STREAK
+                if lookup is not None and started and unsent:  # the lookup must see every committed token
+                    (hybrid or lookup).extend(unsent)  # before it proposes or picks the source
+                    unsent = []
                 if hybrid is not None:
-                    if unsent:  # the lookup must see every committed token before it picks the source
-                        hybrid.extend(unsent)
-                        unsent = []
                     # the lookup's acceptance depends on the text: where it lost, it is tried again now and
                     # then (every LOOKUP_PROBE matched rounds), so a stretch that repeats the input is found
-                    pays = _ngram_pays(policies, load) or lookup_skipped >= LOOKUP_PROBE
+                    lookup_policy = policies[COPYING if copying else NGRAM]
+                    pays = _ngram_pays(lookup_policy, policies[MODEL], load) or lookup_skipped >= LOOKUP_PROBE
                     hybrid.prefer_ngram = pays
                     source = hybrid.source()
                     if hybrid.ngram.has_match:
                         lookup_skipped = 0 if source == NGRAM else lookup_skipped + 1
-                chosen = policies[source]
+                # what the lookup proposes now, drafted or not: whether the committed tokens continue it
+                shadow = lookup.index.lookup(LOOKUP_K_MAX) if lookup is not None and started else []
+                chosen = policies[COPYING if source == NGRAM and copying else source]
                 k = min(chosen.next_length(load), room) if drafter else 0
                 if drafter is not None and log.isEnabledFor(logging.DEBUG) and hasattr(chosen, "describe"):
                     log.debug("round %d: %s k %d; %s", stats.rounds, source, k, chosen.describe(load))
@@ -389,9 +406,11 @@ class SpeculativeDecoder:
                 stats.verify_s += verify_s
                 stats.record_round(len(block.tokens), verdict.num_accepted)
                 if block.tokens:
-                    stats.record_source(source if hybrid is not None else _source_of(drafter), len(block.tokens),
-                                        verdict.num_accepted)  # fmt: skip
+                    stats.record_source(source, len(block.tokens), verdict.num_accepted)
                 stats.target_passes, stats.target_tokens = session.passes, session.tokens_processed
+                committed = block.tokens[: verdict.num_accepted] + [verdict.next_token]
+                agree = _common_prefix(shadow, committed)
+                streak = streak + agree if agree == len(committed) else 0
                 if block.tokens:
                     drafter = self._feedback(drafter, verdict, stats)
                 elif drafter is not None and started:
@@ -407,8 +426,7 @@ class SpeculativeDecoder:
                     start_tokens=catching_up if block.tokens else 0,
                 )
                 fresh = fresh and not block.tokens
-                emitted = block.tokens[: verdict.num_accepted] + [verdict.next_token]
-                chunk = self._emit(stopper, emitted, stats, t_start)
+                chunk = self._emit(stopper, committed, stats, t_start)
                 yield chunk
                 if chunk.finish_reason:
                     break
@@ -478,12 +496,22 @@ class SpeculativeDecoder:
 
 LOOKUP_K_MAX = 16  # lookup drafts cost nothing: only the verify forward bounds their length
 LOOKUP_PROBE = 8
+COPY_STREAK = 3  # committed tokens in a row continuing the lookup's proposal: the text is copying
+COPYING = "ngram-copying"  # the key of the lookup's length policy while the text is copying
 
 
-def _ngram_pays(policies: dict[str, DraftLengthPolicy], load: Load) -> bool:
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def _ngram_pays(ngram: DraftLengthPolicy, model: DraftLengthPolicy, load: Load) -> bool:
     """Whether a hybrid's n-gram source should draft when it has a match: while either source is still
     learning, try it (lookups cost nothing); then where its planned rate is at least the model's."""
-    ngram, model = policies[NGRAM], policies[MODEL]
     if not isinstance(ngram, AdaptiveDraftLength) or not isinstance(model, AdaptiveDraftLength):
         return True
     if ngram.learning or model.learning:
@@ -492,7 +520,7 @@ def _ngram_pays(policies: dict[str, DraftLengthPolicy], load: Load) -> bool:
 
 
 def _source_of(drafter: Drafter | None) -> str:
-    return NGRAM if isinstance(drafter, NgramDrafter) else MODEL
+    return MODEL if drafter is None or isinstance(drafter, HybridDrafter) else drafter.source
 
 
 class _Stopper:

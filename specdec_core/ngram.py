@@ -76,6 +76,8 @@ class NgramIndex:
 class NgramDrafter(Drafter):
     """Prompt-lookup drafting: no model, no network; one-hot draft distributions (module docstring)."""
 
+    source = NGRAM
+
     def __init__(self, min_ngram: int = 2, max_ngram: int = 4) -> None:
         self.min_ngram, self.max_ngram = min_ngram, max_ngram
         self.index = NgramIndex(min_ngram, max_ngram)
@@ -87,6 +89,11 @@ class NgramDrafter(Drafter):
         self.index = NgramIndex(self.min_ngram, self.max_ngram)
         self.index.extend(list(context))
         self._drafted = []
+
+    @property
+    def context(self) -> list[int]:
+        """The committed text (prompt + generated) the lookup searches."""
+        return self.index.tokens
 
     @property
     def has_match(self) -> bool:

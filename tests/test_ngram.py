@@ -173,3 +173,41 @@ def test_ngram_and_hybrid_through_the_verifier(pair, name):
     sources = r.stats["drafter_source"]
     assert r.stats["drafted"] > 0 and "ngram" in sources
     assert sum(s.get("accepted", 0) for s in sources.values()) == r.stats["accepted"]
+
+
+def test_a_drafter_service_serves_prompt_lookup(models):
+    """`serve-drafter --source ngram`: no model, any vocabulary; a verifier drafts through it losslessly
+    and counts its rounds as lookup rounds."""
+    import grpc
+
+    from drafter_service.engine import DrafterEngine
+    from drafter_service.server import start as start_drafter
+    from specdec.config import DrafterConfig
+    from specdec.v1 import specdec_pb2 as pb
+    from specdec.v1 import specdec_pb2_grpc as pb_grpc
+    from verifier_service.engine import VerifierEngine
+    from verifier_service.server import start as start_verifier
+
+    target, _ = models
+    d_cfg = DrafterConfig(port=0, host="127.0.0.1", source="ngram", ngram_min=1, ngram_max=3)
+    d_engine = DrafterEngine(d_cfg)
+    d_server, d_port, _ = start_drafter(d_cfg, d_engine)
+    address = f"127.0.0.1:{d_port}"
+    v_cfg = VerifierConfig(port=0, host="127.0.0.1", model="tiny-target", fast_verify="off", drafters=(address,))
+    v_engine = VerifierEngine(v_cfg, target, tiny_tokenizer())
+    v_server, v_port, _ = start_verifier(v_cfg, v_engine)
+    try:
+        with grpc.insecure_channel(address) as channel:
+            info = pb_grpc.DrafterStub(channel).Info(pb.InfoRequest(), timeout=10)
+        assert info.drafter_source == "ngram" and info.vocab_fingerprint == "" and info.vocab_size == 0
+        with SpecDecClient(f"127.0.0.1:{v_port}") as c:
+            r = c.generate(CODE, max_new_tokens=30, ignore_eos=True)
+        assert r.token_ids == hf_greedy(target, tiny_tokenizer()(CODE)["input_ids"], 30)
+        assert r.stats["drafted"] > 0 and set(r.stats["drafter_source"]) == {"ngram"}
+    finally:
+        v_server.stop(0)
+        d_server.stop(0)
+        v_engine.close()
+        d_engine.close()
+    with pytest.raises(ValueError, match="source"):
+        DrafterEngine(DrafterConfig(source="lookup"))

@@ -200,6 +200,7 @@ class VerifierEngine:
             server_name=config.drafter_tls_server_name,
         )
         self._paired: dict[str, bool] = {}  # drafter address -> shares this process's compute
+        self._sources: dict[str, str] = {}  # drafter address -> what it drafts with (its Info)
         self.length_memory = LengthMemory()  # adaptive sessions start from the last one's measurements
         self._lock = threading.Lock()
         self._next_drafter = 0
@@ -246,6 +247,7 @@ class VerifierEngine:
         adaptive = args.adaptive or k == 0  # the default: adaptive length
         drafter = None if args.no_draft else self._drafter(args.drafter, request_id)
         name = _drafter_name(drafter)
+        lookup_only = drafter is not None and not isinstance(drafter, HybridDrafter) and drafter.source == NGRAM
         memory_key = (
             name,
             args.params.temperature,
@@ -253,7 +255,7 @@ class VerifierEngine:
             args.params.top_p,
         )
         policy: DraftLengthPolicy = (
-            self.length_memory.policy(memory_key, k_max=k or (LOOKUP_K_MAX if name == NGRAM else 8))
+            self.length_memory.policy(memory_key, k_max=k or (LOOKUP_K_MAX if lookup_only else 8))
             if adaptive
             else FixedDraftLength(k)
         )
@@ -395,6 +397,7 @@ class VerifierEngine:
             start_timeout_s=self.config.drafter_start_timeout_s,
             limits=self.limits,
             healthy=self._drafter_healthy,
+            source=self._sources.get(usable[0], "model"),
         )
 
     def _rotated_defaults(self) -> list[str]:
@@ -435,7 +438,8 @@ class VerifierEngine:
         stub = self._stub(address)
         try:
             info = stub.Info(pb.InfoRequest(), timeout=10)
-            if info.vocab_fingerprint != self.fingerprint:
+            # prompt lookup copies token ids of the text it is sent: there is no vocabulary to compare
+            if info.drafter_source != NGRAM and info.vocab_fingerprint != self.fingerprint:
                 full = stub.Info(pb.InfoRequest(include_vocab=True), timeout=30)
                 diff = first_vocab_difference(list(full.vocab), vocab_by_id(self.tokenizer))
                 raise TokenizerMismatch(
@@ -448,7 +452,11 @@ class VerifierEngine:
         shared = layout.shares_compute(
             (layout.host_id(), str(self.runner.device), layout.cpus()), (info.host_id, info.device, info.cpus)
         )
-        log.info("drafter %s paired (%s)", address, "shares this host's compute" if shared else "own compute")
+        source = info.drafter_source or "model"
+        log.info(
+            "drafter %s paired (%s, %s)", address, source, "shares this host's compute" if shared else "own compute"
+        )
+        self._sources[address] = source
         self._paired[address] = shared
 
     def _overlap_prefill(self, address: str) -> bool:

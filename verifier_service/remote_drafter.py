@@ -21,6 +21,7 @@ import grpc
 from specdec import convert, validate
 from specdec.v1 import specdec_pb2 as pb
 from specdec_core.drafting import DraftBlock, Drafter, DrafterDown, DrafterUnavailable, EarlyStop
+from specdec_core.ngram import NGRAM
 from specdec_core.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -44,6 +45,7 @@ class RemoteDrafter(Drafter):
         start_timeout_s: float = 60.0,
         limits: validate.Limits | None = None,
         healthy: Callable[[str], bool] | None = None,
+        source: str = "model",
     ) -> None:
         if not addresses:
             raise ValueError("a remote drafter needs at least one address")
@@ -56,6 +58,7 @@ class RemoteDrafter(Drafter):
         # blocks are checked against them: a drafter sending garbage is a failed drafter
         self.limits = limits
         self.healthy = healthy or (lambda address: True)
+        self.source = source  # what the service drafts with (its Info): "model" or "ngram"
         self.context: list[int] = []
         self.params = SamplingParams()
         self._verdict: tuple[int, int] | None = None
@@ -157,7 +160,7 @@ class RemoteDrafter(Drafter):
         if reply is None:
             raise DrafterUnavailable("drafter closed the stream")
         self._verdict, self._committed, self._restarted = None, [], False
-        if not 1 <= len(reply.tokens) <= k:
+        if not (0 if self.source == NGRAM else 1) <= len(reply.tokens) <= k:  # a lookup may find no match
             raise DrafterUnavailable(f"drafter returned {len(reply.tokens)} tokens, asked for up to {k}")
         if self.limits is not None:
             try:

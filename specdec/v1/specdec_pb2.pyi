@@ -252,7 +252,7 @@ class InfoRequest(_message.Message):
     def __init__(self, include_vocab: _Optional[bool] = ...) -> None: ...
 
 class InfoResponse(_message.Message):
-    __slots__ = ("model", "vocab_fingerprint", "vocab_size", "device", "dtype", "vocab", "eos_token_id", "host_id", "cpus", "active_sequences", "kv_tokens", "sessions", "running", "waiting")
+    __slots__ = ("model", "vocab_fingerprint", "vocab_size", "device", "dtype", "vocab", "eos_token_id", "host_id", "cpus", "active_sequences", "kv_tokens", "sessions", "running", "waiting", "drafter_source")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     VOCAB_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -267,6 +267,7 @@ class InfoResponse(_message.Message):
     SESSIONS_FIELD_NUMBER: _ClassVar[int]
     RUNNING_FIELD_NUMBER: _ClassVar[int]
     WAITING_FIELD_NUMBER: _ClassVar[int]
+    DRAFTER_SOURCE_FIELD_NUMBER: _ClassVar[int]
     model: str
     vocab_fingerprint: str
     vocab_size: int
@@ -281,4 +282,5 @@ class InfoResponse(_message.Message):
     sessions: int
     running: int
     waiting: int
-    def __init__(self, model: _Optional[str] = ..., vocab_fingerprint: _Optional[str] = ..., vocab_size: _Optional[int] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., vocab: _Optional[_Iterable[str]] = ..., eos_token_id: _Optional[int] = ..., host_id: _Optional[str] = ..., cpus: _Optional[_Iterable[int]] = ..., active_sequences: _Optional[int] = ..., kv_tokens: _Optional[int] = ..., sessions: _Optional[int] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ...) -> None: ...
+    drafter_source: str
+    def __init__(self, model: _Optional[str] = ..., vocab_fingerprint: _Optional[str] = ..., vocab_size: _Optional[int] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., vocab: _Optional[_Iterable[str]] = ..., eos_token_id: _Optional[int] = ..., host_id: _Optional[str] = ..., cpus: _Optional[_Iterable[int]] = ..., active_sequences: _Optional[int] = ..., kv_tokens: _Optional[int] = ..., sessions: _Optional[int] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., drafter_source: _Optional[str] = ...) -> None: ...

@@ -289,7 +289,7 @@ class DrafterStub:
     """----------------------------------------------------------------------------------------------------
     Drafter protocol
 
-    / The small model.
+    / The small model (or prompt lookup: `InfoResponse.drafter_source`).
     """
 
     def __init__(self, channel):
@@ -314,7 +314,7 @@ class DrafterServicer:
     """----------------------------------------------------------------------------------------------------
     Drafter protocol
 
-    / The small model.
+    / The small model (or prompt lookup: `InfoResponse.drafter_source`).
     """
 
     def Draft(self, request_iterator, context):
@@ -357,7 +357,7 @@ class Drafter:
     """----------------------------------------------------------------------------------------------------
     Drafter protocol
 
-    / The small model.
+    / The small model (or prompt lookup: `InfoResponse.drafter_source`).
     """
 
     @staticmethod
