@@ -15,7 +15,6 @@ greedy runs assert that every system's ids equal the baseline's (a mismatch is r
 from __future__ import annotations
 
 import argparse
-import copy
 import gc
 import json
 import os

@@ -59,7 +59,9 @@ class DrafterServicer(pb_grpc.DrafterServicer):
     @map_errors
     def Info(self, request, context):
         if self.engine.runner is None:  # prompt lookup: no model
-            return convert.lookup_info_to_pb(self.engine.config.model_name or "ngram", self.engine.active_sessions)
+            return convert.lookup_info_to_pb(
+                self.engine.config.model_name or "ngram", self.engine.active_sessions
+            )
         return convert.info_to_pb(
             self.engine.config.model,
             self.engine.runner,

@@ -68,8 +68,9 @@ def block_from_pb(msg: pb.DraftResponse | pb.VerifyRequest) -> DraftBlock:
 
 def stats_to_pb(stats: GenerationStats) -> pb.GenerationStats:
     d = stats.to_dict()
-    sources = d.pop("drafter_source")
+    sources, copying = d.pop("drafter_source"), d.pop("lookup_copying")
     msg = pb.GenerationStats(**{k: d[k] for k in pb.GenerationStats.DESCRIPTOR.fields_by_name if k in d})
+    msg.lookup_copying.CopyFrom(pb.SourceStats(**copying))
     for source, counts in sources.items():
         msg.drafter_source[source].CopyFrom(pb.SourceStats(**counts))
     return msg

@@ -510,6 +510,15 @@ class AdaptiveDraftLength(DraftLengthPolicy):
             self.rounds += 1
         self.k = self.best_length()
 
+    def observe(self, judged: int, num_accepted: int) -> None:
+        """Acceptance only, from a block that was not drafted: ``judged`` positions of what this source would
+        have proposed were checked against the committed tokens, the first ``num_accepted`` equal (prompt
+        lookup's proposal costs nothing to compute, so rounds drafted from elsewhere measure it too)."""
+        for i in range(1, min(judged, self.k_max) + 1):
+            self.tried[i] += 1
+            self.passed[i] += int(i <= num_accepted)
+        self._plan = None  # replan with it
+
     # -- the lone session's cost model -------------------------------------------------------------------
     def acceptance(self, i: int) -> float:
         """Acceptance of position ``i`` given its predecessors were accepted (0: pooled over positions)."""

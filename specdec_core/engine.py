@@ -60,6 +60,7 @@ class GenerationStats:
     draft_lengths: list[int] = field(default_factory=list)
     round_trips: list[float] = field(default_factory=list)  # seconds of each drafter call that drafted
     sources: dict[str, list[int]] = field(default_factory=dict)  # source -> [rounds, drafted, accepted]
+    copying: list[int] = field(default_factory=lambda: [0, 0, 0])  # the lookup rounds drafted while copying
 
     @property
     def acceptance_rate(self) -> float:
@@ -81,10 +82,11 @@ class GenerationStats:
         self.accepted += n
         self.draft_lengths.append(k)
 
-    def record_source(self, source: str, k: int, n: int) -> None:
-        """A drafted round's block came from ``source`` ("model", "ngram")."""
-        counts = self.sources.setdefault(source, [0, 0, 0])
-        counts[0], counts[1], counts[2] = counts[0] + 1, counts[1] + k, counts[2] + n
+    def record_source(self, source: str, k: int, n: int, copying: bool = False) -> None:
+        """A drafted round's block came from ``source`` ("model", "ngram"), ``copying``: a lookup round
+        drafted while the text was copying an earlier stretch."""
+        for counts in [self.sources.setdefault(source, [0, 0, 0])] + ([self.copying] if copying else []):
+            counts[0], counts[1], counts[2] = counts[0] + 1, counts[1] + k, counts[2] + n
 
     def to_dict(self) -> dict:
         return {
@@ -115,6 +117,7 @@ class GenerationStats:
                 source: {"rounds": r, "drafted": d, "accepted": a}
                 for source, (r, d, a) in self.sources.items()
             },
+            "lookup_copying": dict(zip(("rounds", "drafted", "accepted"), self.copying, strict=True)),
         }
 
 
@@ -320,7 +323,9 @@ class SpeculativeDecoder:
         stats = stats if stats is not None else GenerationStats()
         policy = draft_length or FixedDraftLength(4)
         hybrid = drafter if isinstance(drafter, HybridDrafter) else None
-        lookup = hybrid.ngram if hybrid is not None else drafter if isinstance(drafter, NgramDrafter) else None
+        lookup = (
+            hybrid.ngram if hybrid is not None else drafter if isinstance(drafter, NgramDrafter) else None
+        )
         # each source has its own measured acceptance and cost, hence its own length policy; the lookup has
         # one more, for the rounds where the text is copying (see above), adaptive whenever its others are
         own = _source_of(drafter)  # a hybrid's own policy is its model drafter's
@@ -365,18 +370,20 @@ class SpeculativeDecoder:
             while True:
                 cancel.check()
                 room = stop.max_new_tokens - stopper.produced - 1
-                behind = len(unsent) if started else len(session.context)  # the drafter's catching up
-                load = replace(self.load.snapshot(policy), start_tokens=behind, remaining=room)
-                source = own
-                copying = streak >= COPY_STREAK
                 if lookup is not None and started and unsent:  # the lookup must see every committed token
                     (hybrid or lookup).extend(unsent)  # before it proposes or picks the source
                     unsent = []
+                behind = len(unsent) if started else len(session.context)  # the drafter's catching up
+                if hybrid is not None and started:  # its model drafter's, after lookup rounds or lazily
+                    behind = hybrid.model_pending
+                load = replace(self.load.snapshot(policy), start_tokens=behind, remaining=room)
+                source = own
+                copying = streak >= COPY_STREAK
                 if hybrid is not None:
                     # the lookup's acceptance depends on the text: where it lost, it is tried again now and
                     # then (every LOOKUP_PROBE matched rounds), so a stretch that repeats the input is found
-                    lookup_policy = policies[COPYING if copying else NGRAM]
-                    pays = _ngram_pays(lookup_policy, policies[MODEL], load) or lookup_skipped >= LOOKUP_PROBE
+                    pays = _ngram_pays(policies[COPYING if copying else NGRAM], policies[MODEL], load)
+                    pays = pays or lookup_skipped >= LOOKUP_PROBE
                     hybrid.prefer_ngram = pays
                     source = hybrid.source()
                     if hybrid.ngram.has_match:
@@ -395,6 +402,8 @@ class SpeculativeDecoder:
                 elif k > 0 and unsent:
                     drafter = self._drafter_call(drafter, stats, "catching up", lambda d: d.extend(unsent))[1]
                     unsent, fresh, catching_up = [], True, behind
+                elif k > 0 and hybrid is not None and source == MODEL and behind > 1:
+                    fresh, catching_up = True, behind  # the model drafter's block starts with a catch-up
                 start_s = stats.draft_s - start_s  # the start call's own time (a lazy drafter's is ~0)
                 k = k if drafter else 0
                 net_before = stats.network_s
@@ -406,11 +415,24 @@ class SpeculativeDecoder:
                 stats.verify_s += verify_s
                 stats.record_round(len(block.tokens), verdict.num_accepted)
                 if block.tokens:
-                    stats.record_source(source, len(block.tokens), verdict.num_accepted)
+                    stats.record_source(
+                        source, len(block.tokens), verdict.num_accepted, source == NGRAM and copying
+                    )
                 stats.target_passes, stats.target_tokens = session.passes, session.tokens_processed
                 committed = block.tokens[: verdict.num_accepted] + [verdict.next_token]
                 agree = _common_prefix(shadow, committed)
-                streak = streak + agree if agree == len(committed) else 0
+                lookup_policy = policies.get(COPYING if copying else NGRAM)
+                if (
+                    shadow
+                    and not (source == NGRAM and block.tokens)
+                    and isinstance(lookup_policy, AdaptiveDraftLength)
+                ):
+                    # not drafted: what the lookup would have had accepted (past the committed tokens: unknown)
+                    lookup_policy.observe(
+                        agree if agree == len(committed) else min(len(shadow), agree + 1), agree
+                    )
+                # a proposal that ran out before the committed tokens did (none: no match) says nothing past it
+                streak = streak + agree if agree in (len(committed), len(shadow) or -1) else 0
                 if block.tokens:
                     drafter = self._feedback(drafter, verdict, stats)
                 elif drafter is not None and started:

@@ -65,12 +65,19 @@ class NgramIndex:
         return None
 
     def lookup(self, k: int) -> list[int]:
-        """Up to ``k`` tokens that followed the latest earlier occurrence of the longest matching suffix."""
+        """``k`` tokens that followed the latest earlier occurrence of the longest matching suffix (none
+        without a match). Where that continuation reaches the end of the text, the copy goes on over its own
+        output, as an LZ77 copy does: text that repeats a stretch of p tokens (the latest occurrence is p
+        tokens back) is continued with that stretch, again and again, not cut at p tokens."""
         found = self.match()
         if found is None or k <= 0:
             return []
         _, end = found
-        return self.tokens[end + 1 : end + 1 + k]
+        out = self.tokens[end + 1 : end + 1 + k]
+        period = len(self.tokens) - 1 - end
+        while len(out) < k:
+            out.append(out[len(out) - period])
+        return out
 
 
 class NgramDrafter(Drafter):
@@ -140,11 +147,18 @@ class HybridDrafter(Drafter):
         self._last: str | None = None  # the source of the block in flight
         self._model_started = False
         self._model_drafted: list[int] = []
+        self._model_behind = 0  # committed tokens the started model drafter was only told of (extend)
 
     def start(self, context: list[int], params: SamplingParams) -> None:
         self.ngram.start(context, params)
         self._params = params
-        self._last, self._model_started = None, False
+        self._last, self._model_started, self._model_behind = None, False, 0
+
+    @property
+    def model_pending(self) -> int:
+        """Tokens the model drafter must take in before its next block (one prefill, paid in that round's
+        drafting time): the whole text until it first drafts, then what lookup and plain rounds committed."""
+        return self._model_behind if self._model_started else len(self.ngram.index.tokens)
 
     def source(self) -> str:
         """Where the coming round's block comes from."""
@@ -157,6 +171,7 @@ class HybridDrafter(Drafter):
         if not self._model_started:
             self.model.start(list(self.ngram.index.tokens), self._params)
             self._model_started = True
+        self._model_behind = 0
         block = self.model.propose(k, stop)
         self._model_drafted = list(block.tokens)
         return block
@@ -170,6 +185,7 @@ class HybridDrafter(Drafter):
             self.ngram.accept(num_accepted, next_token)
             if self._model_started:
                 self.model.extend(committed)
+                self._model_behind += len(committed)
         else:
             self.model.accept(num_accepted, next_token)
             self.ngram.extend(self._model_drafted[:num_accepted] + [next_token])
@@ -179,6 +195,7 @@ class HybridDrafter(Drafter):
         self.ngram.extend(tokens)
         if self._model_started:
             self.model.extend(tokens)
+            self._model_behind += len(tokens)
 
     def cancel(self) -> None:
         self.model.cancel()

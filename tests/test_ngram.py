@@ -37,7 +37,7 @@ def test_no_match_gives_an_empty_block():
     assert block.tokens == [] and block.dists == []
     drafter.extend([1, 2])  # now [1, 2] ends the text and occurred at the start, followed by 3, 4, 5
     block = drafter.propose(8)
-    assert block.tokens == [3, 4, 5, 1, 2]  # the continuation runs into the repeat itself, as it should
+    assert block.tokens == [3, 4, 5, 1, 2, 3, 4, 5]  # it runs into the repeat itself and copies on over it
     assert all(float(d.probs.sum()) == 1.0 and len(d.token_ids) == 1 for d in block.dists)  # one-hot
 
 
@@ -102,6 +102,23 @@ def test_ngram_and_hybrid_greedy_equal_target_greedy(models, policy):
     sources = hybrid_stats.to_dict()["drafter_source"]
     assert sum(s["accepted"] for s in sources.values()) == hybrid_stats.accepted
     assert sum(s["rounds"] for s in sources.values()) == hybrid_stats.rounds - hybrid_stats.plain_rounds
+
+
+def test_a_copying_stretch_is_weighed_apart_and_copied_past_its_period():
+    """This tiny random Qwen2's greedy text falls into a 4-token cycle: the lookup proposes the committed
+    tokens, the generation enters the copying state, and a lookup block runs on over its own output
+    (8 tokens of a 4-token cycle are accepted in one round)."""
+    target = tiny_model("qwen2", seed=1)
+    out, stats, prompt = generate(target, NgramDrafter(1, 3), SamplingParams(), max_new=80)
+    assert out == hf_greedy(target, prompt, 80)
+    copying = stats.to_dict()["lookup_copying"]
+    assert copying["rounds"] > 0 and copying["accepted"] >= 0.8 * copying["drafted"], copying
+    assert copying["rounds"] < stats.sources["ngram"][0]  # the first lookups came before any copying
+    out, stats, _ = generate(
+        target, NgramDrafter(1, 3), SamplingParams(), max_new=80, policy=FixedDraftLength(12)
+    )
+    assert out == hf_greedy(target, prompt, 80)
+    assert len(stats.accepted_per_position) >= 8 and stats.accepted_per_position[7] > 0
 
 
 def test_seeded_sampling_with_lookup_is_the_targets_own(models):
@@ -193,7 +210,9 @@ def test_a_drafter_service_serves_prompt_lookup(models):
     d_engine = DrafterEngine(d_cfg)
     d_server, d_port, _ = start_drafter(d_cfg, d_engine)
     address = f"127.0.0.1:{d_port}"
-    v_cfg = VerifierConfig(port=0, host="127.0.0.1", model="tiny-target", fast_verify="off", drafters=(address,))
+    v_cfg = VerifierConfig(
+        port=0, host="127.0.0.1", model="tiny-target", fast_verify="off", drafters=(address,)
+    )
     v_engine = VerifierEngine(v_cfg, target, tiny_tokenizer())
     v_server, v_port, _ = start_verifier(v_cfg, v_engine)
     try:

@@ -247,7 +247,9 @@ class VerifierEngine:
         adaptive = args.adaptive or k == 0  # the default: adaptive length
         drafter = None if args.no_draft else self._drafter(args.drafter, request_id)
         name = _drafter_name(drafter)
-        lookup_only = drafter is not None and not isinstance(drafter, HybridDrafter) and drafter.source == NGRAM
+        lookup_only = (
+            drafter is not None and not isinstance(drafter, HybridDrafter) and drafter.source == NGRAM
+        )
         memory_key = (
             name,
             args.params.temperature,
@@ -454,7 +456,10 @@ class VerifierEngine:
         )
         source = info.drafter_source or "model"
         log.info(
-            "drafter %s paired (%s, %s)", address, source, "shares this host's compute" if shared else "own compute"
+            "drafter %s paired (%s, %s)",
+            address,
+            source,
+            "shares this host's compute" if shared else "own compute",
         )
         self._sources[address] = source
         self._paired[address] = shared

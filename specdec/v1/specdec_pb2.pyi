@@ -107,7 +107,7 @@ class GenerateResponse(_message.Message):
     def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., text: _Optional[str] = ..., finish_reason: _Optional[str] = ..., stats: _Optional[_Union[GenerationStats, _Mapping]] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class GenerationStats(_message.Message):
-    __slots__ = ("rounds", "drafted", "accepted", "acceptance_rate", "accepted_per_position", "target_passes", "draft_s", "verify_s", "network_s", "tokens_per_s", "new_tokens", "wall_s", "mean_draft_length", "drafter_failures", "target_tokens", "prefill_s", "first_token_s", "plain_rounds", "drafter_source")
+    __slots__ = ("rounds", "drafted", "accepted", "acceptance_rate", "accepted_per_position", "target_passes", "draft_s", "verify_s", "network_s", "tokens_per_s", "new_tokens", "wall_s", "mean_draft_length", "drafter_failures", "target_tokens", "prefill_s", "first_token_s", "plain_rounds", "drafter_source", "lookup_copying")
     class DrafterSourceEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -134,6 +134,7 @@ class GenerationStats(_message.Message):
     FIRST_TOKEN_S_FIELD_NUMBER: _ClassVar[int]
     PLAIN_ROUNDS_FIELD_NUMBER: _ClassVar[int]
     DRAFTER_SOURCE_FIELD_NUMBER: _ClassVar[int]
+    LOOKUP_COPYING_FIELD_NUMBER: _ClassVar[int]
     rounds: int
     drafted: int
     accepted: int
@@ -153,7 +154,8 @@ class GenerationStats(_message.Message):
     first_token_s: float
     plain_rounds: int
     drafter_source: _containers.MessageMap[str, SourceStats]
-    def __init__(self, rounds: _Optional[int] = ..., drafted: _Optional[int] = ..., accepted: _Optional[int] = ..., acceptance_rate: _Optional[float] = ..., accepted_per_position: _Optional[_Iterable[float]] = ..., target_passes: _Optional[int] = ..., draft_s: _Optional[float] = ..., verify_s: _Optional[float] = ..., network_s: _Optional[float] = ..., tokens_per_s: _Optional[float] = ..., new_tokens: _Optional[int] = ..., wall_s: _Optional[float] = ..., mean_draft_length: _Optional[float] = ..., drafter_failures: _Optional[int] = ..., target_tokens: _Optional[int] = ..., prefill_s: _Optional[float] = ..., first_token_s: _Optional[float] = ..., plain_rounds: _Optional[int] = ..., drafter_source: _Optional[_Mapping[str, SourceStats]] = ...) -> None: ...
+    lookup_copying: SourceStats
+    def __init__(self, rounds: _Optional[int] = ..., drafted: _Optional[int] = ..., accepted: _Optional[int] = ..., acceptance_rate: _Optional[float] = ..., accepted_per_position: _Optional[_Iterable[float]] = ..., target_passes: _Optional[int] = ..., draft_s: _Optional[float] = ..., verify_s: _Optional[float] = ..., network_s: _Optional[float] = ..., tokens_per_s: _Optional[float] = ..., new_tokens: _Optional[int] = ..., wall_s: _Optional[float] = ..., mean_draft_length: _Optional[float] = ..., drafter_failures: _Optional[int] = ..., target_tokens: _Optional[int] = ..., prefill_s: _Optional[float] = ..., first_token_s: _Optional[float] = ..., plain_rounds: _Optional[int] = ..., drafter_source: _Optional[_Mapping[str, SourceStats]] = ..., lookup_copying: _Optional[_Union[SourceStats, _Mapping]] = ...) -> None: ...
 
 class VerifyRequest(_message.Message):
     __slots__ = ("session_id", "tokens", "reset", "sampling", "draft_tokens", "draft_dists", "return_logprobs")
