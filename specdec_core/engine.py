@@ -336,7 +336,6 @@ class SpeculativeDecoder:
             adaptive = isinstance(policies[NGRAM], AdaptiveDraftLength)
             policies[COPYING] = AdaptiveDraftLength(k_max=LOOKUP_K_MAX) if adaptive else policies[NGRAM]
         streak = 0  # committed tokens in a row that the lookup proposed (or would have)
-        lookup_skipped = 0  # rounds with a lookup match that drafted from the model instead
         cancel = cancel or Cancellation()
         overlap = self.overlap_prefill if overlap_prefill is None else overlap_prefill
         t_start = time.perf_counter()
@@ -380,14 +379,10 @@ class SpeculativeDecoder:
                 source = own
                 copying = streak >= COPY_STREAK
                 if hybrid is not None:
-                    # the lookup's acceptance depends on the text: where it lost, it is tried again now and
-                    # then (every LOOKUP_PROBE matched rounds), so a stretch that repeats the input is found
-                    pays = _ngram_pays(policies[COPYING if copying else NGRAM], policies[MODEL], load)
-                    pays = pays or lookup_skipped >= LOOKUP_PROBE
-                    hybrid.prefer_ngram = pays
+                    # the lookup's acceptance in this state is measured every round, drafted or not (below)
+                    lookup_policy = policies[COPYING if copying else NGRAM]
+                    hybrid.prefer_ngram = _ngram_pays(lookup_policy, policies[MODEL], load)
                     source = hybrid.source()
-                    if hybrid.ngram.has_match:
-                        lookup_skipped = 0 if source == NGRAM else lookup_skipped + 1
                 # what the lookup proposes now, drafted or not: whether the committed tokens continue it
                 shadow = lookup.index.lookup(LOOKUP_K_MAX) if lookup is not None and started else []
                 chosen = policies[COPYING if source == NGRAM and copying else source]
@@ -517,7 +512,6 @@ class SpeculativeDecoder:
 
 
 LOOKUP_K_MAX = 16  # lookup drafts cost nothing: only the verify forward bounds their length
-LOOKUP_PROBE = 8
 COPY_STREAK = 3  # committed tokens in a row continuing the lookup's proposal: the text is copying
 COPYING = "ngram-copying"  # the key of the lookup's length policy while the text is copying
 

@@ -70,23 +70,31 @@ class BatchCache(Cache):
     """The cache of one batched forward: writes new keys at per-row positions, returns the rows' prefixes.
 
     rows: [B] slot of each row; write_pos: [B, T] cache position of each new token (padding tokens write
-    past their row's new length, where nothing reads them); kv_len: positions attended (L).
+    past their row's new length, where nothing reads them); kv_len: positions attended (L). ``write_rows``
+    [B, T], the slot each token writes (static shapes, ``static.py``: padding writes to a scratch slot):
+    given, the cache reads no tensor on the host, so a CUDA graph can capture the forward.
     """
 
-    def __init__(self, kv: SlotKV, rows: torch.Tensor, write_pos: torch.Tensor, kv_len: int) -> None:
+    def __init__(
+        self,
+        kv: SlotKV,
+        rows: torch.Tensor,
+        write_pos: torch.Tensor,
+        kv_len: int,
+        write_rows: torch.Tensor | None = None,
+    ) -> None:
         super().__init__(layers=[])
         self.kv = kv
         self.rows = rows  # [B]
-        self.write_rows = rows[:, None].expand_as(write_pos)  # [B, T]
+        self.write_rows = rows[:, None].expand_as(write_pos) if write_rows is None else write_rows  # [B, T]
         self.write_pos = write_pos  # [B, T]
         self.kv_len = kv_len
-        first = int(rows[0])
-        # rows first..first+B-1 in order: the attended keys are a view of the buffers, no gather
-        self._span = (
-            slice(first, first + len(rows))
-            if torch.equal(rows, torch.arange(first, first + len(rows), device=rows.device))
-            else None
-        )
+        self._span = None
+        if write_rows is None:
+            first = int(rows[0])
+            # rows first..first+B-1 in order: the attended keys are a view of the buffers, no gather
+            if torch.equal(rows, torch.arange(first, first + len(rows), device=rows.device)):
+                self._span = slice(first, first + len(rows))
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
         """key_states, value_states: [B, kv_heads, T, head_dim] -> attended keys, values [B, kv_heads, L, D]."""

@@ -89,13 +89,17 @@ class ModelRunner:
         with self._lock:
             self._reclaim()
             if not self._free:
-                grown = self.kv.slots * 2
-                self._free = list(range(self.kv.slots, grown))
-                self.kv.reserve(grown, self.kv.capacity)
+                self._grow()
             seq = Sequence(slot=heapq.heappop(self._free))
             self._live[seq.slot] = seq
         seq.release = weakref.finalize(seq, self._release_slot, seq.slot)
         return seq
+
+    def _grow(self) -> None:
+        """Every slot is taken: double them (under the lock)."""
+        grown = self.kv.slots * 2
+        self._free = list(range(self.kv.slots, grown))
+        self.kv.reserve(grown, self.kv.capacity)
 
     def release(self, seq: Sequence) -> None:
         """Give ``seq``'s slot back (idempotent); ``seq`` must not be used afterwards."""

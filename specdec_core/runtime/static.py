@@ -1,0 +1,239 @@
+"""Static-shape forwards: the batched runner's forward with every tensor shape drawn from a few buckets.
+
+On a GPU, eager decoding of a small model is launch-bound: a 0.5B drafter's step costs nearly what a 1.5B
+target's does (``docs/gpu_check_h100.json``). A CUDA graph replays a whole forward's kernels with one launch,
+but only for the shapes it was captured with. ``StaticRunner`` makes every forward one of a few shapes:
+
+- rows padded to a rows bucket (``Buckets.rows``), tokens per row to a width bucket (``Buckets.widths``:
+  1 for a drafter's step, k + 1 for a verify, prompt chunks);
+- the KV buffers preallocated once (``SlotKV.reserve``: every slot, ``Buckets.capacity`` positions), and
+  attention always over the whole capacity, masked per row, so the attended length is no shape either;
+- padding rows, and the padding tokens of short rows, write their keys into a scratch slot that no
+  sequence owns (a real row's positions past its length are never written by padding);
+- rollback still moves a sequence's length only; nothing is reallocated.
+
+The base model runs on those static shapes (captured per bucket on CUDA, eager elsewhere); the LM head then
+runs on the picked positions only, outside the graph (a verify needs k + 1 of them, a step 1).
+
+On CPU the static path is slower than the dynamic one (it attends over the capacity) and exists to be tested:
+it must give the dynamic path's logits (fp32, atol 1e-4) and greedy ids (``tests/test_static.py``).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+
+from .kv import BatchCache
+from .runner import ModelRunner, Row
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Buckets:
+    """The shapes a static runner runs: rows per forward, tokens per row, positions per sequence."""
+
+    rows: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
+    widths: tuple[int, ...] = (1, 2, 4, 8, 12, 16, 32, 64, 128)
+    capacity: int = 2048
+
+    @staticmethod
+    def fit(n: int, options: tuple[int, ...]) -> int | None:
+        """The smallest bucket that holds ``n`` (None: none does)."""
+        return next((b for b in sorted(options) if b >= n), None)
+
+
+class StaticRunner(ModelRunner):
+    """A ``ModelRunner`` whose forwards have static shapes (module docstring); ``graphs``: capture a CUDA graph
+    per (rows, width) bucket at start-up and replay it (CUDA only; elsewhere the same shapes run eagerly).
+
+    ``max_sequences`` slots are preallocated (plus the scratch slot) and never grow: a sequence past them,
+    or past ``Buckets.capacity`` positions, is refused. A forward wider or taller than the largest bucket
+    runs on the dynamic path (the same buffers; logged once).
+    """
+
+    def __init__(
+        self,
+        model,
+        name: str = "model",
+        buckets: Buckets | None = None,
+        max_sequences: int = 32,
+        graphs: bool = False,
+    ) -> None:
+        self.buckets = buckets or Buckets()
+        super().__init__(model, name, slots=max_sequences + 1, capacity=self.buckets.capacity)
+        self.scratch = max_sequences  # the last slot: padding writes here
+        self._free.remove(self.scratch)
+        self.max_positions = min(self.max_positions or self.buckets.capacity, self.buckets.capacity)
+        self._graphs: dict[tuple[int, int], _Graph] = {}
+        self._warned = False
+        self._allocate()
+        self.capture_s = 0.0
+        if graphs and self.device.type == "cuda":
+            self.capture()
+
+    # -- sequences: fixed slots ------------------------------------------------------------------------
+    def _grow(self) -> None:
+        raise RuntimeError(
+            f"static runner {self.name}: all {self.kv.slots - 1} preallocated sequence slots are in use"
+        )
+
+    def _allocate(self) -> None:
+        """Allocate every layer's buffers now (one eager forward on the scratch slot), at full size."""
+        self.kv.reserve(self.kv.slots, self.buckets.capacity)
+        inputs = self._inputs([_Pad(self.scratch)], 1, 1)
+        self._run_base(inputs)
+
+    # -- the forward -----------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def forward(self, rows: list[Row]) -> list[torch.Tensor]:
+        if not rows:
+            return []
+        if any(not r.tokens for r in rows):
+            raise ValueError("every row of a forward feeds at least one token")
+        if len({id(r.seq) for r in rows}) != len(rows):
+            raise ValueError("a sequence appears twice in one forward")
+        for r in rows:
+            if len(r.seq) + len(r.tokens) > self.buckets.capacity:
+                raise ValueError(
+                    f"a sequence of {len(r.seq) + len(r.tokens)} positions exceeds the static runner's "
+                    f"capacity of {self.buckets.capacity}"
+                )
+        width = max(len(r.tokens) for r in rows)
+        b_rows, b_width = Buckets.fit(len(rows), self.buckets.rows), Buckets.fit(width, self.buckets.widths)
+        if b_rows is None or b_width is None:
+            if not self._warned:
+                log.warning(
+                    "%s: a forward of %d rows x %d tokens is past the largest bucket: dynamic path",
+                    self.name,
+                    len(rows),
+                    width,
+                )
+                self._warned = True
+            return super().forward(rows)
+        inputs = self._inputs(rows, b_rows, b_width)
+        graph = self._graphs.get((b_rows, b_width))
+        hidden = graph.run(inputs) if graph is not None else self._run_base(inputs)  # [Bb, Tb, hidden]
+        picks = [
+            b * b_width + t for b, r in enumerate(rows) for t in range(len(r.tokens) - r.keep, len(r.tokens))
+        ]
+        flat = hidden.reshape(b_rows * b_width, -1)
+        logits = self._logits(flat[torch.tensor(picks, dtype=torch.long, device=self.device)])
+        for r in rows:
+            r.seq.tokens.extend(r.tokens)
+        self.tokens_processed += sum(len(r.tokens) for r in rows)
+        self.forward_passes += 1
+        self.rows_processed += len(rows)
+        return list(logits.split([r.keep for r in rows]))
+
+    def _inputs(self, rows, b_rows: int, b_width: int) -> dict[str, torch.Tensor]:
+        """Host-built inputs of one bucket: ids, positions, the slot and position each token writes, and the
+        [Bb, 1, Tb, capacity] mask (a token attends to its row's positions up to its own)."""
+        rows = list(rows) + [_Pad(self.scratch)] * (b_rows - len(rows))
+        lengths = torch.tensor([len(r.seq) for r in rows])  # [Bb]
+        counts = torch.tensor([len(r.tokens) for r in rows])  # [Bb]
+        offsets = torch.arange(b_width)  # [Tb]
+        real = offsets[None, :] < counts[:, None]  # [Bb, Tb]
+        slots = torch.tensor([r.seq.slot for r in rows])  # [Bb]
+        own = lengths[:, None] + offsets[None, :]  # [Bb, Tb]
+        # padding tokens: their row's last real position for the embeddings, the scratch slot for their keys
+        position_ids = torch.where(real, own, (lengths + counts - 1).clamp(min=0)[:, None])
+        write_rows = torch.where(real, slots[:, None], torch.full_like(own, self.scratch))
+        write_pos = torch.where(real, own, offsets[None, :].expand_as(own))
+        input_ids = torch.zeros(b_rows, b_width, dtype=torch.long)
+        for b, r in enumerate(rows):
+            input_ids[b, : len(r.tokens)] = torch.tensor(r.tokens, dtype=torch.long)
+        mask = torch.arange(self.buckets.capacity)[None, None, :] <= position_ids[:, :, None]  # [Bb, Tb, C]
+        return {
+            "input_ids": input_ids,
+            "position_ids": position_ids,
+            "slots": slots,
+            "write_rows": write_rows,
+            "write_pos": write_pos,
+            "mask": mask[:, None],
+        }
+
+    def _run_base(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        dev = self.device
+        on = {k: v.to(dev) for k, v in inputs.items()}
+        return self._base(on)
+
+    def _base(self, on: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The base model on device inputs of one bucket: [Bb, Tb, hidden] (what a graph captures)."""
+        cache = BatchCache(
+            self.kv, on["slots"], on["write_pos"], self.buckets.capacity, write_rows=on["write_rows"]
+        )
+        out = self.base(
+            input_ids=on["input_ids"],
+            attention_mask=on["mask"],
+            position_ids=on["position_ids"],
+            use_cache=True,
+            **{self._cache_kwarg: cache},
+        )
+        return out.last_hidden_state
+
+    # -- CUDA graphs -----------------------------------------------------------------------------------
+    def capture(self) -> None:
+        """Capture one graph per (rows, width) bucket; logs what was captured and how long it took."""
+        t0 = time.perf_counter()
+        pool = torch.cuda.graph_pool_handle()
+        # largest first: the shared memory pool is sized by the first capture
+        for b_rows in sorted(self.buckets.rows, reverse=True):
+            if b_rows > self.kv.slots - 1:
+                continue
+            for b_width in sorted(self.buckets.widths, reverse=True):
+                self._graphs[(b_rows, b_width)] = _Graph(self, b_rows, b_width, pool)
+        torch.cuda.synchronize()
+        self.capture_s = time.perf_counter() - t0
+        log.info(
+            "%s: captured %d CUDA graphs (rows %s x tokens %s, capacity %d) in %.1fs",
+            self.name,
+            len(self._graphs),
+            "/".join(map(str, self.buckets.rows)),
+            "/".join(map(str, self.buckets.widths)),
+            self.buckets.capacity,
+            self.capture_s,
+        )
+
+
+class _Pad:
+    """A padding row: one token on the scratch slot."""
+
+    def __init__(self, slot: int) -> None:
+        self.seq = _PadSeq(slot)
+        self.tokens = [0]
+        self.keep = 0
+
+
+class _PadSeq:
+    def __init__(self, slot: int) -> None:
+        self.slot = slot
+
+    def __len__(self) -> int:
+        return 0
+
+
+class _Graph:
+    """One captured forward: static device inputs are filled, the graph replayed, the static output read."""
+
+    def __init__(self, runner: StaticRunner, b_rows: int, b_width: int, pool) -> None:
+        self.static = {k: v.to(runner.device) for k, v in runner._inputs([], b_rows, b_width).items()}
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):  # warm-up outside the graph (allocator, lazy init)
+                runner._base(self.static)
+        torch.cuda.current_stream().wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph, pool=pool):
+            self.out = runner._base(self.static)
+
+    def run(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        for k, v in inputs.items():
+            self.static[k].copy_(v, non_blocking=True)
+        self.graph.replay()
+        return self.out

@@ -1,0 +1,72 @@
+"""Static-shape forwards (runtime/static.py): the same logits as the dynamic runner (fp32, atol 1e-4) over
+prefill chunks, verify blocks, rollbacks and mixed batches; the same greedy ids through the decoding loop;
+fixed slots and capacity."""
+
+import pytest
+import torch
+from tiny import FAMILIES, hf_greedy, perturbed, tiny_model, tiny_tokenizer
+
+from specdec_core.draft_length import FixedDraftLength
+from specdec_core.drafting import ModelDrafter
+from specdec_core.engine import SpeculativeDecoder, StopCriteria
+from specdec_core.runtime.runner import ModelRunner, Row
+from specdec_core.runtime.static import Buckets, StaticRunner
+from specdec_core.sampling import SamplingParams
+
+BUCKETS = Buckets(rows=(1, 2, 4), widths=(1, 2, 4, 8, 16), capacity=96)
+
+
+def script(runner):
+    """Prefill chunks, verify blocks with rollbacks, and forwards of several rows of unequal widths."""
+    g = torch.Generator().manual_seed(0)
+    ids = lambda n: torch.randint(0, 400, (n,), generator=g).tolist()  # noqa: E731
+    a, b, c = runner.new_sequence(), runner.new_sequence(), runner.new_sequence()
+    out = [runner.extend(a, ids(13), keep=1), runner.extend(a, ids(16))]  # a prompt in two chunks
+    out += runner.forward([Row(b, ids(7), 7), Row(c, ids(3), 1)])  # two rows, padded to 8 tokens
+    runner.rollback(a, 20)  # a rejected tail
+    out += runner.forward([Row(a, ids(5), 5), Row(b, ids(1), 1), Row(c, ids(1), 1)])  # verify + 2 steps
+    runner.rollback(b, 6)
+    out += runner.forward([Row(b, ids(2), 2)])
+    out.append(runner.extend(c, ids(20), keep=2))  # past the widest bucket: the dynamic path
+    return out
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_static_forwards_give_the_dynamic_logits(family):
+    model = tiny_model(family)
+    dynamic = script(ModelRunner(model))
+    static = script(StaticRunner(model, buckets=BUCKETS, max_sequences=4))
+    assert len(dynamic) == len(static)
+    for d, s in zip(dynamic, static, strict=True):
+        assert d.shape == s.shape
+        torch.testing.assert_close(s, d, atol=1e-4, rtol=0)
+
+
+def test_static_runners_decode_the_targets_greedy_ids():
+    target = tiny_model("qwen2")
+    drafter = perturbed(target, 0.2)
+    prompt = tiny_tokenizer()("def add(a, b):\n")["input_ids"]
+    decoder = SpeculativeDecoder(StaticRunner(target, buckets=BUCKETS, max_sequences=4), tiny_tokenizer())
+    out = []
+    for chunk in decoder.generate(
+        prompt,
+        SamplingParams(),
+        StopCriteria(max_new_tokens=40),
+        ModelDrafter(StaticRunner(drafter, buckets=BUCKETS, max_sequences=4)),
+        FixedDraftLength(5),
+    ):
+        out.extend(chunk.token_ids)
+    assert out == hf_greedy(target, prompt, 40)
+
+
+def test_slots_and_capacity_are_fixed():
+    runner = StaticRunner(tiny_model("llama"), buckets=BUCKETS, max_sequences=2)
+    first, second = runner.new_sequence(), runner.new_sequence()
+    with pytest.raises(RuntimeError, match="slots"):
+        runner.new_sequence()
+    runner.release(second)
+    runner.new_sequence()  # a released slot is reused
+    runner.extend(first, list(range(90)), keep=1)
+    with pytest.raises(ValueError, match="capacity"):
+        runner.extend(first, list(range(8)))
+    assert runner.max_positions == BUCKETS.capacity
