@@ -8,6 +8,13 @@ Usage: python -m benchmarks.gpu_check [--configs DIR] [--out FILE.json]
    forward time by block size, drafter step time, the fast-path probe, and the projected speed-up
    E[tokens](alpha, k) * t_target(1) / (k * t_draft + t_target(k + 1)) for the acceptance rates measured on
    the real pair on CPU. Random weights make acceptance meaningless, so acceptance is an input here.
+3. ``--graphs``: eager against static shapes with CUDA graphs (``specdec_core/runtime/static.py``) on the
+   Qwen2.5 0.5B / 1.5B / 7B / 14B architectures (published shapes, random weights, bf16), at batch 1 and 8:
+   drafter step, target step and 8-position verify, each model's weight-read time at the measured copy
+   bandwidth, static-vs-dynamic logits and greedy ids in bf16, and the projected speed-up of 0.5B -> 1.5B /
+   7B / 14B at the best k (k = 0, not drafting, counts as 1.0x) for ``--alpha`` (per-token acceptance of
+   the real pair measured on CPU: 0.78 in docs/results/lookup_qwen.json). ``--tiny`` runs the same code on
+   tiny shapes (a CPU dry run: no graphs there).
 """
 
 from __future__ import annotations
@@ -151,12 +158,157 @@ def measure_costs(config_dir: Path, device: str) -> dict:
     return result
 
 
+# published shapes of the Qwen2.5 family (the config.json of each release); weights are random here
+QWEN25 = {
+    "0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+                 num_key_value_heads=2, vocab_size=151936),
+    "1.5b": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
+                 num_key_value_heads=2, vocab_size=151936),
+    "7b": dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+               num_key_value_heads=4, vocab_size=152064),
+    "14b": dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=48, num_attention_heads=40,
+                num_key_value_heads=8, vocab_size=152064),
+}  # fmt: skip
+TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            vocab_size=512)  # fmt: skip
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _median_ms(fn, device: str, repeats: int = 15) -> float:
+    fn()  # warm
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return 1000 * statistics.median(times)
+
+
+def _bandwidth_gbs(device: str) -> float:
+    x = torch.empty(256 * 2**20, dtype=torch.uint8, device=device)
+    y = torch.empty_like(x)
+    ms = _median_ms(lambda: y.copy_(x), device, repeats=10)
+    return 2 * x.numel() / (ms / 1000) / 1e9  # read + write
+
+
+def _costs(runner, device: str, batch: int, prompt: int = 128) -> dict:
+    """Median ms of a 1-token step and of an 8-position verify with ``batch`` rows."""
+    from specdec_core.runtime.runner import Row
+
+    seqs = [runner.new_sequence() for _ in range(batch)]
+    for s in seqs:
+        runner.prefill(s, [1000 + i for i in range(prompt)])
+
+    def forward(n):
+        runner.forward([Row(s, [7] * n, n) for s in seqs])
+        for s in seqs:
+            runner.rollback(s, prompt)
+
+    out = {
+        "step_ms": _median_ms(lambda: forward(1), device),
+        "verify8_ms": _median_ms(lambda: forward(8), device),
+    }
+    for s in seqs:
+        runner.release(s)
+    return out
+
+
+def _speedup(alpha: float, t_draft: float, t_target: dict[int, float], k_max: int = 8) -> tuple[float, int]:
+    """The best projected speed-up over target-only decoding, and its k (0: do not draft, 1.0x). The verify
+    of k + 1 positions is interpolated between the measured 1 and 8 (verify cost is ~flat on GPUs)."""
+    t1, t8 = t_target[1], t_target[8]
+    best, best_k = 1.0, 0
+    for k in range(1, k_max + 1):
+        tk = t1 + (t8 - t1) * min(k, 7) / 7
+        expected = (1 - alpha ** (k + 1)) / (1 - alpha)
+        rate = expected * t1 / (k * t_draft + tk)
+        if rate > best:
+            best, best_k = rate, k
+    return best, best_k
+
+
+def measure_graphs(device: str, alpha: float, tiny: bool) -> dict:
+    """Eager vs static shapes + CUDA graphs per architecture, equality checks, projections."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from specdec_core.runtime.runner import ModelRunner
+    from specdec_core.runtime.static import Buckets, StaticRunner
+
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    graphs = device.startswith("cuda")
+    buckets = Buckets(rows=(1, 8), widths=(1, 8, 9, 16, 128), capacity=512)
+    result: dict = {
+        "alpha": alpha,
+        "dtype": str(dtype),
+        "bandwidth_gbs": _bandwidth_gbs(device),
+        "models": {},
+    }
+    for name, shape in QWEN25.items():
+        t0 = time.perf_counter()
+        cfg = Qwen2Config(
+            **(TINY if tiny else shape), max_position_embeddings=4096, tie_word_embeddings=False
+        )
+        torch.manual_seed(0)
+        with torch.device(device):
+            model = Qwen2ForCausalLM(cfg).to(dtype).eval()
+        weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        row: dict = {"build_s": time.perf_counter() - t0, "weight_gb": weight_bytes / 1e9}
+        row["weight_read_ms"] = 1000 * weight_bytes / (result["bandwidth_gbs"] * 1e9)
+        eager = ModelRunner(model)
+        t0 = time.perf_counter()
+        static = StaticRunner(model, buckets=buckets, max_sequences=8, graphs=graphs)
+        row["capture_s"], row["graphs"] = time.perf_counter() - t0, len(static._graphs)
+        row["logits_max_diff"], row["greedy_equal"] = _compare(eager, static)
+        for batch in (1, 8):
+            row[f"eager_b{batch}"] = _costs(eager, device, batch)
+            row[f"graphs_b{batch}"] = _costs(static, device, batch)
+        result["models"][name] = row
+        print(name, json.dumps(row), flush=True)
+        del eager, static, model
+        if device.startswith("cuda"):
+            torch.cuda.empty_cache()
+    models = result["models"]
+    projected = {}
+    for target in ("1.5b", "7b", "14b"):
+        for mode in ("eager", "graphs"):
+            for batch in (1, 8):
+                d, t = models["0.5b"][f"{mode}_b{batch}"], models[target][f"{mode}_b{batch}"]
+                rate, k = _speedup(alpha, d["step_ms"], {1: t["step_ms"], 8: t["verify8_ms"]})
+                projected[f"0.5b->{target} {mode} batch {batch}"] = {"speedup": rate, "k": k}
+    result["projected"] = projected
+    return result
+
+
+def _compare(eager, static, steps: int = 24) -> tuple[float, bool]:
+    """Largest |logit| difference of a prefill + 8-position verify, and whether greedy decoding agrees."""
+    prompt = [1000 + (i * 37) % 500 for i in range(40)]
+    a, b = eager.new_sequence(), static.new_sequence()
+    la, lb = eager.extend(a, prompt, keep=8), static.extend(b, prompt, keep=8)
+    diff = float((la - lb).abs().max())
+    ids_a, ids_b = [int(la[-1].argmax())], [int(lb[-1].argmax())]
+    for _ in range(steps):
+        ids_a.append(int(eager.extend(a, ids_a[-1:], keep=1)[-1].argmax()))
+        ids_b.append(int(static.extend(b, ids_b[-1:], keep=1)[-1].argmax()))
+    eager.release(a)
+    static.release(b)
+    return diff, ids_a == ids_b
+
+
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--configs", default=str(ROOT / ".devcarry"))
     p.add_argument("--out", default="gpu_check.json")
     p.add_argument("--device", default="cuda")
     p.add_argument("--correctness-only", action="store_true")
+    p.add_argument("--graphs", action="store_true", help="eager vs static shapes + CUDA graphs (section 3)")
+    p.add_argument("--alpha", type=float, default=0.78, help="per-token acceptance of the real pair (CPU)")
+    p.add_argument("--tiny", action="store_true", help="tiny shapes: a dry run of --graphs on CPU")
     a = p.parse_args()
     import transformers
 
@@ -167,6 +319,11 @@ def main() -> int:
         "transformers": transformers.__version__,
     }
     t0 = time.time()
+    if a.graphs:  # section 3 alone: what issue #13 asks of a GPU
+        report["graphs"] = measure_graphs(device, a.alpha, a.tiny)
+        print(json.dumps(report["graphs"]["projected"], indent=1), flush=True)
+        Path(a.out).write_text(json.dumps(report, indent=1))
+        return 0
     report["correctness"] = check_correctness(device)
     report["correctness_s"] = time.time() - t0
     print(json.dumps(report, indent=1), flush=True)

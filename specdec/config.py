@@ -59,6 +59,12 @@ class CommonConfig:
     # ngram`): n-gram sizes matched, longest first
     ngram_min: int = 2
     ngram_max: int = 4
+    # static-shape forwards (specdec_core/runtime/static.py): auto (on CUDA devices) | on | off; with them on
+    # CUDA, a CUDA graph per (rows, tokens) bucket captured at start-up unless --no-cuda-graphs; each
+    # sequence gets kv_capacity positions, preallocated (the service's context limit then)
+    static_shapes: str = "auto"
+    cuda_graphs: bool = True
+    kv_capacity: int = 2048
 
 
 @dataclass(frozen=True)

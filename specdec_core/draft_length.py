@@ -235,6 +235,7 @@ class AdaptiveDraftLength(DraftLengthPolicy):
         self.pending_start: int | None = None  # context its drafter has not seen (None: not known yet)
         self.start_s = 0.0  # drafter start time beyond a normal round's, summed over measured starts
         self.start_tokens = 0.0  # context tokens those starts prefilled
+        self.observed = 0  # rounds observed without drafting (``observe``)
         if prior is not None:
             self._start_from(prior)
 
@@ -260,6 +261,8 @@ class AdaptiveDraftLength(DraftLengthPolicy):
 
     @property
     def learning(self) -> bool:
+        if self.observed >= self.min_samples and self.verify_obs:  # a free source, measured by observation
+            return False
         return self.rounds < 2 or not self.draft_tokens
 
     # -- the choice --------------------------------------------------------------------------------------
@@ -510,13 +513,20 @@ class AdaptiveDraftLength(DraftLengthPolicy):
             self.rounds += 1
         self.k = self.best_length()
 
-    def observe(self, judged: int, num_accepted: int) -> None:
-        """Acceptance only, from a block that was not drafted: ``judged`` positions of what this source would
-        have proposed were checked against the committed tokens, the first ``num_accepted`` equal (prompt
-        lookup's proposal costs nothing to compute, so rounds drafted from elsewhere measure it too)."""
+    def observe(self, judged: int, num_accepted: int, block: int, verify_s: float) -> None:
+        """A round that did not draft from this source, for a source whose drafting costs nothing (prompt
+        lookup: its proposal is computed every round anyway). ``judged`` positions of what it would have
+        proposed were checked against the committed tokens, the first ``num_accepted`` equal; the round
+        verified ``block`` positions in ``verify_s`` (the same target cost its own blocks would pay). Once
+        ``min_samples`` rounds are observed, the policy plans from them without drafting to learn."""
         for i in range(1, min(judged, self.k_max) + 1):
             self.tried[i] += 1
             self.passed[i] += int(i <= num_accepted)
+        if block <= self.k_max + 1:
+            obs = self.verify_obs.setdefault(block, [])
+            obs.append(verify_s)
+            del obs[:-16]
+        self.observed += 1
         self._plan = None  # replan with it
 
     # -- the lone session's cost model -------------------------------------------------------------------

@@ -423,9 +423,8 @@ class SpeculativeDecoder:
                     and isinstance(lookup_policy, AdaptiveDraftLength)
                 ):
                     # not drafted: what the lookup would have had accepted (past the committed tokens: unknown)
-                    lookup_policy.observe(
-                        agree if agree == len(committed) else min(len(shadow), agree + 1), agree
-                    )
+                    judged = agree if agree == len(committed) else min(len(shadow), agree + 1)
+                    lookup_policy.observe(judged, agree, len(block.tokens) + 1, verify_s)
                 # a proposal that ran out before the committed tokens did (none: no match) says nothing past it
                 streak = streak + agree if agree in (len(committed), len(shadow) or -1) else 0
                 if block.tokens:
@@ -526,12 +525,14 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
 
 
 def _ngram_pays(ngram: DraftLengthPolicy, model: DraftLengthPolicy, load: Load) -> bool:
-    """Whether a hybrid's n-gram source should draft when it has a match: while either source is still
-    learning, try it (lookups cost nothing); then where its planned rate is at least the model's."""
+    """Whether a hybrid's n-gram source should draft when it has a match: where its planned rate is at
+    least the model's. The lookup's acceptance and costs are measured every round, drafted or not (the
+    policy's ``observe``), so it is never drafted just to learn: until both sources are measured (the model
+    drafter by its own first rounds, the lookup by observing a few rounds with a match), the model drafts."""
     if not isinstance(ngram, AdaptiveDraftLength) or not isinstance(model, AdaptiveDraftLength):
         return True
     if ngram.learning or model.learning:
-        return True
+        return False
     return ngram.plan(load).rate >= model.plan(load).rate
 
 

@@ -70,3 +70,29 @@ def test_slots_and_capacity_are_fixed():
     with pytest.raises(ValueError, match="capacity"):
         runner.extend(first, list(range(8)))
     assert runner.max_positions == BUCKETS.capacity
+
+
+def test_services_run_static_shapes_when_asked():
+    """`--static-shapes on` (auto: CUDA only) through both services: the target's greedy ids."""
+    from test_services import Pair
+
+    from client import SpecDecClient
+    from specdec.config import VerifierConfig
+    from specdec_core.runtime.static import make_runner
+
+    target = tiny_model("llama")
+    assert type(make_runner(target, static="auto")) is ModelRunner  # CPU: the dynamic runner
+    assert isinstance(make_runner(target, static="on", max_sequences=2, capacity=64), StaticRunner)
+    pair = Pair(target, perturbed(target, 0.2))
+    try:
+        pair.v_server.stop(0)
+        pair.v_engine.close()
+        pair.v_cfg = VerifierConfig(**{**pair.v_cfg.__dict__, "static_shapes": "on", "kv_capacity": 256})
+        pair.start_verifier(0)
+        assert isinstance(pair.v_engine.runner, StaticRunner)
+        prompt = tiny_tokenizer()("def add(a, b):\n")["input_ids"]
+        with SpecDecClient(pair.verifier_addr) as c:
+            r = c.generate("def add(a, b):\n", max_new_tokens=30, ignore_eos=True, num_draft_tokens=4)
+        assert r.token_ids == hf_greedy(target, prompt, 30) and r.stats["drafted"] > 0
+    finally:
+        pair.stop()

@@ -131,8 +131,8 @@ class StaticRunner(ModelRunner):
         return list(logits.split([r.keep for r in rows]))
 
     def _inputs(self, rows, b_rows: int, b_width: int) -> dict[str, torch.Tensor]:
-        """Host-built inputs of one bucket: ids, positions, the slot and position each token writes, and the
-        [Bb, 1, Tb, capacity] mask (a token attends to its row's positions up to its own)."""
+        """Host-built inputs of one bucket: ids, positions, and the slot and position each token writes (the
+        mask is built from the positions on the device, inside the graph)."""
         rows = list(rows) + [_Pad(self.scratch)] * (b_rows - len(rows))
         lengths = torch.tensor([len(r.seq) for r in rows])  # [Bb]
         counts = torch.tensor([len(r.tokens) for r in rows])  # [Bb]
@@ -147,14 +147,12 @@ class StaticRunner(ModelRunner):
         input_ids = torch.zeros(b_rows, b_width, dtype=torch.long)
         for b, r in enumerate(rows):
             input_ids[b, : len(r.tokens)] = torch.tensor(r.tokens, dtype=torch.long)
-        mask = torch.arange(self.buckets.capacity)[None, None, :] <= position_ids[:, :, None]  # [Bb, Tb, C]
         return {
             "input_ids": input_ids,
             "position_ids": position_ids,
             "slots": slots,
             "write_rows": write_rows,
             "write_pos": write_pos,
-            "mask": mask[:, None],
         }
 
     def _run_base(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -163,13 +161,16 @@ class StaticRunner(ModelRunner):
         return self._base(on)
 
     def _base(self, on: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The base model on device inputs of one bucket: [Bb, Tb, hidden] (what a graph captures)."""
+        """The base model on device inputs of one bucket: [Bb, Tb, hidden] (what a graph captures). A token
+        attends to its row's positions up to its own: the [Bb, 1, Tb, capacity] mask, built here."""
         cache = BatchCache(
             self.kv, on["slots"], on["write_pos"], self.buckets.capacity, write_rows=on["write_rows"]
         )
+        positions = torch.arange(self.buckets.capacity, device=on["position_ids"].device)
+        mask = positions[None, None, :] <= on["position_ids"][:, :, None]  # [Bb, Tb, C]
         out = self.base(
             input_ids=on["input_ids"],
-            attention_mask=on["mask"],
+            attention_mask=mask[:, None],
             position_ids=on["position_ids"],
             use_cache=True,
             **{self._cache_kwarg: cache},
@@ -177,16 +178,16 @@ class StaticRunner(ModelRunner):
         return out.last_hidden_state
 
     # -- CUDA graphs -----------------------------------------------------------------------------------
-    def capture(self) -> None:
-        """Capture one graph per (rows, width) bucket; logs what was captured and how long it took."""
+    def capture(self, max_tokens: int = 1024) -> None:
+        """Capture one graph per (rows, width) bucket of at most ``max_tokens`` padded tokens (larger ones
+        run the same static shapes eagerly); logs what was captured and how long it took."""
         t0 = time.perf_counter()
         pool = torch.cuda.graph_pool_handle()
         # largest first: the shared memory pool is sized by the first capture
         for b_rows in sorted(self.buckets.rows, reverse=True):
-            if b_rows > self.kv.slots - 1:
-                continue
             for b_width in sorted(self.buckets.widths, reverse=True):
-                self._graphs[(b_rows, b_width)] = _Graph(self, b_rows, b_width, pool)
+                if b_rows * b_width <= max_tokens:
+                    self._graphs[(b_rows, b_width)] = _Graph(self, b_rows, b_width, pool)
         torch.cuda.synchronize()
         self.capture_s = time.perf_counter() - t0
         log.info(
@@ -198,6 +199,48 @@ class StaticRunner(ModelRunner):
             self.buckets.capacity,
             self.capture_s,
         )
+
+
+def make_runner(
+    model,
+    name: str = "model",
+    static: str = "auto",
+    graphs: bool = True,
+    max_sequences: int = 64,
+    max_rows: int = 32,
+    max_width: int = 128,
+    capacity: int = 2048,
+) -> ModelRunner:
+    """The runner a service uses. ``static``: "on", "off" or "auto" (static shapes on CUDA devices only:
+    on CPU they attend over the whole capacity and run slower). With static shapes on CUDA, ``graphs``
+    captures a CUDA graph per bucket at start-up; a capture that fails is logged and the service runs the
+    dynamic runner instead."""
+    if static not in ("auto", "on", "off"):
+        raise ValueError(f"static shapes must be auto, on or off, got {static!r}")
+    device = next(model.parameters()).device
+    if static == "off" or (static == "auto" and device.type != "cuda"):
+        return ModelRunner(model, name=name)
+    limit = int(getattr(model.config, "max_position_embeddings", 0) or capacity)
+    buckets = Buckets(
+        rows=_powers(max_rows),
+        widths=tuple(sorted({w for w in Buckets().widths if w < max_width} | {max_width})),
+        capacity=min(capacity, limit),
+    )
+    try:
+        return StaticRunner(model, name, buckets, max_sequences, graphs=graphs)
+    except Exception:  # a model or device the capture does not support: still serve, eagerly
+        log.exception("%s: static shapes / CUDA graphs failed at start-up; running the dynamic runner", name)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        return ModelRunner(model, name=name)
+
+
+def _powers(n: int) -> tuple[int, ...]:
+    out, p = [], 1
+    while p < n:
+        out.append(p)
+        p *= 2
+    return tuple(out + [n])
 
 
 class _Pad:
