@@ -382,7 +382,7 @@ class SpeculativeDecoder:
                     # the lookup's acceptance in this state is measured every round, drafted or not (below)
                     lookup_policy = policies[COPYING if copying else NGRAM]
                     hybrid.prefer_ngram = _ngram_pays(lookup_policy, policies[MODEL], load)
-                    source = hybrid.source()
+                    source = hybrid.next_source()
                 # what the lookup proposes now, drafted or not: whether the committed tokens continue it
                 shadow = lookup.index.lookup(LOOKUP_K_MAX) if lookup is not None and started else []
                 chosen = policies[COPYING if source == NGRAM and copying else source]
@@ -416,15 +416,15 @@ class SpeculativeDecoder:
                 stats.target_passes, stats.target_tokens = session.passes, session.tokens_processed
                 committed = block.tokens[: verdict.num_accepted] + [verdict.next_token]
                 agree = _common_prefix(shadow, committed)
-                lookup_policy = policies.get(COPYING if copying else NGRAM)
+                observing = policies.get(COPYING if copying else NGRAM)
                 if (
                     shadow
                     and not (source == NGRAM and block.tokens)
-                    and isinstance(lookup_policy, AdaptiveDraftLength)
+                    and isinstance(observing, AdaptiveDraftLength)
                 ):
                     # not drafted: what the lookup would have had accepted (past the committed tokens: unknown)
                     judged = agree if agree == len(committed) else min(len(shadow), agree + 1)
-                    lookup_policy.observe(judged, agree, len(block.tokens) + 1, verify_s)
+                    observing.observe(judged, agree, len(block.tokens) + 1, verify_s)
                 # a proposal that ran out before the committed tokens did (none: no match) says nothing past it
                 streak = streak + agree if agree in (len(committed), len(shadow) or -1) else 0
                 if block.tokens:

@@ -12,10 +12,11 @@ probability of the proposed token, since ``q(x) = 1``) and resamples from ``p`` 
 sampling, lookup drafts are accepted less often than a model drafter's (which wins ``1 - TV(p, q)``):
 only as often as the target itself would pick the repeated token.
 
-``HybridDrafter`` holds a model drafter and an n-gram drafter in step. Each round, ``source()`` picks
-where the next block comes from: the n-gram proposal where a match exists and its measured rate (each
-source has its own draft-length policy in the generation loop) is at least the model drafter's,
-otherwise the model drafter.
+``HybridDrafter`` holds a model drafter and an n-gram drafter in step. Each round, ``next_source()``
+picks where the next block comes from: the n-gram proposal where a match exists and its measured rate
+is at least the model drafter's, otherwise the model drafter. The rates come from the generation loop
+(``engine.py``): each source has its own draft-length policy, the lookup one per state (copying an
+earlier stretch or not), and the lookup's are measured every round from its proposal, drafted or not.
 """
 
 from __future__ import annotations
@@ -83,7 +84,7 @@ class NgramIndex:
 class NgramDrafter(Drafter):
     """Prompt-lookup drafting: no model, no network; one-hot draft distributions (module docstring)."""
 
-    source = NGRAM
+    source: str = NGRAM
 
     def __init__(self, min_ngram: int = 2, max_ngram: int = 4) -> None:
         self.min_ngram, self.max_ngram = min_ngram, max_ngram
@@ -130,7 +131,8 @@ class NgramDrafter(Drafter):
 
 
 class HybridDrafter(Drafter):
-    """A model drafter and an n-gram drafter in step; each round drafts from the source ``source()`` picks.
+    """A model drafter and an n-gram drafter in step; each round drafts from the source ``next_source()``
+    picks.
 
     ``prefer_ngram`` (set by the generation loop from the two sources' draft-length policies) says whether
     the n-gram source's measured rate is at least the model's; the n-gram source is used only where it has
@@ -160,12 +162,12 @@ class HybridDrafter(Drafter):
         drafting time): the whole text until it first drafts, then what lookup and plain rounds committed."""
         return self._model_behind if self._model_started else len(self.ngram.index.tokens)
 
-    def source(self) -> str:
+    def next_source(self) -> str:
         """Where the coming round's block comes from."""
         return NGRAM if self.prefer_ngram and self.ngram.has_match else MODEL
 
     def propose(self, k: int, stop: EarlyStop | None = None) -> DraftBlock:
-        self._last = self.source()
+        self._last = self.next_source()
         if self._last == NGRAM:
             return self.ngram.propose(k)
         if not self._model_started:
