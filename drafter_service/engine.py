@@ -16,7 +16,6 @@ from specdec_core.drafting import ModelDrafter
 from specdec_core.models import load_model, vocab_fingerprint
 from specdec_core.ngram import NGRAM, NgramDrafter
 from specdec_core.optimize import prepare_drafter
-from specdec_core.runtime.static import make_runner
 
 log = logging.getLogger(__name__)
 
@@ -45,17 +44,7 @@ class DrafterEngine:
         # forward costs decide whether prompt chunks and draft steps share a forward
         self.scheduler, self.load = layout.service_scheduler("drafter-compute", config, self.metrics)
         model, tokenizer = self.scheduler.call(self._load, model, tokenizer)
-        self.runner = self.scheduler.call(
-            make_runner,
-            model,
-            config.model,
-            config.static_shapes,
-            config.cuda_graphs,
-            config.max_sessions,
-            config.max_batch_rows,
-            config.prefill_chunk,
-            config.kv_capacity,
-        )  # on the compute thread, which runs every forward (and captures the graphs)
+        self.runner = self.scheduler.call(layout.service_runner, config, model, config.max_sessions)
         self.tokenizer = tokenizer
         self.fingerprint = vocab_fingerprint(tokenizer)
         self.limits = validate.Limits(

@@ -36,7 +36,6 @@ from specdec_core.models import (
 from specdec_core.ngram import NGRAM, HybridDrafter, NgramDrafter
 from specdec_core.optimize import enable_fast_linear
 from specdec_core.runtime.admission import Admission, Cancellation
-from specdec_core.runtime.static import make_runner
 from specdec_core.sampling import SamplingParams
 from specdec_core.text import IncrementalText, encode_messages, encode_prompt
 from specdec_core.verification import Verdict
@@ -175,16 +174,8 @@ class VerifierEngine:
         self.scheduler, self.load = layout.service_scheduler("verifier-compute", config, self.metrics)
         model, tokenizer = self.scheduler.call(self._load, model, tokenizer)
         self.runner = self.scheduler.call(
-            make_runner,
-            model,
-            config.model,
-            config.static_shapes,
-            config.cuda_graphs,
-            config.max_sessions + config.max_running,
-            config.max_batch_rows,
-            config.prefill_chunk,
-            config.kv_capacity,
-        )  # on the compute thread, which runs every forward (and captures the graphs)
+            layout.service_runner, config, model, config.max_sessions + config.max_running
+        )
         self.tokenizer = tokenizer
         self.fingerprint = vocab_fingerprint(tokenizer)
         # what a request may ask for (checked before anything reaches the model; specdec/validate.py)

@@ -135,10 +135,7 @@ class ModelRunner:
         """One forward over ``rows`` (distinct sequences); returns float32 logits [keep, vocab] per row."""
         if not rows:
             return []
-        if any(not r.tokens for r in rows):
-            raise ValueError("every row of a forward feeds at least one token")
-        if len({id(r.seq) for r in rows}) != len(rows):
-            raise ValueError("a sequence appears twice in one forward")
+        self._check_rows(rows)
         batch, width = len(rows), max(len(r.tokens) for r in rows)
         lengths = torch.tensor([len(r.seq) for r in rows])  # [B]
         counts = torch.tensor([len(r.tokens) for r in rows])  # [B]
@@ -177,6 +174,13 @@ class ModelRunner:
         self.forward_passes += 1
         self.rows_processed += batch
         return list(logits.split([r.keep for r in rows]))
+
+    @staticmethod
+    def _check_rows(rows: list[Row]) -> None:
+        if any(not r.tokens for r in rows):
+            raise ValueError("every row of a forward feeds at least one token")
+        if len({id(r.seq) for r in rows}) != len(rows):
+            raise ValueError("a sequence appears twice in one forward")
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [N, hidden] -> float32 logits [N, vocab] (empty N skips the head)."""

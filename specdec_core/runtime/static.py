@@ -93,10 +93,7 @@ class StaticRunner(ModelRunner):
     def forward(self, rows: list[Row]) -> list[torch.Tensor]:
         if not rows:
             return []
-        if any(not r.tokens for r in rows):
-            raise ValueError("every row of a forward feeds at least one token")
-        if len({id(r.seq) for r in rows}) != len(rows):
-            raise ValueError("a sequence appears twice in one forward")
+        self._check_rows(rows)
         for r in rows:
             if len(r.seq) + len(r.tokens) > self.buckets.capacity:
                 raise ValueError(
