@@ -174,28 +174,18 @@ TINY: dict[str, Any] = dict(hidden_size=64, intermediate_size=128, num_hidden_la
             vocab_size=512)  # fmt: skip
 
 
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
 def _median_ms(fn, device: str, repeats: int = 15) -> float:
+    from .bench import sync
+
     fn()  # warm
     times = []
     for _ in range(repeats):
-        _sync(device)
+        sync(device)
         t0 = time.perf_counter()
         fn()
-        _sync(device)
+        sync(device)
         times.append(time.perf_counter() - t0)
     return 1000 * statistics.median(times)
-
-
-def _bandwidth_gbs(device: str) -> float:
-    x = torch.empty(256 * 2**20, dtype=torch.uint8, device=device)
-    y = torch.empty_like(x)
-    ms = _median_ms(lambda: y.copy_(x), device, repeats=10)
-    return 2 * x.numel() / (ms / 1000) / 1e9  # read + write
 
 
 def _costs(runner, device: str, batch: int, prompt: int = 128) -> dict:
@@ -241,13 +231,15 @@ def measure_graphs(device: str, alpha: float, tiny: bool) -> dict:
     from specdec_core.runtime.runner import ModelRunner
     from specdec_core.runtime.static import Buckets, StaticRunner
 
+    from .bench import measure_bandwidth, weight_bytes
+
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     graphs = device.startswith("cuda")
     buckets = Buckets(rows=(1, 8), widths=(1, 8, 9, 16, 128), capacity=512)
     result: dict = {
         "alpha": alpha,
         "dtype": str(dtype),
-        "bandwidth_gbs": _bandwidth_gbs(device),
+        "bandwidth_gbs": measure_bandwidth(device),
         "models": {},
     }
     for name, shape in QWEN25.items():
@@ -258,9 +250,9 @@ def measure_graphs(device: str, alpha: float, tiny: bool) -> dict:
         torch.manual_seed(0)
         with torch.device(device):
             model = Qwen2ForCausalLM(cfg).to(dtype).eval()  # type: ignore[arg-type]
-        weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-        row: dict = {"build_s": time.perf_counter() - t0, "weight_gb": weight_bytes / 1e9}
-        row["weight_read_ms"] = 1000 * weight_bytes / (result["bandwidth_gbs"] * 1e9)
+        size = weight_bytes(model)
+        row: dict = {"build_s": time.perf_counter() - t0, "weight_gb": size / 1e9}
+        row["weight_read_ms"] = 1000 * size / (result["bandwidth_gbs"] * 1e9)
         eager = ModelRunner(model)
         t0 = time.perf_counter()
         static = StaticRunner(model, buckets=buckets, max_sequences=8, graphs=graphs)

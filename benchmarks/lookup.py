@@ -74,7 +74,6 @@ def run(a) -> int:
         # as the verifier: the lookup alone may draft up to LOOKUP_K_MAX; the hybrid's lookup side starts
         # fresh each generation (how often lookups are accepted depends on the text)
         policy = memory.policy(system, k_max=LOOKUP_K_MAX if system == "ngram" else 8)
-        ngram_policy = None
         if system == "model":
             d = ModelDrafter(draft_runner)
         elif system == "ngram":
@@ -82,8 +81,9 @@ def run(a) -> int:
         else:
             d = HybridDrafter(ModelDrafter(draft_runner), NgramDrafter())
         out: list[int] = []
-        for chunk in decoder.generate(ids, SamplingParams(), StopCriteria(max_new_tokens=max_new), d, policy, s,
-                                      ngram_length=ngram_policy):  # fmt: skip
+        for chunk in decoder.generate(
+            ids, SamplingParams(), StopCriteria(max_new_tokens=max_new), d, policy, s
+        ):
             out.extend(chunk.token_ids)
         memory.remember(system, policy)
         stats.setdefault(system, []).append(s.to_dict())

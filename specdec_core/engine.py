@@ -537,7 +537,7 @@ def _ngram_pays(ngram: DraftLengthPolicy, model: DraftLengthPolicy, load: Load) 
 
 
 def _source_of(drafter: Drafter | None) -> str:
-    return MODEL if drafter is None or isinstance(drafter, HybridDrafter) else drafter.source
+    return MODEL if drafter is None else drafter.source
 
 
 class _Stopper:

@@ -141,6 +141,8 @@ class HybridDrafter(Drafter):
     tokens as committed ones (a remote drafter gets them with its next step).
     """
 
+    source: str = MODEL  # its own length policy is the model drafter's; each round's: ``next_source()``
+
     def __init__(self, model: Drafter, ngram: NgramDrafter | None = None) -> None:
         self.model = model
         self.ngram = ngram or NgramDrafter()

@@ -248,9 +248,7 @@ class VerifierEngine:
         adaptive = args.adaptive or k == 0  # the default: adaptive length
         drafter = None if args.no_draft else self._drafter(args.drafter, request_id)
         name = _drafter_name(drafter)
-        lookup_only = (
-            drafter is not None and not isinstance(drafter, HybridDrafter) and drafter.source == NGRAM
-        )
+        lookup_only = drafter is not None and drafter.source == NGRAM  # a hybrid's source is "model"
         memory_key = (
             name,
             args.params.temperature,
@@ -357,14 +355,13 @@ class VerifierEngine:
     def _drafter(self, name: str, request_id: str) -> Drafter | None:
         """The drafter a request asks for: an address, "ngram" or "hybrid" (in this process), or, when it
         names none, the service's default (the first of ``--drafter``, which may be one of those names)."""
-        defaults = [d for d in self.config.drafters if d not in IN_PROCESS]
         if not name and self.config.drafters and self.config.drafters[0] in IN_PROCESS:
             name = self.config.drafters[0]
         lookup = lambda: NgramDrafter(self.config.ngram_min, self.config.ngram_max)  # noqa: E731
         if name == NGRAM:
             return lookup()
         if name == HYBRID:
-            model = self._remote_drafter("", request_id) if defaults else None
+            model = self._remote_drafter("", request_id)  # None without a configured model drafter
             if model is None:
                 log.warning("[%s] hybrid drafting without a model drafter: prompt lookup only", request_id)
                 return lookup()

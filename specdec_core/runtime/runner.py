@@ -161,18 +161,22 @@ class ModelRunner:
             use_cache=True,
             **{self._cache_kwarg: cache},
         )
-        hidden = out.last_hidden_state  # [B, T, hidden]
+        return self._finish(rows, out.last_hidden_state)
+
+    def _finish(self, rows: list[Row], hidden: torch.Tensor) -> list[torch.Tensor]:
+        """After a forward: logits of the positions each row keeps (``hidden`` [B', T, hidden], its first
+        rows being ``rows``, padded to T), the rows' tokens cached, the counters moved."""
+        width = hidden.shape[1]
         picks = [
             b * width + t for b, r in enumerate(rows) for t in range(len(r.tokens) - r.keep, len(r.tokens))
         ]
-        logits = self._logits(
-            hidden.reshape(batch * width, -1)[torch.tensor(picks, dtype=torch.long, device=dev)]
-        )  # [N, V]
+        flat = hidden.reshape(-1, hidden.shape[-1])
+        logits = self._logits(flat[torch.tensor(picks, dtype=torch.long, device=self.device)])  # [N, V]
         for r in rows:
             r.seq.tokens.extend(r.tokens)
-        self.tokens_processed += int(counts.sum())
+        self.tokens_processed += sum(len(r.tokens) for r in rows)
         self.forward_passes += 1
-        self.rows_processed += batch
+        self.rows_processed += len(rows)
         return list(logits.split([r.keep for r in rows]))
 
     @staticmethod

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from .kv import BatchCache
-from .runner import ModelRunner, Row
+from .runner import ModelRunner, Row, Sequence
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +85,7 @@ class StaticRunner(ModelRunner):
     def _allocate(self) -> None:
         """Allocate every layer's buffers now (one eager forward on the scratch slot), at full size."""
         self.kv.reserve(self.kv.slots, self.buckets.capacity)
-        inputs = self._inputs([_Pad(self.scratch)], 1, 1)
+        inputs = self._inputs([self._pad()], 1, 1)
         self._run_base(inputs)
 
     # -- the forward -----------------------------------------------------------------------------------
@@ -115,22 +115,12 @@ class StaticRunner(ModelRunner):
         inputs = self._inputs(rows, b_rows, b_width)
         graph = self._graphs.get((b_rows, b_width))
         hidden = graph.run(inputs) if graph is not None else self._run_base(inputs)  # [Bb, Tb, hidden]
-        picks = [
-            b * b_width + t for b, r in enumerate(rows) for t in range(len(r.tokens) - r.keep, len(r.tokens))
-        ]
-        flat = hidden.reshape(b_rows * b_width, -1)
-        logits = self._logits(flat[torch.tensor(picks, dtype=torch.long, device=self.device)])
-        for r in rows:
-            r.seq.tokens.extend(r.tokens)
-        self.tokens_processed += sum(len(r.tokens) for r in rows)
-        self.forward_passes += 1
-        self.rows_processed += len(rows)
-        return list(logits.split([r.keep for r in rows]))
+        return self._finish(rows, hidden)
 
     def _inputs(self, rows, b_rows: int, b_width: int) -> dict[str, torch.Tensor]:
         """Host-built inputs of one bucket: ids, positions, and the slot and position each token writes (the
         mask is built from the positions on the device, inside the graph)."""
-        rows = list(rows) + [_Pad(self.scratch)] * (b_rows - len(rows))
+        rows = list(rows) + [self._pad()] * (b_rows - len(rows))
         lengths = torch.tensor([len(r.seq) for r in rows])  # [Bb]
         counts = torch.tensor([len(r.tokens) for r in rows])  # [Bb]
         offsets = torch.arange(b_width)  # [Tb]
@@ -151,6 +141,10 @@ class StaticRunner(ModelRunner):
             "write_rows": write_rows,
             "write_pos": write_pos,
         }
+
+    def _pad(self) -> Row:
+        """A padding row: one token on the scratch slot, no logits."""
+        return Row(Sequence(slot=self.scratch), [0], keep=0)
 
     def _run_base(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         dev = self.device
@@ -238,23 +232,6 @@ def _powers(n: int) -> tuple[int, ...]:
         out.append(p)
         p *= 2
     return tuple(out + [n])
-
-
-class _Pad:
-    """A padding row: one token on the scratch slot."""
-
-    def __init__(self, slot: int) -> None:
-        self.seq = _PadSeq(slot)
-        self.tokens = [0]
-        self.keep = 0
-
-
-class _PadSeq:
-    def __init__(self, slot: int) -> None:
-        self.slot = slot
-
-    def __len__(self) -> int:
-        return 0
 
 
 class _Graph:
