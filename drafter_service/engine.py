@@ -27,13 +27,16 @@ class DrafterEngine:
     """Loads the drafter model once; hands out a ``ModelDrafter`` (own KV cache) per generation stream.
 
     Every forward runs on the scheduler's thread: the draft steps of all streams that are drafting go
-    through one forward per drafted position. With ``source="ngram"`` nothing is loaded: each stream gets
+    through one forward per drafted position (on a GPU the streams' blocks go as one call each batch, see
+    ``ModelDrafter.one_call``). With ``source="ngram"`` nothing is loaded: each stream gets
     an ``NgramDrafter`` (prompt lookup over token ids, any vocabulary), run on the stream's own thread.
     """
 
     def __init__(self, config: DrafterConfig, model=None, tokenizer=None) -> None:
         if config.source not in SOURCES:
             raise ValueError(f"source must be one of {', '.join(SOURCES)}, got {config.source!r}")
+        if config.draft_in_one_call not in ("auto", "on", "off"):
+            raise ValueError(f"draft_in_one_call must be auto, on or off, got {config.draft_in_one_call!r}")
         self.config = config
         self._active = 0
         self._lock = threading.Lock()
@@ -88,6 +91,7 @@ class DrafterEngine:
             max_support=self.config.max_support,
             lookahead=self.config.lookahead,
             executor=self.scheduler,
+            one_call={"on": True, "off": False}.get(self.config.draft_in_one_call),
         )
 
     def close_session(self, drafter: ModelDrafter | NgramDrafter) -> None:

@@ -73,6 +73,10 @@ class DrafterConfig(CommonConfig):
     port: int = 50052
     max_support: int = 64
     lookahead: bool = False  # keep drafting while the verifier works (needs spare compute on the drafter)
+    # draft a whole block in one call of the model runner, each token picked on the device and fed back
+    # without the host waiting for it: auto (on CUDA devices) | on | off (one forward at a time, so an
+    # early stop saves the rest of the block: the better choice where waiting for the device is free)
+    draft_in_one_call: str = "auto"
     quantization: str = (
         "auto"  # none | int8 (CPU dynamic int8) | bf16 | fp16 | auto (probe: int8 if >= 1.5x on CPU)
     )

@@ -12,17 +12,7 @@ import torch
 
 from .runtime.runner import ModelRunner, Row, Sequence
 from .runtime.scheduler import Executor, Inline, Job, Scheduler, Task
-from .sampling import (
-    DEFAULT_MAX_SUPPORT,
-    SamplingParams,
-    SparseDist,
-    logits_to_probs,
-    make_generator,
-    position_noise,
-    race,
-    sample_sparse,
-    truncate_support,
-)
+from .sampling import DEFAULT_MAX_SUPPORT, SamplingParams, SparseDist, draft_pick, picked
 
 
 @dataclass(frozen=True)
@@ -131,6 +121,13 @@ class ModelDrafter(Drafter):
     rolled back. Each drafted position draws from randomness keyed by (seed, position), so the drafts do
     not depend on how far the lookahead got; a seeded generation races the same noise as its target
     (``sampling.race``: the coupled rule).
+
+    ``one_call`` drafts a whole block in one call of the runner (a stepped row: each token picked on the
+    device and fed back without the host reading it, one wait at the end), the default on a GPU, where
+    every wait empties the launch queue. An early stop (``EarlyStop``) then cuts the block after it is
+    drafted, so the positions past the cut are computed for nothing: on a CPU, where waiting costs
+    nothing, the drafter steps one forward at a time and stops as soon as it should. Both make the same
+    drafts (``sampling.draft_pick``).
     """
 
     def __init__(
@@ -139,8 +136,10 @@ class ModelDrafter(Drafter):
         max_support: int = DEFAULT_MAX_SUPPORT,
         lookahead: bool = False,
         executor: Executor | None = None,
+        one_call: bool | None = None,
     ) -> None:
         self.runner = runner
+        self.one_call = runner.device.type == "cuda" if one_call is None else one_call
         self.max_support = max_support
         self.lookahead = lookahead
         self.executor: Executor = executor or Inline()
@@ -151,7 +150,7 @@ class ModelDrafter(Drafter):
         self._seed = 0
         self._drafted: list[int] = []
         self._ready: list[_Drafted] = []  # drafts already made for the current context
-        self._ahead: tuple[int, list[_Drafted]] | None = None  # (guessed bonus, drafts after it)
+        self._ahead: list[_Drafted] = []  # lookahead: the guessed bonus, then the drafts after it
         self._lookahead_task: Task | None = None
         self._task: Task | None = None  # the foreground job in flight (cancelled by ``cancel``)
         self.lookahead_hits = 0
@@ -178,24 +177,27 @@ class ModelDrafter(Drafter):
         self.context, self._params = context, params
         self._seed = params.seed if params.seed is not None else int(torch.randint(0, 2**62, (1,)).item())
         self._seq = self.runner.new_sequence()
-        self._drafted, self._ready, self._ahead = [], [], None
+        self._drafted, self._ready, self._ahead = [], [], []
         if len(context) > 1:
             yield Row(self._seq, context[:-1], keep=0)
 
-    def _sample(self, logits: torch.Tensor, position: int) -> _Drafted:
-        """Sample the token at ``position`` from its logits [vocab]: (token, its sparse q, confidence)."""
-        if self._params.greedy:
-            token = int(logits.argmax())
-            dist = SparseDist(torch.tensor([token]), torch.tensor([1.0]))
-        elif self._params.seed is not None:  # race the target's noise at this position (coupled rule)
-            dist = truncate_support(logits_to_probs(logits, self._params), self.max_support)
-            noise = position_noise(self._params.seed, position, logits.shape[-1])[dist.token_ids]
-            token = int(dist.token_ids[int(race(dist.probs, noise))])
-        else:
-            dist = truncate_support(logits_to_probs(logits, self._params), self.max_support)
-            token = sample_sparse(dist, make_generator(self._seed, stream=position))
-        confidence = float(torch.softmax(logits.float(), dim=-1)[token])
-        return token, dist, confidence
+    def _pick(self, logits: torch.Tensor, position: int) -> tuple[torch.Tensor, ...]:
+        """The token at ``position`` from its logits [vocab], on the device (``sampling.draft_pick``)."""
+        return draft_pick(logits, self._params, position, self._seed, self.max_support)
+
+    def _steps(self, feed: list[int], position: int, steps: int, into: list[_Drafted]) -> Job:
+        """Draft ``steps`` tokens after ``feed``, the first at ``position``, appending them to ``into``: one
+        stepped row (``one_call``), else one forward per token (``into`` grows as they come)."""
+        assert self._seq is not None
+        if self.one_call and steps > 1:
+            picks = yield Row(
+                self._seq, feed, keep=1, steps=steps, pick=lambda lg, i: self._pick(lg, position + i)
+            )
+            into.extend(picked(p) for p in picks)  # type: ignore[arg-type]
+            return
+        for i in range(steps):
+            logits = yield Row(self._seq, feed if i == 0 else [into[-1][0]], keep=1)
+            into.append(picked(self._pick(logits[0], position + i)))  # type: ignore[arg-type]
 
     def propose(self, k: int, stop: EarlyStop | None = None) -> DraftBlock:
         return self.executor.run(self.runner, self._propose_job(k, stop or EarlyStop()), self._watch)
@@ -220,9 +222,17 @@ class ModelDrafter(Drafter):
         self.runner.rollback(self._seq, keep)
         while more():
             feed = [block[-1][0]] if block else self.context[len(self._seq) :]
-            logits = yield Row(self._seq, feed, keep=1)
-            block.append(self._sample(logits[0], len(self.context) + len(block)))
-            chance *= stop.chance(block[-1][2])
+            # the rest of the block in one call, or one forward at a time (see the class doc)
+            drafted: list[_Drafted] = []
+            yield from self._steps(
+                feed, len(self.context) + len(block), k - len(block) if self.one_call else 1, drafted
+            )
+            for item in drafted:
+                if not more():
+                    break
+                block.append(item)
+                chance *= stop.chance(item[2])
+        self.runner.rollback(self._seq, len(self.context) + len(block) - 1)  # drafts past an early stop
         self._drafted = [t for t, _, _ in block]
         if self.lookahead and isinstance(self.executor, Scheduler) and block:
             self._lookahead_task = self.executor.submit(self.runner, self._look_ahead(k), background=True)
@@ -235,15 +245,10 @@ class ModelDrafter(Drafter):
 
     def _look_ahead(self, k: int) -> Job:
         """Background rows: assume the block is accepted, guess the bonus token, draft k tokens after it."""
-        assert self._seq is not None
-        position = len(self.context) + len(self._drafted)
-        logits = yield Row(self._seq, [self._drafted[-1]], keep=1)
-        self._ahead = (self._sample(logits[0], position)[0], [])
-        feed = [self._ahead[0]]
-        for i in range(k):
-            logits = yield Row(self._seq, feed, keep=1)
-            self._ahead[1].append(self._sample(logits[0], position + 1 + i))
-            feed = [self._ahead[1][-1][0]]
+        self._ahead = []
+        yield from self._steps(
+            [self._drafted[-1]], len(self.context) + len(self._drafted), k + 1, self._ahead
+        )
 
     def _stop_lookahead(self) -> None:
         """Cancel the lookahead job (on the compute thread: it is dropped before the next forward)."""
@@ -263,12 +268,12 @@ class ModelDrafter(Drafter):
         self._stop_lookahead()
         base = len(self.context)
         drafted, ahead = self._drafted, self._ahead
-        self._drafted, self._ahead = [], None
+        self._drafted, self._ahead = [], []
         self.context.extend(drafted[:num_accepted])
         self.context.append(next_token)
-        if ahead and ahead[1] and drafted and num_accepted == len(drafted) and next_token == ahead[0]:
+        if len(ahead) > 1 and drafted and num_accepted == len(drafted) and next_token == ahead[0][0]:
             self.lookahead_hits += 1
-            self._ready = ahead[1]  # the cache covers context + ready[:-1]
+            self._ready = ahead[1:]  # the cache covers context + ready[:-1]
             return
         # the cache holds old context + drafted (+ speculative tokens); keep what the verifier accepted
         if self._seq is not None:
@@ -280,7 +285,7 @@ class ModelDrafter(Drafter):
 
     def _extend(self, tokens: list[int]) -> None:
         self._stop_lookahead()
-        self._drafted, self._ahead, self._ready = [], None, []
+        self._drafted, self._ahead, self._ready = [], [], []
         if self._seq is not None:
             self.runner.rollback(self._seq, len(self.context))  # keep committed positions only
         self.context.extend(tokens)

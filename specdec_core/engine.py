@@ -233,14 +233,16 @@ class TargetSession:
         drafted = torch.tensor(draft_tokens, dtype=torch.long)  # [k]
         if self.params.greedy:
             verdict = verify_greedy(drafted, logits)
-        elif self.params.seed is not None:
-            target_probs = logits_to_probs(logits, self.params)  # [k + 1, vocab]
+        elif (
+            self.params.seed is not None
+        ):  # (the verdict checks the probabilities: one wait, see verification)
+            target_probs = logits_to_probs(logits, self.params, check=False)  # [k + 1, vocab]
             base, vocab = len(self.context), logits.shape[-1]
             noise = torch.stack([position_noise(self.params.seed, base + i, vocab) for i in range(k + 1)])
             verdict = verify_coupled(drafted, target_probs, noise)
         else:
             assert block is not None or k == 0
-            target_probs = logits_to_probs(logits, self.params)  # [k + 1, vocab]
+            target_probs = logits_to_probs(logits, self.params, check=False)  # [k + 1, vocab]
             draft_probs = (
                 block.dense_probs(logits.shape[-1], logits.device)
                 if block is not None

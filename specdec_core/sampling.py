@@ -67,17 +67,18 @@ def race(probs: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     return (probs / noise.to(probs.device)[..., : probs.shape[-1]]).argmax(dim=-1)
 
 
-def logits_to_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+def logits_to_probs(logits: torch.Tensor, params: SamplingParams, check: bool = True) -> torch.Tensor:
     """Processed probabilities for each row of ``logits`` ([..., vocab] -> [..., vocab], float32).
 
     Greedy rows become one-hot at the argmax. ``-inf`` logits get probability 0; a row that is entirely
-    ``-inf`` is an error of the model, reported rather than turned into NaNs.
+    ``-inf`` is an error of the model, reported rather than turned into NaNs (``check``; the check reads
+    the logits on the host: code that must not wait for the device checks its result later instead).
     """
     logits = logits.float()
     if params.greedy:
         probs = torch.zeros_like(logits)
         return probs.scatter_(-1, logits.argmax(dim=-1, keepdim=True), 1.0)
-    if torch.isneginf(logits).all(dim=-1).any():
+    if check and torch.isneginf(logits).all(dim=-1).any():
         raise ValueError("a row of logits is entirely -inf")
     logits = logits / params.temperature
     if params.top_k > 0 and params.top_k < logits.shape[-1]:
@@ -127,3 +128,52 @@ def sample_sparse(dist: SparseDist, generator: torch.Generator | None) -> int:
     """Draw a token id from a sparse distribution."""
     idx = int(torch.multinomial(dist.probs, 1, generator=generator).item())
     return int(dist.token_ids[idx].item())
+
+
+Pick = tuple[
+    torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor
+]  # token [1], ids [S], probs [S], conf [1]
+
+
+def draft_pick(
+    logits: torch.Tensor,
+    params: SamplingParams,
+    position: int,
+    seed: int,
+    max_support: int = DEFAULT_MAX_SUPPORT,
+) -> Pick:
+    """A drafter's token at sequence ``position`` from its logits [vocab], computed where the logits are and
+    never read on the host (a drafter on a GPU drafts a whole block before its one wait, ``ModelRunner``'s
+    stepped rows): the token [1], the sparse distribution it was drawn from (ids [S], probs [S], zero
+    entries padding a support below S), and the drafter model's own probability of it (softmax at
+    temperature 1) [1]. ``picked`` turns it into host values.
+
+    Greedy: the argmax, a one-token support. Seeded: the race against the target's noise at ``position``
+    (the coupled rule). Otherwise an inverse-CDF draw over the truncated support with a uniform keyed by
+    (``seed``, ``position``), so the draft at a position does not depend on when it was made.
+    """
+    logits = logits.float()
+    device = logits.device
+    if params.greedy:
+        token = logits.argmax(dim=-1, keepdim=True)  # [1]
+        ids, probs = token, torch.ones(1, device=device)
+    else:
+        top = torch.topk(logits_to_probs(logits, params, check=False), min(max_support, logits.shape[-1]))
+        ids, probs = top.indices, top.values / top.values.sum()  # [S]
+        if params.seed is not None:
+            index = race(probs, position_noise(params.seed, position, logits.shape[-1]).to(device)[ids])
+        else:
+            uniform = torch.rand(1, generator=make_generator(seed, stream=position)).to(device)
+            below = (probs.cumsum(0) < uniform).sum()  # the first index whose CDF reaches the uniform
+            index = torch.minimum(below, (probs > 0).sum() - 1)  # rounding never picks a zero entry
+        token = ids[index].reshape(1)
+    return token, ids, probs, torch.softmax(logits, dim=-1)[token]
+
+
+def picked(pick: Pick) -> tuple[int, SparseDist, float]:
+    """A ``draft_pick`` on the host: (token, its sparse distribution without zero entries, confidence)."""
+    token, ids, probs, confidence = (t.cpu() for t in pick)
+    if not torch.isfinite(probs).all():
+        raise ValueError("the drafter's logits gave no distribution (a row entirely -inf, or NaN)")
+    keep = probs > 0
+    return int(token), SparseDist(ids[keep], probs[keep].float()), float(confidence)

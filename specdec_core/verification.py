@@ -69,17 +69,16 @@ def verify_sampled(
     p_draft = draft_probs[rows, draft_tokens]  # [k]
     uniforms = torch.rand(k, generator=generator, device=device)  # [k]
     # accept iff u < p_target / p_draft, written without the division (p_draft > 0 for a sampled token)
-    rejected = (uniforms * p_draft >= p_target).nonzero()
-    n = int(rejected[0, 0].item()) if rejected.numel() else k
-    if n == k:
-        next_probs = target_probs[k]  # bonus
-    else:
-        next_probs = (target_probs[n] - draft_probs[n]).clamp_min(0.0)  # recovered
-        total = next_probs.sum()
-        # total == 0 only when target == draft at n, where a rejection has probability 0; guard rounding.
-        next_probs = next_probs / total if total > 0 else target_probs[n]
-    next_token = int(torch.multinomial(next_probs, 1, generator=generator).item())
-    return Verdict(num_accepted=n, next_token=next_token)
+    n = _leading(uniforms * p_draft < p_target)
+    # the next token's distribution at every position a rejection may happen, then the bonus: the one at n
+    # is drawn from, all on the device (one wait, for the verdict)
+    recovered = (target_probs[:k] - draft_probs).clamp_min(0.0)  # [k, vocab]
+    total = recovered.sum(dim=-1, keepdim=True)
+    # total == 0 only when target == draft at a position, where a rejection has probability 0; guard rounding
+    recovered = torch.where(total > 0, recovered / total, target_probs[:k])
+    next_probs = torch.cat([recovered, target_probs[k:]]).index_select(0, n.reshape(1))[0]  # [vocab]
+    next_token = torch.multinomial(next_probs, 1, generator=generator)  # [1]
+    return _verdict(n, next_token, target_probs)
 
 
 def verify_coupled(draft_tokens: torch.Tensor, target_probs: torch.Tensor, noise: torch.Tensor) -> Verdict:
@@ -88,12 +87,30 @@ def verify_coupled(draft_tokens: torch.Tensor, target_probs: torch.Tensor, noise
     draft_tokens: [k]; target_probs: [k + 1, vocab] processed; noise: [k + 1, >= vocab] Exp(1) draws keyed by
     (seed, position) of each of the k + 1 positions (``sampling.position_noise``).
     """
-    return _verify_by_tokens(draft_tokens, race(target_probs, noise))
+    return _verify_by_tokens(draft_tokens, race(target_probs, noise), target_probs)
 
 
-def _verify_by_tokens(draft_tokens: torch.Tensor, target_tokens: torch.Tensor) -> Verdict:
+def _verify_by_tokens(
+    draft_tokens: torch.Tensor, target_tokens: torch.Tensor, probs: torch.Tensor | None = None
+) -> Verdict:
     """Keep drafts while they equal the target's chosen tokens [k + 1]; emit the target's next one."""
     k = draft_tokens.shape[0]
-    mismatch = (draft_tokens.to(target_tokens.device) != target_tokens[:k]).nonzero()
-    n = int(mismatch[0, 0].item()) if mismatch.numel() else k
-    return Verdict(num_accepted=n, next_token=int(target_tokens[n].item()))
+    n = _leading(draft_tokens.to(target_tokens.device) == target_tokens[:k])
+    return _verdict(n, target_tokens.index_select(0, n.reshape(1)), probs)
+
+
+def _leading(accepted: torch.Tensor) -> torch.Tensor:
+    """How many of ``accepted`` [k] (bool) are true before the first false: a 0-dim tensor, on its device."""
+    return accepted.long().cumprod(dim=0).sum()
+
+
+def _verdict(n: torch.Tensor, next_token: torch.Tensor, probs: torch.Tensor | None = None) -> Verdict:
+    """The verdict on the host: the round's one wait for the device. ``probs``: checked to be a distribution
+    in the same wait (logits that were entirely -inf or NaN are the model's error, reported)."""
+    values = [n.reshape(1), next_token.reshape(1).to(n.dtype)]
+    if probs is not None:
+        values.append(torch.isfinite(probs).all().reshape(1).to(n.dtype))
+    host = torch.cat(values).tolist()
+    if probs is not None and not host[2]:
+        raise ValueError("the target's logits gave no distribution (a row entirely -inf, or NaN)")
+    return Verdict(num_accepted=int(host[0]), next_token=int(host[1]))

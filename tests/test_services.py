@@ -33,10 +33,12 @@ def models():
 
 
 class Pair:
-    def __init__(self, target, drafter, verifier_cfg=None, drafter_tokenizer=None, lookahead=False):
+    def __init__(
+        self, target, drafter, verifier_cfg=None, drafter_tokenizer=None, lookahead=False, **drafter_options
+    ):
         self.target, self.drafter = target, drafter
         self.d_engine = DrafterEngine(
-            DrafterConfig(model="tiny-drafter", quantization="none", lookahead=lookahead),
+            DrafterConfig(model="tiny-drafter", quantization="none", lookahead=lookahead, **drafter_options),
             drafter,
             drafter_tokenizer or tiny_tokenizer(),
         )

@@ -232,3 +232,12 @@ def test_coupled_noise_is_keyed_by_seed_and_position_only():
     one_hot = torch.zeros(1000)
     one_hot[17] = 1.0
     assert int(race(one_hot, a)) == 17
+
+
+def test_a_target_without_a_distribution_is_reported_by_the_verdict():
+    """The probabilities are checked in the verdict's one wait for the device: NaN rows raise, not emit."""
+    probs = torch.full((2, 4), float("nan"))
+    with pytest.raises(ValueError, match="no distribution"):
+        verify_coupled(torch.tensor([1]), probs, torch.ones(2, 4))
+    with pytest.raises((ValueError, RuntimeError)):  # the CPU's multinomial refuses NaN on its own
+        verify_sampled(torch.tensor([1]), torch.full((1, 4), 0.25), probs, make_generator(0))

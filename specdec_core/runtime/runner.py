@@ -37,13 +37,27 @@ class Sequence:
         return len(self.tokens)
 
 
+Pick = Callable[[torch.Tensor, int], tuple[torch.Tensor, ...]]  # (logits [vocab], step) -> (token [1], ...)
+
+
 @dataclass
 class Row:
-    """One row of a forward: feed ``tokens`` to ``seq``; return logits of the last ``keep`` of them."""
+    """One row of a forward: feed ``tokens`` to ``seq``; return logits of the last ``keep`` of them.
+
+    A *stepped* row (``pick``) decodes ``steps`` tokens in one call: ``pick`` turns the last logits of each
+    step into the next token (the first tensor it returns, [1] long, on the device) and whatever else its
+    caller wants kept, and the next step feeds that token without the host reading it. The row then
+    returns, in place of logits, the ``steps`` picks on the host (``ModelRunner.forward``).
+    """
 
     seq: Sequence
     tokens: list[int]
     keep: int = 1
+    steps: int = 1
+    pick: Pick | None = None
+
+
+PENDING = -1  # a fed token the host does not know yet (a stepped row's pick, fixed after the block)
 
 
 class ModelRunner:
@@ -131,11 +145,45 @@ class ModelRunner:
 
     # -- the forward -----------------------------------------------------------------------------------
     @torch.inference_mode()
-    def forward(self, rows: list[Row]) -> list[torch.Tensor]:
-        """One forward over ``rows`` (distinct sequences); returns float32 logits [keep, vocab] per row."""
+    def forward(self, rows: list[Row]) -> list:
+        """One forward over ``rows`` (distinct sequences); returns float32 logits [keep, vocab] per row.
+
+        Stepped rows (``Row.pick``) go on for their ``steps``, one forward of the stepped rows still going
+        per step, each fed its last pick on the device: a drafter's whole block with one wait for the
+        device, at the end. Such a row returns its picks on the host instead of logits.
+        """
         if not rows:
             return []
         self._check_rows(rows)
+        outputs: list = self._forward(rows)
+        if any(r.pick is not None for r in rows):
+            self._steps(rows, outputs)
+        return outputs
+
+    def _steps(self, rows: list[Row], outputs: list) -> None:
+        """Go on with the stepped rows after their first forward (``outputs``: its logits), in place."""
+        stepped = [i for i, r in enumerate(rows) if r.pick is not None]
+        picks: dict[int, list[tuple[torch.Tensor, ...]]] = {}
+        start = {i: len(rows[i].seq.tokens) for i in stepped}  # where the picks fed start in the cache
+        for i in stepped:
+            assert rows[i].pick is not None
+            picks[i] = [rows[i].pick(outputs[i][-1], 0)]
+        for step in range(1, max(rows[i].steps for i in stepped)):
+            going = [i for i in stepped if rows[i].steps > step]
+            fed = torch.cat([picks[i][-1][0].reshape(1) for i in going])  # [B] on the device
+            logits = self._forward([Row(rows[i].seq, [PENDING]) for i in going], fed[:, None])
+            for i, lg in zip(going, logits):
+                picks[i].append(rows[i].pick(lg[-1], step))  # type: ignore[misc]
+        host = _to_host([p for i in stepped for p in picks[i]])  # the one wait for the device
+        for i in stepped:
+            outputs[i], host = host[: len(picks[i])], host[len(picks[i]) :]
+            tokens = rows[i].seq.tokens
+            fed_picks = len(outputs[i]) - 1  # every pick but the last was fed
+            tokens[start[i] : start[i] + fed_picks] = [int(p[0]) for p in outputs[i][:fed_picks]]
+
+    def _forward(self, rows: list[Row], fed: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """One forward of ``rows``; ``fed`` [B, 1]: the rows' tokens, on the device (their ``tokens`` are
+        ``PENDING``)."""
         batch, width = len(rows), max(len(r.tokens) for r in rows)
         lengths = torch.tensor([len(r.seq) for r in rows])  # [B]
         counts = torch.tensor([len(r.tokens) for r in rows])  # [B]
@@ -155,7 +203,7 @@ class ModelRunner:
         dev = self.device
         cache = BatchCache(self.kv, slots.to(dev), write_pos.to(dev), kv_len)
         out = self.base(
-            input_ids=input_ids.to(dev),
+            input_ids=input_ids.to(dev) if fed is None else fed,
             attention_mask=mask[:, None].to(dev),  # [B, 1, T, L]
             position_ids=position_ids.to(dev),
             use_cache=True,
@@ -183,6 +231,8 @@ class ModelRunner:
     def _check_rows(rows: list[Row]) -> None:
         if any(not r.tokens for r in rows):
             raise ValueError("every row of a forward feeds at least one token")
+        if any(r.pick is not None and (r.steps < 1 or r.keep < 1) for r in rows):
+            raise ValueError("a stepped row decodes at least one step from logits it keeps")
         if len({id(r.seq) for r in rows}) != len(rows):
             raise ValueError("a sequence appears twice in one forward")
 
@@ -214,3 +264,21 @@ class ModelRunner:
         """Cache ``token_ids`` without computing logits (the context before the pending token)."""
         if token_ids:
             self.extend(seq, token_ids, keep=0)
+
+
+def _to_host(items: list[tuple[torch.Tensor, ...]]) -> list[tuple[torch.Tensor, ...]]:
+    """Device tensors to the host with one copy per dtype (one wait for the device), same structure."""
+    flat = [t for item in items for t in item]
+    host: list[torch.Tensor] = list(flat)
+    by_dtype: dict[torch.dtype, list[int]] = {}
+    for j, t in enumerate(flat):
+        by_dtype.setdefault(t.dtype, []).append(j)
+    for indices in by_dtype.values():
+        joined = torch.cat([flat[j].reshape(-1) for j in indices]).cpu()
+        for j, part in zip(indices, joined.split([flat[j].numel() for j in indices])):
+            host[j] = part.reshape(flat[j].shape)
+    out, j = [], 0
+    for item in items:
+        out.append(tuple(host[j : j + len(item)]))
+        j += len(item)
+    return out

@@ -430,9 +430,11 @@ class Scheduler:
         for task, n in group:
             assert task.row is not None
             last = task.fed + n == len(task.row.tokens)
-            rows.append(
-                Row(task.row.seq, task.row.tokens[task.fed : task.fed + n], task.row.keep if last else 0)
-            )
+            piece = task.row.tokens[task.fed : task.fed + n]
+            if last:  # a stepped row decodes its steps after its last piece
+                rows.append(Row(task.row.seq, piece, task.row.keep, task.row.steps, task.row.pick))
+            else:
+                rows.append(Row(task.row.seq, piece, 0))
         try:
             with self.lease:  # our turn on cores shared with another service (see lease.py)
                 t0 = time.perf_counter()
@@ -445,7 +447,7 @@ class Scheduler:
             return
         self.forwards += 1
         self.rows_run += len(rows)
-        self.tokens_run += sum(len(r.tokens) for r in rows)
+        self.tokens_run += sum(len(r.tokens) + (r.steps - 1 if r.pick else 0) for r in rows)
         self.forward_s += seconds
         for (task, n), logits in zip(group, outputs):
             assert task.row is not None
@@ -456,7 +458,11 @@ class Scheduler:
             else:  # a chunk of a long row: the rest queues behind the rows that waited meanwhile
                 task.ready_since = time.monotonic()
         if self.on_forward is not None:
-            self.on_forward([len(r.tokens) for r in rows], seconds)
+            # stepped rows ran one forward per step after the first: the time is shared evenly among them
+            steps = max(r.steps if r.pick else 1 for r in rows)
+            self.on_forward([len(r.tokens) for r in rows], seconds / steps)
+            for step in range(1, steps):
+                self.on_forward([1 for r in rows if r.pick and r.steps > step], seconds / steps)
         self._last_forward_s = seconds
         # the rows whose jobs finished are expected back for the next forward
         self._expected.extend(r.seq for (task, _), r in zip(group, rows) if task.row is None)

@@ -89,11 +89,7 @@ class StaticRunner(ModelRunner):
         self._run_base(inputs)
 
     # -- the forward -----------------------------------------------------------------------------------
-    @torch.inference_mode()
-    def forward(self, rows: list[Row]) -> list[torch.Tensor]:
-        if not rows:
-            return []
-        self._check_rows(rows)
+    def _forward(self, rows: list[Row], fed: torch.Tensor | None = None) -> list[torch.Tensor]:
         for r in rows:
             if len(r.seq) + len(r.tokens) > self.buckets.capacity:
                 raise ValueError(
@@ -111,8 +107,11 @@ class StaticRunner(ModelRunner):
                     width,
                 )
                 self._warned = True
-            return super().forward(rows)
+            return super()._forward(rows, fed)
         inputs = self._inputs(rows, b_rows, b_width)
+        if fed is not None:  # a stepped row's picks, already on the device: padded to the bucket there
+            inputs = {k: v.to(self.device) for k, v in inputs.items()}
+            inputs["input_ids"][: len(rows)] = fed
         graph = self._graphs.get((b_rows, b_width))
         hidden = graph.run(inputs) if graph is not None else self._run_base(inputs)  # [Bb, Tb, hidden]
         return self._finish(rows, hidden)
@@ -133,7 +132,7 @@ class StaticRunner(ModelRunner):
         write_pos = torch.where(real, own, offsets[None, :].expand_as(own))
         input_ids = torch.zeros(b_rows, b_width, dtype=torch.long)
         for b, r in enumerate(rows):
-            input_ids[b, : len(r.tokens)] = torch.tensor(r.tokens, dtype=torch.long)
+            input_ids[b, : len(r.tokens)] = torch.tensor(r.tokens, dtype=torch.long).clamp_min(0)  # PENDING
         return {
             "input_ids": input_ids,
             "position_ids": position_ids,

@@ -1,0 +1,173 @@
+"""A drafter's whole block in one call of the runner (``Row.pick``: stepped rows, each token picked on the
+device and fed back without the host reading it): the same drafts and the same cache as drafting one forward
+at a time, alone, batched with other rows and through both services; the unseeded draw's distribution."""
+
+import threading
+
+import pytest
+import torch
+from tiny import FAMILIES, hf_greedy, perturbed, tiny_model, tiny_tokenizer
+
+from specdec_core.drafting import EarlyStop, ModelDrafter
+from specdec_core.runtime.runner import PENDING, ModelRunner, Row
+from specdec_core.runtime.static import Buckets, StaticRunner
+from specdec_core.sampling import SamplingParams, draft_pick, picked
+
+BUCKETS = Buckets(rows=(1, 2, 4), widths=(1, 2, 4, 8, 16), capacity=128)
+PROMPT = tiny_tokenizer()("def add(a, b):\n")["input_ids"]
+PARAMS = {
+    "greedy": SamplingParams(),
+    "seeded": SamplingParams(temperature=0.9, seed=3),
+    "unseeded": SamplingParams(temperature=0.8, top_p=0.9),
+}
+RUNNERS = {
+    "dynamic": lambda m: ModelRunner(m),
+    "static": lambda m: StaticRunner(m, buckets=BUCKETS, max_sequences=4),
+}
+
+
+def argmax_pick(logits, step):
+    return (logits.argmax().reshape(1), logits.max().reshape(1))
+
+
+@pytest.mark.parametrize("kind", RUNNERS)
+def test_stepped_rows_decode_what_single_steps_decode(kind):
+    """Two stepped rows of different lengths beside a prompt row, in one call: each returns its picks on
+    the host, its cache holds the picked tokens (none left pending), and the logits match step by step."""
+    model = tiny_model("llama")
+
+    def stepwise():
+        runner = RUNNERS[kind](model)
+        a, b, c = runner.new_sequence(), runner.new_sequence(), runner.new_sequence()
+        runner.extend(a, PROMPT[:5], keep=0)
+        picks = {}
+        for seq, feed, steps in ((a, PROMPT[5:7], 4), (b, PROMPT[:3], 2)):
+            out, fed = [], feed
+            for _ in range(steps):
+                out.append(argmax_pick(runner.extend(seq, fed, keep=1)[-1], 0))
+                fed = [int(out[-1][0])]
+            picks[id(seq)] = out
+        runner.extend(c, PROMPT, keep=0)
+        return [list(s.tokens) for s in (a, b, c)], [picks[id(a)], picks[id(b)]]
+
+    def one_call():
+        runner = RUNNERS[kind](model)
+        a, b, c = runner.new_sequence(), runner.new_sequence(), runner.new_sequence()
+        runner.extend(a, PROMPT[:5], keep=0)
+        out = runner.forward(
+            [
+                Row(a, PROMPT[5:7], 1, steps=4, pick=argmax_pick),
+                Row(b, PROMPT[:3], 1, steps=2, pick=argmax_pick),
+                Row(c, PROMPT, 0),
+            ]
+        )
+        assert out[2].shape == (0, runner.vocab_size)  # a plain row still returns its logits
+        assert all(t.device.type == "cpu" for p in out[0] + out[1] for t in p)
+        return [list(s.tokens) for s in (a, b, c)], [out[0], out[1]]
+
+    (tokens_a, picks_a), (tokens_b, picks_b) = stepwise(), one_call()
+    assert all(PENDING not in tokens for tokens in tokens_b)
+    assert tokens_b == tokens_a  # the cache: each feed, then every pick but the last (never fed)
+    for rows_a, rows_b in zip(picks_a, picks_b):
+        assert [int(p[0]) for p in rows_a] == [int(p[0]) for p in rows_b]
+        torch.testing.assert_close(
+            torch.cat([p[1] for p in rows_b]), torch.cat([p[1] for p in rows_a]), atol=1e-4, rtol=0
+        )
+
+
+def draft_script(drafter):
+    """Blocks with partial, full and no acceptance, then one cut by an early stop; the blocks made and the
+    drafter's cache at the end."""
+    drafter.start(PROMPT, drafter._params)
+    blocks = []
+    for k, accepted in ((4, 2), (6, 6), (3, 0), (8, 5)):
+        b = drafter.propose(k)
+        blocks.append(
+            (b.tokens, [d.token_ids.tolist() for d in b.dists], [round(c, 4) for c in b.confidences])
+        )
+        drafter.accept(accepted, 7)
+    blocks.append(drafter.propose(8, EarlyStop(below=0.5)).tokens)
+    cache = list(drafter._seq.tokens)
+    drafter.close()
+    return blocks, cache
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("kind", RUNNERS)
+@pytest.mark.parametrize("params", PARAMS)
+def test_one_call_drafter_makes_the_stepwise_drafts(family, kind, params):
+    model = tiny_model(family)
+    results = []
+    for one_call in (False, True):
+        drafter = ModelDrafter(RUNNERS[kind](model), one_call=one_call)
+        drafter._params = PARAMS[params]
+        results.append(draft_script_seeded(drafter))
+    assert results[0] == results[1]
+
+
+def draft_script_seeded(drafter):
+    """``draft_script`` with the per-generation seed of an unseeded generation fixed after ``start``."""
+    start = drafter.start
+
+    def fixed_start(context, params):
+        start(context, params)
+        drafter._seed = 42
+
+    drafter.start = fixed_start
+    return draft_script(drafter)
+
+
+def test_unseeded_draw_follows_the_truncated_distribution():
+    """The inverse-CDF draw keyed by (seed, position): frequencies within 4 sigma of the truncated q."""
+    torch.manual_seed(0)
+    logits = torch.randn(50) * 2
+    params = SamplingParams(temperature=1.0, top_k=6)
+    n = 6000
+    counts = torch.zeros(50)
+    for position in range(n):
+        token, dist, _ = picked(draft_pick(logits, params, position, seed=11, max_support=4))
+        counts[token] += 1
+    _, dist, _ = picked(draft_pick(logits, params, 0, seed=11, max_support=4))
+    assert len(dist.token_ids) == 4 and set(torch.nonzero(counts).flatten().tolist()) <= set(
+        dist.token_ids.tolist()
+    )
+    for token, q in zip(dist.token_ids.tolist(), dist.probs.tolist()):
+        sigma = (q * (1 - q) / n) ** 0.5
+        assert abs(counts[token] / n - q) < 4 * sigma
+
+
+def test_services_draft_in_one_call_batched():
+    """`--draft-in-one-call on` with static shapes through both services, three clients at once: greedy gives
+    the target's own ids, a seeded sample gives what the target alone samples (`--no-draft`)."""
+    from test_services import Pair
+
+    from client import SpecDecClient
+
+    target = tiny_model("llama")
+    pair = Pair(target, perturbed(target, 0.2), draft_in_one_call="on", static_shapes="on", kv_capacity=256)
+    try:
+        assert pair.d_engine.open_session().one_call
+        results: dict = {}
+
+        def run(name, **kw):
+            with SpecDecClient(pair.verifier_addr) as c:
+                results[name] = c.generate("def add(a, b):\n", max_new_tokens=30, ignore_eos=True, **kw)
+
+        threads = [
+            threading.Thread(target=run, args=("greedy",), kwargs={"num_draft_tokens": 4}),
+            threading.Thread(target=run, args=("adaptive",), kwargs={}),
+            threading.Thread(
+                target=run, args=("seeded",), kwargs={"temperature": 0.8, "seed": 5, "num_draft_tokens": 3}
+            ),
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        run("plain", temperature=0.8, seed=5, no_draft=True)
+        expected = hf_greedy(target, PROMPT, 30)
+        assert results["greedy"].token_ids == expected and results["adaptive"].token_ids == expected
+        assert results["greedy"].stats["drafted"] > 0 and results["seeded"].stats["drafted"] > 0
+        assert results["seeded"].token_ids == results["plain"].token_ids
+    finally:
+        pair.stop()
