@@ -1,20 +1,28 @@
-"""One short GPU check: CUDA correctness on tiny models, then cost curves of the real Qwen architectures.
+"""One short GPU check (issue #13): correctness on CUDA, eager vs static shapes + CUDA graphs on the real Qwen2.5
+architectures, and one generation end to end through both services.
 
-Usage: python -m benchmarks.gpu_check [--configs DIR] [--out FILE.json]
+Usage: python -m benchmarks.gpu_check [--sections correctness,graphs,e2e] [--out docs/gpu_check_<gpu>.json]
+       python -m benchmarks.gpu_check --tiny --device cpu --out /tmp/dry.json   (a dry run on CPU, tiny shapes)
 
-1. Losslessness on CUDA: speculative greedy == HF greedy on tiny Llama/Qwen2/GPT-2 (fp32 and bf16), seeded
-   sampling reproducible, and one generation through both gRPC services in-process.
-2. Costs on the real architectures (Qwen2.5-Coder 0.5B / 1.5B configs, random weights, bf16): target
-   forward time by block size, drafter step time, the fast-path probe, and the projected speed-up
-   E[tokens](alpha, k) * t_target(1) / (k * t_draft + t_target(k + 1)) for the acceptance rates measured on
-   the real pair on CPU. Random weights make acceptance meaningless, so acceptance is an input here.
-3. ``--graphs``: eager against static shapes with CUDA graphs (``specdec_core/runtime/static.py``) on the
-   Qwen2.5 0.5B / 1.5B / 7B / 14B architectures (published shapes, random weights, bf16), at batch 1 and 8:
-   drafter step, target step and 8-position verify, each model's weight-read time at the measured copy
-   bandwidth, static-vs-dynamic logits and greedy ids in bf16, and the projected speed-up of 0.5B -> 1.5B /
-   7B / 14B at the best k (k = 0, not drafting, counts as 1.0x) for ``--alpha`` (per-token acceptance of
-   the real pair measured on CPU: 0.78 in docs/results/lookup_qwen.json). ``--tiny`` runs the same code on
-   tiny shapes (a CPU dry run: no graphs there).
+Sections (each one's results are written to ``--out`` as soon as it ends; a section that fails records its
+error and the next one runs):
+
+1. ``correctness``: speculative greedy == HF greedy on tiny Llama/Qwen2/GPT-2 (fp32 and bf16), seeded sampling
+   reproducible, and one generation through both gRPC services in-process.
+2. ``graphs``: the Qwen2.5 0.5B / 1.5B / 7B / 14B architectures (published shapes, random weights, bf16) on
+   the dynamic runner (eager) and on the static runner with CUDA graphs (``specdec_core/runtime/static.py``),
+   at batch 1 and 8: a 1-token step, an 8-position verify, and a drafter's block of 8 tokens in one call
+   (``Row.pick``: one wait for the device); each model's weight-read time at the measured copy bandwidth;
+   static-vs-dynamic logits and greedy ids in bf16; the projected speed-up of 0.5B -> 1.5B / 7B / 14B at the
+   best k (k = 0, not drafting, counts as 1.0x) for ``--alpha``, the per-token acceptance of the real pair
+   measured on CPU (0.78 in docs/results/lookup_qwen.json): random weights make acceptance meaningless here.
+3. ``e2e``: the 1.5B architecture (over the tiny tokenizer's vocabulary, so the services can detokenize)
+   served by both services in this process on this GPU, the target's own weights as the drafter: tokens/s
+   drafting k tokens against the projection from the services' own runners' measured costs and the measured
+   tokens per round; ``--no-draft`` against Hugging Face ``generate`` with its static cache (compiled by
+   transformers on CUDA) and with its default dynamic cache.
+4. ``costs`` (not in the default run): the first check's eager cost curves of the 1.5B / 0.5B configs in
+   ``--configs``.
 """
 
 from __future__ import annotations
@@ -188,26 +196,36 @@ def _median_ms(fn, device: str, repeats: int = 15) -> float:
     return 1000 * statistics.median(times)
 
 
-def _costs(runner, device: str, batch: int, prompt: int = 128) -> dict:
-    """Median ms of a 1-token step and of an 8-position verify with ``batch`` rows."""
+def _costs(runner, device: str, batch: int, prompt: int = 128, verify: int = 8, block: int = 8) -> dict:
+    """Median ms with ``batch`` rows: a 1-token step, a ``verify``-position verify, and a drafter's block of
+    ``block`` greedy tokens in one call (a stepped row: one wait for the device)."""
     from specdec_core.runtime.runner import Row
 
     seqs = [runner.new_sequence() for _ in range(batch)]
     for s in seqs:
         runner.prefill(s, [(1000 + i) % runner.vocab_size for i in range(prompt)])
 
-    def forward(n):
-        runner.forward([Row(s, [7] * n, n) for s in seqs])
+    def forward(rows):
+        runner.forward(rows)
         for s in seqs:
             runner.rollback(s, prompt)
 
     out = {
-        "step_ms": _median_ms(lambda: forward(1), device),
-        "verify8_ms": _median_ms(lambda: forward(8), device),
+        "step_ms": _median_ms(lambda: forward([Row(s, [7], 1) for s in seqs]), device),
+        f"verify{verify}_ms": _median_ms(
+            lambda: forward([Row(s, [7] * verify, verify) for s in seqs]), device
+        ),
+        f"block{block}_ms": _median_ms(
+            lambda: forward([Row(s, [7], 1, steps=block, pick=_argmax) for s in seqs]), device
+        ),
     }
     for s in seqs:
         runner.release(s)
     return out
+
+
+def _argmax(logits: torch.Tensor, step: int) -> tuple[torch.Tensor]:
+    return (logits.argmax().reshape(1),)
 
 
 def _speedup(alpha: float, t_draft: float, t_target: dict[int, float], k_max: int = 8) -> tuple[float, int]:
@@ -224,10 +242,19 @@ def _speedup(alpha: float, t_draft: float, t_target: dict[int, float], k_max: in
     return best, best_k
 
 
+def _build(shape: dict[str, Any], device: str, dtype: torch.dtype):
+    """A Qwen2 causal LM of ``shape`` with random weights, built in ``dtype`` on ``device`` (a 14B model
+    built in fp32 first would not fit an 80 GB GPU)."""
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    cfg = Qwen2Config(**shape, max_position_embeddings=4096, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    with torch.device(device):
+        return AutoModelForCausalLM.from_config(cfg, dtype=dtype).eval()
+
+
 def measure_graphs(device: str, alpha: float, tiny: bool) -> dict:
     """Eager vs static shapes + CUDA graphs per architecture, equality checks, projections."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
     from specdec_core.runtime.runner import ModelRunner
     from specdec_core.runtime.static import Buckets, StaticRunner
 
@@ -244,12 +271,7 @@ def measure_graphs(device: str, alpha: float, tiny: bool) -> dict:
     }
     for name, shape in QWEN25.items():
         t0 = time.perf_counter()
-        cfg = Qwen2Config(
-            **(TINY if tiny else shape), max_position_embeddings=4096, tie_word_embeddings=False
-        )
-        torch.manual_seed(0)
-        with torch.device(device):
-            model = Qwen2ForCausalLM(cfg).to(dtype).eval()  # type: ignore[arg-type]
+        model = _build(TINY if tiny else shape, device, dtype)
         size = weight_bytes(model)
         row: dict = {"build_s": time.perf_counter() - t0, "weight_gb": size / 1e9}
         row["weight_read_ms"] = 1000 * size / (result["bandwidth_gbs"] * 1e9)
@@ -261,21 +283,35 @@ def measure_graphs(device: str, alpha: float, tiny: bool) -> dict:
         for batch in (1, 8):
             row[f"eager_b{batch}"] = _costs(eager, device, batch)
             row[f"graphs_b{batch}"] = _costs(static, device, batch)
+        b1 = row["graphs_b1"]
+        row["graphs_step_over_weight_read"] = b1["step_ms"] / row["weight_read_ms"]
+        row["graphs_verify8_over_step"] = b1["verify8_ms"] / b1["step_ms"]
+        row["graphs_block_token_ms"] = b1["block8_ms"] / 8
         result["models"][name] = row
         print(name, json.dumps(row), flush=True)
         del eager, static, model
         if device.startswith("cuda"):
             torch.cuda.empty_cache()
-    models = result["models"]
+    result["projected"] = _projections(result["models"], alpha)
+    return result
+
+
+def _projections(models: dict, alpha: float) -> dict:
+    """0.5B drafting for each larger target, per mode and batch. The drafter's cost per token: a step with
+    its wait (eager, one forward at a time) or an eighth of a block drafted in one call (graphs)."""
     projected = {}
     for target in ("1.5b", "7b", "14b"):
         for mode in ("eager", "graphs"):
             for batch in (1, 8):
                 d, t = models["0.5b"][f"{mode}_b{batch}"], models[target][f"{mode}_b{batch}"]
-                rate, k = _speedup(alpha, d["step_ms"], {1: t["step_ms"], 8: t["verify8_ms"]})
-                projected[f"0.5b->{target} {mode} batch {batch}"] = {"speedup": rate, "k": k}
-    result["projected"] = projected
-    return result
+                draft = d["step_ms"] if mode == "eager" else d["block8_ms"] / 8
+                rate, k = _speedup(alpha, draft, {1: t["step_ms"], 8: t["verify8_ms"]})
+                projected[f"0.5b->{target} {mode} batch {batch}"] = {
+                    "speedup": rate,
+                    "k": k,
+                    "draft_ms": draft,
+                }
+    return projected
 
 
 def _compare(eager, static, steps: int = 24) -> tuple[float, bool]:
@@ -293,39 +329,185 @@ def _compare(eager, static, steps: int = 24) -> tuple[float, bool]:
     return diff, ids_a == ids_b
 
 
+def measure_e2e(device: str, tiny: bool, k: int = 4, tokens: int = 128, repeats: int = 3) -> dict:
+    """Both services on this device, the target's own weights as the drafter (module docstring, 3.)."""
+    from tiny import tiny_tokenizer
+
+    from client import SpecDecClient
+    from drafter_service.engine import DrafterEngine
+    from drafter_service.server import start as start_drafter
+    from specdec.config import DrafterConfig, VerifierConfig
+    from verifier_service.engine import VerifierEngine
+    from verifier_service.server import start as start_verifier
+
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    vocab = len(tiny_tokenizer())
+    model = _build({**(TINY if tiny else QWEN25["1.5b"]), "vocab_size": vocab}, device, dtype)
+    prompt = [(7 + 13 * i) % vocab for i in range(64)]
+    result: dict = {"model": "qwen2.5-1.5b shapes" if not tiny else "tiny", "k": k, "tokens": tokens}
+
+    # the peer: Hugging Face generate, static cache (compiled by transformers on CUDA) and dynamic
+    x = torch.tensor([prompt], device=device)
+    for name, cache in (("hf_static_compiled", "static"), ("hf_dynamic", None)):
+        t0 = time.perf_counter()
+
+        def hf(cache=cache):
+            return model.generate(
+                x,
+                attention_mask=torch.ones_like(x),
+                max_new_tokens=tokens,
+                min_new_tokens=tokens,
+                do_sample=False,
+                eos_token_id=None,
+                pad_token_id=0,
+                cache_implementation=cache,
+            )
+
+        hf()  # warm-up (the compile, for the static cache)
+        hf()
+        result[f"{name}_warmup_s"] = time.perf_counter() - t0
+        result[f"{name}_tok_s"] = tokens / (_median_ms(hf, device, repeats) / 1000)
+        print(name, result[f"{name}_tok_s"], flush=True)
+
+    common = dict(device=device, max_batch_rows=8, max_sessions=8, kv_capacity=1024, prefill_chunk=64)
+    t0 = time.perf_counter()
+    d_engine = DrafterEngine(DrafterConfig(quantization="none", **common), model, tiny_tokenizer())  # type: ignore[arg-type]
+    d_srv, d_port, _ = start_drafter(DrafterConfig(port=0, host="127.0.0.1"), d_engine)
+    v_cfg = VerifierConfig(
+        port=0,
+        host="127.0.0.1",
+        drafters=(f"127.0.0.1:{d_port}",),
+        max_running=8,
+        **common,  # type: ignore[arg-type]
+    )
+    v_engine = VerifierEngine(v_cfg, model, tiny_tokenizer())
+    v_srv, v_port, _ = start_verifier(v_cfg, v_engine)
+    result["services_start_s"] = time.perf_counter() - t0
+    result["runners"] = [type(v_engine.runner).__name__, type(d_engine.runner).__name__]
+    try:
+        with SpecDecClient(f"127.0.0.1:{v_port}") as c:
+
+            def run(**kw):
+                t = time.perf_counter()
+                r = c.generate(prompt, max_new_tokens=tokens, ignore_eos=True, **kw)
+                return r, time.perf_counter() - t
+
+            ids = {}
+            for name, kw in (("no_draft", {"no_draft": True}), ("draft", {"num_draft_tokens": k})):
+                run(**kw)  # warm-up
+                runs = [run(**kw) for _ in range(repeats)]
+                wall = statistics.median(t for _, t in runs)
+                r = runs[0][0]
+                ids[name] = r.token_ids
+                result[f"specdec_{name}_tok_s"] = tokens / wall
+                result[f"specdec_{name}_stats"] = {
+                    key: r.stats.get(key) for key in ("rounds", "drafted", "accepted", "target_passes")
+                }
+                print(name, result[f"specdec_{name}_tok_s"], result[f"specdec_{name}_stats"], flush=True)
+        result["draft_equals_no_draft"] = ids["draft"] == ids["no_draft"]
+        # the projection, from the services' own runners (idle now), on their compute threads
+        from specdec_core.runtime.runner import Row
+
+        def verifier_costs():
+            seq = v_engine.runner.new_sequence()
+            v_engine.runner.prefill(seq, prompt)
+
+            def forward(n):
+                v_engine.runner.forward([Row(seq, [7] * n, n)])
+                v_engine.runner.rollback(seq, len(prompt))
+
+            out = (_median_ms(lambda: forward(1), device), _median_ms(lambda: forward(k + 1), device))
+            v_engine.runner.release(seq)
+            return out
+
+        def drafter_block():
+            seq = d_engine.runner.new_sequence()
+            d_engine.runner.prefill(seq, prompt)
+
+            def forward():
+                d_engine.runner.forward([Row(seq, [7], 1, steps=k, pick=_argmax)])
+                d_engine.runner.rollback(seq, len(prompt))
+
+            out = _median_ms(forward, device)
+            d_engine.runner.release(seq)
+            return out
+
+        t1, tv = v_engine.scheduler.call(verifier_costs)
+        td = d_engine.scheduler.call(drafter_block)
+        stats = result["specdec_draft_stats"]
+        per_round = (tokens - 1) / max(stats["rounds"] or 1, 1)  # the first token comes with the prefill
+        result["costs_ms"] = {"target_step": t1, f"target_verify{k + 1}": tv, f"drafter_block{k}": td}
+        result["tokens_per_round"] = per_round
+        result["projected_draft_tok_s"] = 1000 * per_round / (td + tv)
+        result["projected_no_draft_tok_s"] = 1000 / t1
+        result["draft_over_projection"] = result["specdec_draft_tok_s"] / result["projected_draft_tok_s"]
+        result["no_draft_over_projection"] = (
+            result["specdec_no_draft_tok_s"] / result["projected_no_draft_tok_s"]
+        )
+        result["no_draft_over_hf_static_compiled"] = (
+            result["specdec_no_draft_tok_s"] / result["hf_static_compiled_tok_s"]
+        )
+        result["draft_over_hf_static_compiled"] = (
+            result["specdec_draft_tok_s"] / result["hf_static_compiled_tok_s"]
+        )
+    finally:
+        v_srv.stop(0)
+        d_srv.stop(0)
+        v_engine.close()
+        d_engine.close()
+    return result
+
+
+SECTIONS = ("correctness", "graphs", "e2e", "costs")
+
+
 def main() -> int:
     p = argparse.ArgumentParser()
-    p.add_argument("--configs", default=str(ROOT / ".devcarry"))
+    p.add_argument("--configs", default=str(ROOT / ".devcarry"), help="model configs of the costs section")
     p.add_argument("--out", default="gpu_check.json")
     p.add_argument("--device", default="cuda")
-    p.add_argument("--correctness-only", action="store_true")
-    p.add_argument("--graphs", action="store_true", help="eager vs static shapes + CUDA graphs (section 3)")
+    p.add_argument(
+        "--sections", default="correctness,graphs,e2e", help=f"comma-separated: {', '.join(SECTIONS)}"
+    )
+    p.add_argument("--graphs", action="store_true", help="the graphs section alone (--sections graphs)")
     p.add_argument("--alpha", type=float, default=0.78, help="per-token acceptance of the real pair (CPU)")
-    p.add_argument("--tiny", action="store_true", help="tiny shapes: a dry run of --graphs on CPU")
+    p.add_argument("--k", type=int, default=4, help="draft length of the e2e section")
+    p.add_argument("--tiny", action="store_true", help="tiny shapes: a dry run on CPU (no graphs there)")
     a = p.parse_args()
     import transformers
 
+    sections = ["graphs"] if a.graphs else [x for x in a.sections.split(",") if x]
+    unknown = set(sections) - set(SECTIONS)
+    if unknown:
+        p.error(f"unknown sections: {', '.join(sorted(unknown))}")
     device = a.device
     report: dict = {
         "gpu": torch.cuda.get_device_name(0) if device.startswith("cuda") else "none",
         "torch": torch.__version__,
         "transformers": transformers.__version__,
+        "command": " ".join(sys.argv),
     }
-    t0 = time.time()
-    if a.graphs:  # section 3 alone: what issue #13 asks of a GPU
-        report["graphs"] = measure_graphs(device, a.alpha, a.tiny)
-        print(json.dumps(report["graphs"]["projected"], indent=1), flush=True)
-        Path(a.out).write_text(json.dumps(report, indent=1))
-        return 0
-    report["correctness"] = check_correctness(device)
-    report["correctness_s"] = time.time() - t0
-    print(json.dumps(report, indent=1), flush=True)
-    if a.correctness_only:
-        return 0
-    report["costs"] = measure_costs(Path(a.configs), device)
-    print(json.dumps(report["costs"], indent=1), flush=True)
-    Path(a.out).write_text(json.dumps(report, indent=1))
-    return 0
+    runs = {
+        "correctness": lambda: check_correctness(device),
+        "graphs": lambda: measure_graphs(device, a.alpha, a.tiny),
+        "e2e": lambda: measure_e2e(device, a.tiny, a.k),
+        "costs": lambda: measure_costs(Path(a.configs), device),
+    }
+    failed = False
+    for name in sections:
+        t0 = time.time()
+        try:
+            report[name] = runs[name]()
+        except Exception as exc:  # noqa: BLE001 - recorded; the next section still runs
+            import traceback
+
+            traceback.print_exc()
+            report[name] = {"error": f"{type(exc).__name__}: {exc}"}
+            failed = True
+        report[f"{name}_s"] = time.time() - t0
+        print(name, json.dumps(report[name].get("projected", report[name]), indent=1), flush=True)
+        Path(a.out).write_text(json.dumps(report, indent=1))  # what ran so far, if the machine goes
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
