@@ -171,3 +171,28 @@ def test_services_draft_in_one_call_batched():
         assert results["seeded"].token_ids == results["plain"].token_ids
     finally:
         pair.stop()
+
+
+@pytest.mark.parametrize("params", PARAMS)
+def test_plain_decoding_in_blocks_is_plain_decoding(params):
+    """A generation without a drafter, alone on the target, decodes `plain_steps` tokens per runner call:
+    greedy gives the target's own ids, a seeded sample the same tokens as one token per call, and the
+    stop conditions cut a block where they fall (max_new_tokens not a multiple of the block, an EOS)."""
+    from specdec_core.engine import SpeculativeDecoder, StopCriteria
+
+    target = tiny_model("qwen2")
+
+    def run(steps, stop=StopCriteria(max_new_tokens=29), sampling=PARAMS[params]):
+        decoder = SpeculativeDecoder(ModelRunner(target), tiny_tokenizer(), plain_steps=steps)
+        chunks = list(decoder.generate(PROMPT, sampling, stop))
+        return [t for c in chunks for t in c.token_ids], chunks
+
+    blocks, chunks = run(8)
+    assert len(blocks) == 29 and max(len(c.token_ids) for c in chunks) == 8
+    if params == "greedy":
+        assert blocks == hf_greedy(target, PROMPT, 29)
+    if params != "unseeded":
+        assert blocks == run(1)[0]
+        eos = blocks[12]
+        cut, chunks = run(8, StopCriteria(max_new_tokens=29, eos_token_ids=frozenset({eos})))
+        assert cut == blocks[: blocks.index(eos) + 1] and chunks[-1].finish_reason == "eos"

@@ -184,28 +184,28 @@ class ModelRunner:
     def _forward(self, rows: list[Row], fed: torch.Tensor | None = None) -> list[torch.Tensor]:
         """One forward of ``rows``; ``fed`` [B, 1]: the rows' tokens, on the device (their ``tokens`` are
         ``PENDING``)."""
-        batch, width = len(rows), max(len(r.tokens) for r in rows)
-        lengths = torch.tensor([len(r.seq) for r in rows])  # [B]
-        counts = torch.tensor([len(r.tokens) for r in rows])  # [B]
-        kv_len = int((lengths + width).max())
+        width = max(len(r.tokens) for r in rows)
+        lengths = [len(r.seq) for r in rows]
+        kv_len = max(lengths) + width
         self.kv.reserve(self.kv.slots, kv_len)
-        offsets = torch.arange(width)  # [T]
-        write_pos = lengths[:, None] + offsets[None, :]  # [B, T]
-        real = offsets[None, :] < counts[:, None]  # [B, T]
-        # padding tokens repeat their row's last position for the embeddings (within the model's range)
-        position_ids = torch.where(real, write_pos, (lengths + counts - 1)[:, None])  # [B, T]
-        input_ids = torch.zeros(batch, width, dtype=torch.long)  # [B, T]
-        for b, r in enumerate(rows):
-            input_ids[b, : len(r.tokens)] = torch.tensor(r.tokens)
+        # built as lists, a tensor each: on a fast device the host's work per forward is what a step costs
+        write, positions, ids = [], [], []
+        for r, n in zip(rows, lengths):
+            count = len(r.tokens)
+            write.append(list(range(n, n + width)))
+            # padding tokens repeat their row's last position for the embeddings (within the model's range)
+            positions.append(write[-1][:count] + [n + count - 1] * (width - count))
+            ids.append(r.tokens + [0] * (width - count))
+        write_pos = torch.tensor(write)  # [B, T]
         # row b's token t attends to every cached position up to its own: j <= length_b + t
         mask = torch.arange(kv_len)[None, None, :] <= write_pos[:, :, None]  # [B, T, L]
         slots = torch.tensor([r.seq.slot for r in rows])  # [B]
         dev = self.device
         cache = BatchCache(self.kv, slots.to(dev), write_pos.to(dev), kv_len)
         out = self.base(
-            input_ids=input_ids.to(dev) if fed is None else fed,
+            input_ids=torch.tensor(ids, device=dev) if fed is None else fed,
             attention_mask=mask[:, None].to(dev),  # [B, 1, T, L]
-            position_ids=position_ids.to(dev),
+            position_ids=torch.tensor(positions, device=dev),
             use_cache=True,
             **{self._cache_kwarg: cache},
         )
