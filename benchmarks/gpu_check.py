@@ -393,7 +393,14 @@ def measure_e2e(device: str, tiny: bool, k: int = 4, tokens: int = 128, repeats:
                 return r, time.perf_counter() - t
 
             ids = {}
-            for name, kw in (("no_draft", {"no_draft": True}), ("draft", {"num_draft_tokens": k})):
+            plain = v_engine.decoder.plain_steps
+            result["plain_steps"] = plain
+            for name, kw in (
+                ("no_draft_plain_steps_1", {"no_draft": True}),
+                ("no_draft", {"no_draft": True}),
+                ("draft", {"num_draft_tokens": k}),
+            ):
+                v_engine.decoder.plain_steps = 1 if name.endswith("_1") else plain  # what --plain-steps sets
                 run(**kw)  # warm-up
                 runs = [run(**kw) for _ in range(repeats)]
                 wall = statistics.median(t for _, t in runs)

@@ -188,6 +188,7 @@ class VerifierEngine:
             tokenizer,
             executor=self.scheduler,
             overlap_prefill=config.overlap_prefill != "off",
+            plain_steps=config.plain_steps,
             load=self.load,
         )
         self.admission = Admission(config.max_running, config.max_waiting)

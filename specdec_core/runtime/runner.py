@@ -162,18 +162,18 @@ class ModelRunner:
 
     def _steps(self, rows: list[Row], outputs: list) -> None:
         """Go on with the stepped rows after their first forward (``outputs``: its logits), in place."""
-        stepped = [i for i, r in enumerate(rows) if r.pick is not None]
+        pickers: dict[int, Pick] = {i: r.pick for i, r in enumerate(rows) if r.pick is not None}
+        stepped = list(pickers)
         picks: dict[int, list[tuple[torch.Tensor, ...]]] = {}
         start = {i: len(rows[i].seq.tokens) for i in stepped}  # where the picks fed start in the cache
         for i in stepped:
-            assert rows[i].pick is not None
-            picks[i] = [rows[i].pick(outputs[i][-1], 0)]
+            picks[i] = [pickers[i](outputs[i][-1], 0)]
         for step in range(1, max(rows[i].steps for i in stepped)):
             going = [i for i in stepped if rows[i].steps > step]
             fed = torch.cat([picks[i][-1][0].reshape(1) for i in going])  # [B] on the device
             logits = self._forward([Row(rows[i].seq, [PENDING]) for i in going], fed[:, None])
             for i, lg in zip(going, logits):
-                picks[i].append(rows[i].pick(lg[-1], step))  # type: ignore[misc]
+                picks[i].append(pickers[i](lg[-1], step))
         host = _to_host([p for i in stepped for p in picks[i]])  # the one wait for the device
         for i in stepped:
             outputs[i], host = host[: len(picks[i])], host[len(picks[i]) :]
