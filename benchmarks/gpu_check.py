@@ -329,7 +329,9 @@ def _compare(eager, static, steps: int = 24) -> tuple[float, bool]:
     return diff, ids_a == ids_b
 
 
-def measure_e2e(device: str, tiny: bool, k: int = 4, tokens: int = 128, repeats: int = 3) -> dict:
+def measure_e2e(
+    device: str, tiny: bool, k: int = 4, tokens: int = 128, repeats: int = 3, plain_steps: int = 0
+) -> dict:
     """Both services on this device, the target's own weights as the drafter (module docstring, 3.)."""
     from tiny import tiny_tokenizer
 
@@ -346,31 +348,9 @@ def measure_e2e(device: str, tiny: bool, k: int = 4, tokens: int = 128, repeats:
     prompt = [(7 + 13 * i) % vocab for i in range(64)]
     result: dict = {"model": "qwen2.5-1.5b shapes" if not tiny else "tiny", "k": k, "tokens": tokens}
 
-    # the peer: Hugging Face generate, static cache (compiled by transformers on CUDA) and dynamic
-    x = torch.tensor([prompt], device=device)
-    for name, cache in (("hf_static_compiled", "static"), ("hf_dynamic", None)):
-        t0 = time.perf_counter()
-
-        def hf(cache=cache):
-            return model.generate(
-                x,
-                attention_mask=torch.ones_like(x),
-                max_new_tokens=tokens,
-                min_new_tokens=tokens,
-                do_sample=False,
-                eos_token_id=None,
-                pad_token_id=0,
-                cache_implementation=cache,
-            )
-
-        hf()  # warm-up (the compile, for the static cache)
-        hf()
-        result[f"{name}_warmup_s"] = time.perf_counter() - t0
-        result[f"{name}_tok_s"] = tokens / (_median_ms(hf, device, repeats) / 1000)
-        print(name, result[f"{name}_tok_s"], flush=True)
-
     common = dict(device=device, max_batch_rows=8, max_sessions=8, kv_capacity=1024, prefill_chunk=64)
     t0 = time.perf_counter()
+    ids: dict[str, list[int]] = {}
     d_engine = DrafterEngine(DrafterConfig(quantization="none", **common), model, tiny_tokenizer())  # type: ignore[arg-type]
     d_srv, d_port, _ = start_drafter(DrafterConfig(port=0, host="127.0.0.1"), d_engine)
     v_cfg = VerifierConfig(
@@ -378,6 +358,7 @@ def measure_e2e(device: str, tiny: bool, k: int = 4, tokens: int = 128, repeats:
         host="127.0.0.1",
         drafters=(f"127.0.0.1:{d_port}",),
         max_running=8,
+        plain_steps=plain_steps,
         **common,  # type: ignore[arg-type]
     )
     v_engine = VerifierEngine(v_cfg, model, tiny_tokenizer())
@@ -392,7 +373,6 @@ def measure_e2e(device: str, tiny: bool, k: int = 4, tokens: int = 128, repeats:
                 r = c.generate(prompt, max_new_tokens=tokens, ignore_eos=True, **kw)
                 return r, time.perf_counter() - t
 
-            ids = {}
             plain = v_engine.decoder.plain_steps
             result["plain_steps"] = plain
             for name, kw in (
@@ -451,17 +431,42 @@ def measure_e2e(device: str, tiny: bool, k: int = 4, tokens: int = 128, repeats:
         result["no_draft_over_projection"] = (
             result["specdec_no_draft_tok_s"] / result["projected_no_draft_tok_s"]
         )
-        result["no_draft_over_hf_static_compiled"] = (
-            result["specdec_no_draft_tok_s"] / result["hf_static_compiled_tok_s"]
-        )
-        result["draft_over_hf_static_compiled"] = (
-            result["specdec_draft_tok_s"] / result["hf_static_compiled_tok_s"]
-        )
     finally:
         v_srv.stop(0)
         d_srv.stop(0)
         v_engine.close()
         d_engine.close()
+    # after the services are gone: on a CPU, torch's OpenMP pool on this thread beside the services' compute
+    # threads halved their throughput (see runtime/scheduler.py)
+    # the peer: Hugging Face generate, static cache (compiled by transformers on CUDA) and dynamic
+    x = torch.tensor([prompt], device=device)
+    for name, cache in (("hf_static_compiled", "static"), ("hf_dynamic", None)):
+        t0 = time.perf_counter()
+
+        def hf(cache=cache):
+            return model.generate(
+                x,
+                attention_mask=torch.ones_like(x),
+                max_new_tokens=tokens,
+                min_new_tokens=tokens,
+                do_sample=False,
+                eos_token_id=None,
+                pad_token_id=0,
+                cache_implementation=cache,
+            )
+
+        hf()  # warm-up (the compile, for the static cache)
+        out = hf()[0, len(prompt) :].tolist()
+        # greedy ids equal to specdec's (bf16: kernels that differ may part at a near tie of random weights)
+        result[f"{name}_equals_specdec"] = out == ids["no_draft"]
+        result[f"{name}_warmup_s"] = time.perf_counter() - t0
+        result[f"{name}_tok_s"] = tokens / (_median_ms(hf, device, repeats) / 1000)
+        print(name, result[f"{name}_tok_s"], flush=True)
+
+    for name in ("no_draft", "draft"):
+        result[f"{name}_over_hf_static_compiled"] = (
+            result[f"specdec_{name}_tok_s"] / result["hf_static_compiled_tok_s"]
+        )
     return result
 
 
@@ -479,6 +484,9 @@ def main() -> int:
     p.add_argument("--graphs", action="store_true", help="the graphs section alone (--sections graphs)")
     p.add_argument("--alpha", type=float, default=0.78, help="per-token acceptance of the real pair (CPU)")
     p.add_argument("--k", type=int, default=4, help="draft length of the e2e section")
+    p.add_argument(
+        "--plain-steps", type=int, default=0, help="the verifier's --plain-steps in the e2e section"
+    )
     p.add_argument("--tiny", action="store_true", help="tiny shapes: a dry run on CPU (no graphs there)")
     a = p.parse_args()
     import transformers
@@ -497,7 +505,7 @@ def main() -> int:
     runs = {
         "correctness": lambda: check_correctness(device),
         "graphs": lambda: measure_graphs(device, a.alpha, a.tiny),
-        "e2e": lambda: measure_e2e(device, a.tiny, a.k),
+        "e2e": lambda: measure_e2e(device, a.tiny, a.k, plain_steps=a.plain_steps),
         "costs": lambda: measure_costs(Path(a.configs), device),
     }
     failed = False
