@@ -96,3 +96,22 @@ def test_services_run_static_shapes_when_asked():
         assert r.token_ids == hf_greedy(target, prompt, 30) and r.stats["drafted"] > 0
     finally:
         pair.stop()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_static_forward_traces_as_one_graph(family):
+    """What a CUDA graph captures (``StaticRunner._base``) reads nothing back on the host: TorchDynamo traces
+    it whole, without a graph break (an ``.item()``, a ``.tolist()`` or a branch on a tensor's value would
+    break it, and would stop a capture on CUDA). A CPU stand-in for the capture the GPU check makes."""
+    import torch._dynamo as dynamo
+
+    runner = StaticRunner(
+        tiny_model(family), buckets=Buckets(rows=(1, 2), widths=(1, 4), capacity=64), max_sequences=2
+    )
+    inputs = {k: v.to(runner.device) for k, v in runner._inputs([], 2, 4).items()}
+    dynamo.reset()
+    try:
+        explained = dynamo.explain(runner._base)(inputs)
+    finally:
+        dynamo.reset()
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
