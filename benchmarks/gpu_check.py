@@ -21,7 +21,9 @@ error and the next one runs):
    drafting k tokens against the projection from the services' own runners' measured costs and the measured
    tokens per round; ``--no-draft`` against Hugging Face ``generate`` with its static cache (compiled by
    transformers on CUDA) and with its default dynamic cache.
-4. ``costs`` (not in the default run): the first check's eager cost curves of the 1.5B / 0.5B configs in
+4. ``compile``: the capture by hand against ``torch.compile(mode="reduce-overhead")`` of the same static
+   forward, on the 0.5B shapes' 1-token step (last: a compile that runs long loses nothing else).
+5. ``costs`` (not in the default run): the first check's eager cost curves of the 1.5B / 0.5B configs in
    ``--configs``.
 """
 
@@ -477,7 +479,36 @@ def measure_e2e(
     return result
 
 
-SECTIONS = ("correctness", "graphs", "e2e", "costs")
+def measure_compile(device: str, tiny: bool) -> dict:
+    """How to capture: this project's CUDA graph per bucket by hand against ``torch.compile(mode=
+    "reduce-overhead")`` of the same static forward (``StaticRunner._base``), on the 0.5B shapes' 1-token step
+    at batch 1 (a drafter's step): the base model's time alone, each way, and the compile's time."""
+    from specdec_core.runtime.runner import Row
+    from specdec_core.runtime.static import Buckets, StaticRunner
+
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    model = _build(TINY if tiny else QWEN25["0.5b"], device, dtype)
+    buckets = Buckets(rows=(1,), widths=(1,), capacity=512)
+    runner = StaticRunner(model, buckets=buckets, max_sequences=1, graphs=device.startswith("cuda"))
+    seq = runner.new_sequence()
+    runner.prefill(seq, [(1000 + i) % runner.vocab_size for i in range(128)])
+    inputs = runner._inputs([Row(seq, [7], 1)], 1, 1)
+    on = {k: v.to(runner.device) for k, v in inputs.items()}
+    result: dict = {"shape": "tiny" if tiny else "0.5b", "by_hand_graphs": len(runner._graphs)}
+    by_hand = runner._graphs.get((1, 1))
+    result["by_hand_base_ms"] = _median_ms(
+        (lambda: by_hand.run(inputs)) if by_hand is not None else (lambda: runner._base(on)), device, 50
+    )
+    t0 = time.perf_counter()
+    compiled = torch.compile(runner._base, mode="reduce-overhead", fullgraph=True)
+    for _ in range(3):  # the compile, then the graph's recording
+        compiled(on)
+    result["compile_s"] = time.perf_counter() - t0
+    result["compiled_base_ms"] = _median_ms(lambda: compiled(on), device, 50)
+    return result
+
+
+SECTIONS = ("correctness", "graphs", "e2e", "compile", "costs")
 
 
 def main() -> int:
@@ -486,7 +517,7 @@ def main() -> int:
     p.add_argument("--out", default="gpu_check.json")
     p.add_argument("--device", default="cuda")
     p.add_argument(
-        "--sections", default="correctness,graphs,e2e", help=f"comma-separated: {', '.join(SECTIONS)}"
+        "--sections", default="correctness,graphs,e2e,compile", help=f"comma-separated: {', '.join(SECTIONS)}"
     )
     p.add_argument("--graphs", action="store_true", help="the graphs section alone (--sections graphs)")
     p.add_argument("--alpha", type=float, default=0.78, help="per-token acceptance of the real pair (CPU)")
@@ -514,6 +545,7 @@ def main() -> int:
         "correctness": lambda: check_correctness(device),
         "graphs": lambda: measure_graphs(device, a.alpha, a.tiny, tuple(a.models.split(","))),
         "e2e": lambda: measure_e2e(device, a.tiny, a.k, plain_steps=a.plain_steps),
+        "compile": lambda: measure_compile(device, a.tiny),
         "costs": lambda: measure_costs(Path(a.configs), device),
     }
     failed = False
