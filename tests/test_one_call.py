@@ -196,3 +196,14 @@ def test_plain_decoding_in_blocks_is_plain_decoding(params):
         eos = blocks[12]
         cut, chunks = run(8, StopCriteria(max_new_tokens=29, eos_token_ids=frozenset({eos})))
         assert cut == blocks[: blocks.index(eos) + 1] and chunks[-1].finish_reason == "eos"
+
+
+def test_a_block_past_the_static_capacity_is_refused_before_it_starts():
+    runner = StaticRunner(tiny_model("llama"), buckets=BUCKETS, max_sequences=2)
+    seq = runner.new_sequence()
+    runner.extend(seq, (PROMPT * 30)[: BUCKETS.capacity - 3], keep=0)
+    assert len(seq) + 8 > BUCKETS.capacity >= len(seq) + 1
+    held = list(seq.tokens)
+    with pytest.raises(ValueError, match="capacity"):
+        runner.forward([Row(seq, [7], 1, steps=8, pick=argmax_pick)])
+    assert seq.tokens == held  # nothing fed, nothing pending

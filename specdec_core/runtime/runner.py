@@ -227,8 +227,7 @@ class ModelRunner:
         self.rows_processed += len(rows)
         return list(logits.split([r.keep for r in rows]))
 
-    @staticmethod
-    def _check_rows(rows: list[Row]) -> None:
+    def _check_rows(self, rows: list[Row]) -> None:
         if any(not r.tokens for r in rows):
             raise ValueError("every row of a forward feeds at least one token")
         if any(r.pick is not None and (r.steps < 1 or r.keep < 1) for r in rows):

@@ -89,13 +89,16 @@ class StaticRunner(ModelRunner):
         self._run_base(inputs)
 
     # -- the forward -----------------------------------------------------------------------------------
-    def _forward(self, rows: list[Row], fed: torch.Tensor | None = None) -> list[torch.Tensor]:
-        for r in rows:
-            if len(r.seq) + len(r.tokens) > self.buckets.capacity:
+    def _check_rows(self, rows: list[Row]) -> None:
+        super()._check_rows(rows)
+        for r in rows:  # a stepped row's steps included: refused before its first forward
+            n = len(r.seq) + len(r.tokens) + (r.steps - 1 if r.pick is not None else 0)
+            if n > self.buckets.capacity:
                 raise ValueError(
-                    f"a sequence of {len(r.seq) + len(r.tokens)} positions exceeds the static runner's "
-                    f"capacity of {self.buckets.capacity}"
+                    f"a sequence of {n} positions exceeds the static runner's capacity of {self.buckets.capacity}"
                 )
+
+    def _forward(self, rows: list[Row], fed: torch.Tensor | None = None) -> list[torch.Tensor]:
         width = max(len(r.tokens) for r in rows)
         b_rows, b_width = Buckets.fit(len(rows), self.buckets.rows), Buckets.fit(width, self.buckets.widths)
         if b_rows is None or b_width is None:
