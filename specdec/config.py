@@ -108,8 +108,9 @@ class VerifierConfig(CommonConfig):
     # health-checks the drafter with backoff); a round that (re)starts the drafter's stream, with its prefill,
     # gets the second
     drafter_timeout_s: float = 15.0
-    # tokens per runner call of a generation without a drafter while it is alone on the target (streamed
-    # together): 0 = auto (8 on CUDA, where each wait for the device costs a step's launches; 1 elsewhere)
+    # tokens per runner call of a round that drafts nothing (no drafter, or the length policy chose not to)
+    # while the generation is alone on the target, streamed together: 0 = auto (8 on CUDA, where each wait
+    # for the device costs a step's launches; 1 elsewhere)
     plain_steps: int = 0
     drafter_start_timeout_s: float = 60.0
     # a Generate request may name its own drafter only if it is one of `drafters`, unless this is set

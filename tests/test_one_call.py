@@ -207,3 +207,42 @@ def test_a_block_past_the_static_capacity_is_refused_before_it_starts():
     with pytest.raises(ValueError, match="capacity"):
         runner.forward([Row(seq, [7], 1, steps=8, pick=argmax_pick)])
     assert seq.tokens == held  # nothing fed, nothing pending
+
+
+class Cycle:
+    """A length policy that drafts 0, 0, then 3 tokens, over and over (plain blocks between drafted rounds)."""
+
+    def __init__(self):
+        from specdec_core.draft_length import FixedDraftLength
+
+        self.base, self.n, self.updates = FixedDraftLength(0), 0, []
+
+    def __getattr__(self, name):
+        return getattr(self.base, name)
+
+    def next_length(self, load=None):
+        self.n += 1
+        return 3 if self.n % 3 == 0 else 0
+
+    def update(self, k, num_accepted, verify_s, *args, **kwargs):
+        self.updates.append((k, verify_s))
+
+
+def test_rounds_without_drafts_decode_in_blocks_beside_a_drafter():
+    """With a drafter, rounds the policy leaves undrafted decode `plain_steps` tokens in one call; the
+    drafter catches up on them before its next block; greedy stays the target's; the policy hears of each
+    plain token as a round of its own."""
+    from specdec_core.engine import GenerationStats, SpeculativeDecoder, StopCriteria
+
+    target = tiny_model("qwen2")
+    drafter = ModelDrafter(ModelRunner(perturbed(target, 0.1)))
+    policy, stats = Cycle(), GenerationStats()
+    decoder = SpeculativeDecoder(ModelRunner(target), tiny_tokenizer(), plain_steps=8)
+    chunks = list(
+        decoder.generate(PROMPT, SamplingParams(), StopCriteria(max_new_tokens=60), drafter, policy, stats)
+    )
+    tokens = [t for c in chunks for t in c.token_ids]
+    assert tokens == hf_greedy(target, PROMPT, 60)
+    assert max(len(c.token_ids) for c in chunks) == 8 and stats.drafted > 0 and stats.accepted > 0
+    plain = [v for k, v in policy.updates if k == 0]
+    assert len(plain) == stats.plain_rounds >= 16  # two blocks of 8 per cycle at least once
