@@ -109,6 +109,9 @@ class Drafter(ABC):
         """Release per-generation state."""
 
 
+LOOKAHEAD_CHUNK = 2  # steps per runner call of a one-call drafter's lookahead (it cannot stop mid-call)
+
+
 class ModelDrafter(Drafter):
     """Drafts with a local small model, keeping its KV cache across rounds and rolling it back.
 
@@ -185,19 +188,23 @@ class ModelDrafter(Drafter):
         """The token at ``position`` from its logits [vocab], on the device (``sampling.draft_pick``)."""
         return draft_pick(logits, self._params, position, self._seed, self.max_support)
 
-    def _steps(self, feed: list[int], position: int, steps: int, into: list[_Drafted]) -> Job:
-        """Draft ``steps`` tokens after ``feed``, the first at ``position``, appending them to ``into``: one
-        stepped row (``one_call``), else one forward per token (``into`` grows as they come)."""
+    def _steps(self, feed: list[int], position: int, steps: int, into: list[_Drafted], chunk: int = 0) -> Job:
+        """Draft ``steps`` tokens after ``feed``, the first at ``position``, appending them to ``into`` as
+        they come: stepped rows of ``chunk`` steps (0: all; ``one_call``), else one forward per token."""
         assert self._seq is not None
-        if self.one_call and steps > 1:
-            picks = yield Row(
-                self._seq, feed, keep=1, steps=steps, pick=lambda lg, i: self._pick(lg, position + i)
-            )
-            into.extend(picked(p) for p in picks)  # type: ignore[arg-type]
-            return
-        for i in range(steps):
-            logits = yield Row(self._seq, feed if i == 0 else [into[-1][0]], keep=1)
-            into.append(picked(self._pick(logits[0], position + i)))  # type: ignore[arg-type]
+        per_call = (chunk or steps) if self.one_call else 1
+        start, end = position, position + steps
+        while start < end:
+            n = min(per_call, end - start)
+            if n > 1:  # (the pick runs within this iteration's call: ``start`` is this call's)
+                picks = yield Row(
+                    self._seq, feed, keep=1, steps=n, pick=lambda lg, i: self._pick(lg, start + i)
+                )
+                into.extend(picked(p) for p in picks)  # type: ignore[arg-type]
+            else:
+                logits = yield Row(self._seq, feed, keep=1)
+                into.append(picked(self._pick(logits[0], start)))  # type: ignore[arg-type]
+            feed, start = [into[-1][0]], start + n
 
     def propose(self, k: int, stop: EarlyStop | None = None) -> DraftBlock:
         return self.executor.run(self.runner, self._propose_job(k, stop or EarlyStop()), self._watch)
@@ -246,9 +253,9 @@ class ModelDrafter(Drafter):
     def _look_ahead(self, k: int) -> Job:
         """Background rows: assume the block is accepted, guess the bonus token, draft k tokens after it."""
         self._ahead = []
-        yield from self._steps(
-            [self._drafted[-1]], len(self.context) + len(self._drafted), k + 1, self._ahead
-        )
+        # in calls of LOOKAHEAD_CHUNK steps: a verdict that arrives meanwhile waits for one call at most
+        position = len(self.context) + len(self._drafted)
+        yield from self._steps([self._drafted[-1]], position, k + 1, self._ahead, LOOKAHEAD_CHUNK)
 
     def _stop_lookahead(self) -> None:
         """Cancel the lookahead job (on the compute thread: it is dropped before the next forward)."""

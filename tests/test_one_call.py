@@ -246,3 +246,25 @@ def test_rounds_without_drafts_decode_in_blocks_beside_a_drafter():
     assert max(len(c.token_ids) for c in chunks) == 8 and stats.drafted > 0 and stats.accepted > 0
     plain = [v for k, v in policy.updates if k == 0]
     assert len(plain) == stats.plain_rounds >= 16  # two blocks of 8 per cycle at least once
+
+
+@pytest.mark.parametrize("params", ["greedy", "seeded"])
+def test_lookahead_in_one_call_through_the_services(params):
+    """A one-call drafter with lookahead (its background blocks in calls of LOOKAHEAD_CHUNK steps) through
+    both services: the target's greedy ids, or the seeded sample the target alone draws."""
+    from test_services import Pair
+
+    from client import SpecDecClient
+
+    target = tiny_model("llama")
+    pair = Pair(target, perturbed(target, 0.05), lookahead=True, draft_in_one_call="on")
+    kw = {} if params == "greedy" else {"temperature": 0.8, "seed": 4}
+    try:
+        with SpecDecClient(pair.verifier_addr) as c:
+            r = c.generate("def add(a, b):\n", max_new_tokens=40, ignore_eos=True, num_draft_tokens=3, **kw)
+            plain = c.generate("def add(a, b):\n", max_new_tokens=40, ignore_eos=True, no_draft=True, **kw)
+        assert r.token_ids == plain.token_ids and r.stats["drafted"] > 0
+        if params == "greedy":
+            assert r.token_ids == hf_greedy(target, PROMPT, 40)
+    finally:
+        pair.stop()
