@@ -268,3 +268,17 @@ def test_lookahead_in_one_call_through_the_services(params):
             assert r.token_ids == hf_greedy(target, PROMPT, 40)
     finally:
         pair.stop()
+
+
+def test_a_pick_that_fails_leaves_no_pending_token():
+    runner = ModelRunner(tiny_model("llama"))
+    seq = runner.new_sequence()
+
+    def failing(logits, step):
+        if step == 2:
+            raise RuntimeError("the pick broke")
+        return argmax_pick(logits, step)
+
+    with pytest.raises(RuntimeError, match="broke"):
+        runner.forward([Row(seq, PROMPT[:4], 1, steps=5, pick=failing)])
+    assert seq.tokens == PROMPT[:4]

@@ -166,15 +166,20 @@ class ModelRunner:
         stepped = list(pickers)
         picks: dict[int, list[tuple[torch.Tensor, ...]]] = {}
         start = {i: len(rows[i].seq.tokens) for i in stepped}  # where the picks fed start in the cache
-        for i in stepped:
-            picks[i] = [pickers[i](outputs[i][-1], 0)]
-        for step in range(1, max(rows[i].steps for i in stepped)):
-            going = [i for i in stepped if rows[i].steps > step]
-            fed = torch.cat([picks[i][-1][0].reshape(1) for i in going])  # [B] on the device
-            logits = self._forward([Row(rows[i].seq, [PENDING]) for i in going], fed[:, None])
-            for i, lg in zip(going, logits):
-                picks[i].append(pickers[i](lg[-1], step))
-        host = _to_host([p for i in stepped for p in picks[i]])  # the one wait for the device
+        try:
+            for i in stepped:
+                picks[i] = [pickers[i](outputs[i][-1], 0)]
+            for step in range(1, max(rows[i].steps for i in stepped)):
+                going = [i for i in stepped if rows[i].steps > step]
+                fed = torch.cat([picks[i][-1][0].reshape(1) for i in going])  # [B] on the device
+                logits = self._forward([Row(rows[i].seq, [PENDING]) for i in going], fed[:, None])
+                for i, lg in zip(going, logits):
+                    picks[i].append(pickers[i](lg[-1], step))
+            host = _to_host([p for i in stepped for p in picks[i]])  # the one wait for the device
+        except BaseException:
+            for i in stepped:  # no pending token stays cached: the rows end at their first forward's feed
+                del rows[i].seq.tokens[start[i] :]
+            raise
         for i in stepped:
             outputs[i], host = host[: len(picks[i])], host[len(picks[i]) :]
             tokens = rows[i].seq.tokens
