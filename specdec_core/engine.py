@@ -22,7 +22,7 @@ from .runtime.admission import Cancellation, GenerationCancelled
 from .runtime.load import BatchLoad
 from .runtime.runner import ModelRunner, Row, Sequence
 from .runtime.scheduler import Executor, Inline, Job, Task
-from .sampling import SamplingParams, logits_to_probs, make_generator, position_noise, race, sample
+from .sampling import SamplingParams, logits_to_probs, make_generator, position_noise, race
 from .verification import Verdict, verify_coupled, verify_greedy, verify_sampled
 
 log = logging.getLogger(__name__)
@@ -191,13 +191,7 @@ class TargetSession:
         self.tokens_processed += len(feed)
         if not emit_first:
             return None
-        if self.params.greedy:
-            token = int(logits[0].argmax())
-        elif self.params.seed is not None:  # keyed by position: what the target alone draws there
-            probs = logits_to_probs(logits[0], self.params)
-            token = int(race(probs, position_noise(self.params.seed, len(self.context), probs.shape[-1])))
-        else:
-            token = sample(logits_to_probs(logits[0], self.params), self.generator)
+        token = int(self._pick(logits[0], len(self.context), check=True))
         self.context.append(token)
         return token
 
@@ -230,11 +224,13 @@ class TargetSession:
         self.context.extend(tokens)
         return tokens
 
-    def _pick(self, logits: torch.Tensor, position: int) -> torch.Tensor:
-        """The target's token at ``position`` from its logits [vocab], on the device: [1]."""
+    def _pick(self, logits: torch.Tensor, position: int, check: bool = False) -> torch.Tensor:
+        """The target's token at ``position`` from its logits [vocab], as a plain round samples it, on the
+        device: [1]. ``check``: refuse logits that are entirely -inf here (``logits_to_probs``), which reads
+        them on the host; a plain block's picks are checked by nobody, as the verdict's probabilities are."""
         if self.params.greedy:
             return logits.argmax(dim=-1, keepdim=True)
-        probs = logits_to_probs(logits, self.params, check=False)
+        probs = logits_to_probs(logits, self.params, check=check)
         if self.params.seed is not None:  # keyed by position: what the target alone draws there
             return race(probs, position_noise(self.params.seed, position, probs.shape[-1])).reshape(1)
         return torch.multinomial(probs, 1, generator=self.generator)
@@ -261,9 +257,8 @@ class TargetSession:
         drafted = torch.tensor(draft_tokens, dtype=torch.long)  # [k]
         if self.params.greedy:
             verdict = verify_greedy(drafted, logits)
-        elif (
-            self.params.seed is not None
-        ):  # (the verdict checks the probabilities: one wait, see verification)
+        elif self.params.seed is not None:
+            # (the verdict checks the probabilities, in its one wait: see verification)
             target_probs = logits_to_probs(logits, self.params, check=False)  # [k + 1, vocab]
             base, vocab = len(self.context), logits.shape[-1]
             noise = torch.stack([position_noise(self.params.seed, base + i, vocab) for i in range(k + 1)])

@@ -37,7 +37,7 @@ class Sequence:
         return len(self.tokens)
 
 
-Pick = Callable[[torch.Tensor, int], tuple[torch.Tensor, ...]]  # (logits [vocab], step) -> (token [1], ...)
+Picker = Callable[[torch.Tensor, int], tuple[torch.Tensor, ...]]  # (logits [vocab], step) -> (token [1], ...)
 
 
 @dataclass
@@ -54,7 +54,7 @@ class Row:
     tokens: list[int]
     keep: int = 1
     steps: int = 1
-    pick: Pick | None = None
+    pick: Picker | None = None
 
 
 PENDING = -1  # a fed token the host does not know yet (a stepped row's pick, fixed after the block)
@@ -162,7 +162,7 @@ class ModelRunner:
 
     def _steps(self, rows: list[Row], outputs: list) -> None:
         """Go on with the stepped rows after their first forward (``outputs``: its logits), in place."""
-        pickers: dict[int, Pick] = {i: r.pick for i, r in enumerate(rows) if r.pick is not None}
+        pickers: dict[int, Picker] = {i: r.pick for i, r in enumerate(rows) if r.pick is not None}
         stepped = list(pickers)
         picks: dict[int, list[tuple[torch.Tensor, ...]]] = {}
         start = {i: len(rows[i].seq.tokens) for i in stepped}  # where the picks fed start in the cache
