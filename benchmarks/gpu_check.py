@@ -23,8 +23,9 @@ error and the next one runs):
    transformers on CUDA) and with its default dynamic cache.
 4. ``compile``: the capture by hand against ``torch.compile(mode="reduce-overhead")`` of the same static
    forward, on the 0.5B shapes' 1-token step (last: a compile that runs long loses nothing else).
-5. ``costs`` (not in the default run): the first check's eager cost curves of the 1.5B / 0.5B configs in
-   ``--configs``.
+
+The first H100 check's eager cost curves (``docs/gpu_check_h100.json``, "costs") are the ``eager_b1``
+columns of the ``graphs`` section now.
 """
 
 from __future__ import annotations
@@ -120,54 +121,6 @@ def check_grpc(device: str) -> bool:
         d_srv.stop(0)
         v_engine.close()
         d_engine.close()
-
-
-def timed_forward(runner, seq, block: int, repeats: int = 20) -> float:
-    times = []
-    base = len(seq)
-    for _ in range(repeats):
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        runner.extend(seq, [100 + i for i in range(block)], keep=block)
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-        runner.rollback(seq, base)
-    return statistics.median(times)
-
-
-def measure_costs(config_dir: Path, device: str) -> dict:
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from specdec_core.optimize import probe_fast_linear
-    from specdec_core.runtime.runner import ModelRunner
-
-    result: dict = {}
-    runners = {}
-    for role, name in (("target", "qwen2.5-coder-1.5b-instruct"), ("drafter", "qwen2.5-coder-0.5b-instruct")):
-        cfg = AutoConfig.from_pretrained(config_dir / name)
-        with torch.device(device):
-            model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).eval()
-        runners[role] = ModelRunner(model)
-        result[f"{role}_fast_path_probe"] = probe_fast_linear(model)
-    prompt = list(range(1000, 1128))
-    curves = {}
-    for role, runner in runners.items():
-        seq = runner.new_sequence()
-        runner.prefill(seq, prompt)
-        blocks = (1, 2, 3, 5, 7, 9) if role == "target" else (1,)
-        curves[role] = {b: timed_forward(runner, seq, b) for b in blocks}
-    result["target_ms_by_block"] = {b: 1000 * t for b, t in curves["target"].items()}
-    result["drafter_step_ms"] = 1000 * curves["drafter"][1]
-    t1, td = curves["target"][1], curves["drafter"][1]
-    result["cost_ratio_c"] = td / t1
-    projected = {}
-    for alpha in (0.8, 0.9):
-        for k in (2, 4, 6, 8):
-            expected = (1 - alpha ** (k + 1)) / (1 - alpha)
-            tk = curves["target"].get(k + 1) or curves["target"][9]
-            projected[f"alpha={alpha},k={k}"] = expected * t1 / (k * td + tk)
-    result["projected_speedup"] = projected
-    return result
 
 
 # published shapes of the Qwen2.5 family (the config.json of each release); weights are random here
@@ -398,36 +351,11 @@ def measure_e2e(
                 print(name, result[f"specdec_{name}_tok_s"], result[f"specdec_{name}_stats"], flush=True)
         result["draft_equals_no_draft"] = ids["draft"] == ids["no_draft"]
         # the projection, from the services' own runners (idle now), on their compute threads
-        from specdec_core.runtime.runner import Row
-
-        def verifier_costs():
-            seq = v_engine.runner.new_sequence()
-            v_engine.runner.prefill(seq, prompt)
-
-            def forward(n):
-                v_engine.runner.forward([Row(seq, [7] * n, n)])
-                v_engine.runner.rollback(seq, len(prompt))
-
-            out = (_median_ms(lambda: forward(1), device), _median_ms(lambda: forward(k + 1), device))
-            v_engine.runner.release(seq)
-            return out
-
-        def drafter_block():
-            seq = d_engine.runner.new_sequence()
-            d_engine.runner.prefill(seq, prompt)
-
-            def forward():
-                d_engine.runner.forward([Row(seq, [7], 1, steps=k, pick=_argmax)])
-                d_engine.runner.rollback(seq, len(prompt))
-
-            out = _median_ms(forward, device)
-            d_engine.runner.release(seq)
-            return out
-
-        t1, tv = v_engine.scheduler.call(verifier_costs)
-        td = d_engine.scheduler.call(drafter_block)
+        target = v_engine.scheduler.call(_costs, v_engine.runner, device, 1, len(prompt), k + 1, k)
+        drafter = d_engine.scheduler.call(_costs, d_engine.runner, device, 1, len(prompt), k + 1, k)
+        t1, tv, td = target["step_ms"], target[f"verify{k + 1}_ms"], drafter[f"block{k}_ms"]
         stats = result["specdec_draft_stats"]
-        per_round = (tokens - 1) / max(stats["rounds"] or 1, 1)  # the first token comes with the prefill
+        per_round = (tokens - 1) / (stats["rounds"] or 1)  # the first token comes with the prefill
         result["costs_ms"] = {"target_step": t1, f"target_verify{k + 1}": tv, f"drafter_block{k}": td}
         result["tokens_per_round"] = per_round
         result["projected_draft_tok_s"] = 1000 * per_round / (td + tv)
@@ -508,12 +436,11 @@ def measure_compile(device: str, tiny: bool) -> dict:
     return result
 
 
-SECTIONS = ("correctness", "graphs", "e2e", "compile", "costs")
+SECTIONS = ("correctness", "graphs", "e2e", "compile")
 
 
 def main() -> int:
     p = argparse.ArgumentParser()
-    p.add_argument("--configs", default=str(ROOT / ".devcarry"), help="model configs of the costs section")
     p.add_argument("--out", default="gpu_check.json")
     p.add_argument("--device", default="cuda")
     p.add_argument(
@@ -546,7 +473,6 @@ def main() -> int:
         "graphs": lambda: measure_graphs(device, a.alpha, a.tiny, tuple(a.models.split(","))),
         "e2e": lambda: measure_e2e(device, a.tiny, a.k, plain_steps=a.plain_steps),
         "compile": lambda: measure_compile(device, a.tiny),
-        "costs": lambda: measure_costs(Path(a.configs), device),
     }
     failed = False
     for name in sections:
