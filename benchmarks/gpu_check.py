@@ -1,7 +1,7 @@
 """One short GPU check (issue #13): correctness on CUDA, eager vs static shapes + CUDA graphs on the real Qwen2.5
 architectures, and one generation end to end through both services.
 
-Usage: python -m benchmarks.gpu_check [--sections correctness,graphs,e2e] [--out docs/gpu_check_<gpu>.json]
+Usage: python -m benchmarks.gpu_check [--sections correctness,graphs,e2e,compile] [--out docs/gpu_check_<gpu>.json]
        python -m benchmarks.gpu_check --tiny --device cpu --out /tmp/dry.json   (a dry run on CPU, tiny shapes)
 
 Sections (each one's results are written to ``--out`` as soon as it ends; a section that fails records its
