@@ -10,7 +10,7 @@ error and the next one runs):
 1. ``correctness``: speculative greedy == HF greedy on tiny Llama/Qwen2/GPT-2 (fp32 and bf16), seeded sampling
    reproducible, and one generation through both gRPC services in-process.
 2. ``graphs``: the Qwen2.5 0.5B / 1.5B / 7B / 14B architectures (published shapes, random weights, bf16) on
-   the dynamic runner (eager) and on the static runner with CUDA graphs (``specdec_core/runtime/static.py``),
+   the dynamic runner (eager) and on the static runner with CUDA graphs (``specdec_core/runtime/backends/torch_static.py``),
    at batch 1 and 8: a 1-token step, an 8-position verify, and a drafter's block of 8 tokens in one call
    (``Row.pick``: one wait for the device); each model's weight-read time at the measured copy bandwidth;
    static-vs-dynamic logits and greedy ids in bf16; the projected speed-up of 0.5B -> 1.5B / 7B / 14B at the
@@ -50,7 +50,7 @@ def check_correctness(device: str) -> dict:
     from specdec_core.draft_length import FixedDraftLength
     from specdec_core.drafting import ModelDrafter
     from specdec_core.engine import SpeculativeDecoder, StopCriteria
-    from specdec_core.runtime.runner import ModelRunner
+    from specdec_core.runtime.backends.torch_eager import ModelRunner
     from specdec_core.sampling import SamplingParams
 
     prompt = tiny_tokenizer()("def add(a, b):\n")["input_ids"]
@@ -155,7 +155,7 @@ def _median_ms(fn, device: str, repeats: int = 15) -> float:
 def _costs(runner, device: str, batch: int, prompt: int = 128, verify: int = 8, block: int = 8) -> dict:
     """Median ms with ``batch`` rows: a 1-token step, a ``verify``-position verify, and a drafter's block of
     ``block`` greedy tokens in one call (a stepped row: one wait for the device)."""
-    from specdec_core.runtime.runner import Row
+    from specdec_core.runtime.backends.torch_eager import Row
 
     seqs = [runner.new_sequence() for _ in range(batch)]
     for s in seqs:
@@ -211,8 +211,8 @@ def _build(shape: dict[str, Any], device: str, dtype: torch.dtype):
 
 def measure_graphs(device: str, alpha: float, tiny: bool, names: tuple[str, ...] = tuple(QWEN25)) -> dict:
     """Eager vs static shapes + CUDA graphs per architecture, equality checks, projections."""
-    from specdec_core.runtime.runner import ModelRunner
-    from specdec_core.runtime.static import Buckets, StaticRunner
+    from specdec_core.runtime.backends.torch_eager import ModelRunner
+    from specdec_core.runtime.backends.torch_static import Buckets, StaticRunner
 
     from .bench import measure_bandwidth, weight_bytes
 
@@ -411,8 +411,8 @@ def measure_compile(device: str, tiny: bool) -> dict:
     """How to capture: this project's CUDA graph per bucket by hand against ``torch.compile(mode=
     "reduce-overhead")`` of the same static forward (``StaticRunner._base``), on the 0.5B shapes' 1-token step
     at batch 1 (a drafter's step): the base model's time alone, each way, and the compile's time."""
-    from specdec_core.runtime.runner import Row
-    from specdec_core.runtime.static import Buckets, StaticRunner
+    from specdec_core.runtime.backends.torch_eager import Row
+    from specdec_core.runtime.backends.torch_static import Buckets, StaticRunner
 
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     model = _build(TINY if tiny else QWEN25["0.5b"], device, dtype)

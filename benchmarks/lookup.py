@@ -32,7 +32,7 @@ from specdec_core.drafting import ModelDrafter
 from specdec_core.engine import LOOKUP_K_MAX, GenerationStats, SpeculativeDecoder, StopCriteria
 from specdec_core.ngram import HybridDrafter, NgramDrafter
 from specdec_core.optimize import enable_fast_linear, prepare_drafter
-from specdec_core.runtime.runner import ModelRunner
+from specdec_core.runtime.backends.torch_eager import ModelRunner
 from specdec_core.sampling import SamplingParams
 from specdec_core.text import encode_prompt
 

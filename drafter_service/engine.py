@@ -13,9 +13,9 @@ from specdec.config import DrafterConfig
 from specdec.metrics import ServiceMetrics
 from specdec.rpc import LimitExceeded
 from specdec_core.drafting import ModelDrafter
-from specdec_core.models import load_model, vocab_fingerprint
+from specdec_core.models import vocab_fingerprint
 from specdec_core.ngram import NGRAM, NgramDrafter
-from specdec_core.optimize import prepare_drafter
+from specdec_core.runtime.factory import load_runner
 
 log = logging.getLogger(__name__)
 
@@ -46,8 +46,18 @@ class DrafterEngine:
         self.metrics = ServiceMetrics("drafter", config.model_name or config.model)
         # forward costs decide whether prompt chunks and draft steps share a forward
         self.scheduler, self.load = layout.service_scheduler("drafter-compute", config, self.metrics)
-        model, tokenizer = self.scheduler.call(self._load, model, tokenizer)
-        self.runner = self.scheduler.call(layout.service_runner, config, model, config.max_sessions)
+        threads = config.threads or layout.default_threads(torch.get_num_threads())
+        loaded = self.scheduler.call(
+            load_runner,
+            config,
+            "drafter",
+            config.max_sessions,
+            threads,
+            model,
+            tokenizer,
+            self.scheduler.lease,
+        )
+        self.runner, tokenizer, self.backend = loaded.runner, loaded.tokenizer, loaded.backend
         self.tokenizer = tokenizer
         self.fingerprint = vocab_fingerprint(tokenizer)
         self.limits = validate.Limits(
@@ -67,13 +77,6 @@ class DrafterEngine:
         # token ids are only copied: any vocabulary, the verifier bounds them by its own
         self.limits = validate.Limits(vocab_size=2**31 - 1, context=1 << 20)
         self.metrics.track(running=lambda: self._active, sessions=lambda: self._active, kv_tokens=lambda: 0)
-
-    def _load(self, model, tokenizer):
-        torch.set_num_threads(self.config.threads or layout.default_threads(torch.get_num_threads()))
-        if model is None:
-            model, tokenizer = load_model(self.config.model, self.config.device, self.config.dtype)
-        with self.scheduler.lease:  # timed probes: not while the other role computes on these cores
-            return prepare_drafter(model, self.config.quantization), tokenizer
 
     def close(self) -> None:
         if self.scheduler is not None:

@@ -59,9 +59,14 @@ class CommonConfig:
     # ngram`): n-gram sizes matched, longest first
     ngram_min: int = 2
     ngram_max: int = 4
-    # static-shape forwards (specdec_core/runtime/static.py): auto (on CUDA devices) | on | off; with them on
+    # static-shape forwards (specdec_core/runtime/backends/torch_static.py): auto (on CUDA devices) | on | off; with them on
     # CUDA, a CUDA graph per (rows, tokens) bucket captured at start-up unless --no-cuda-graphs; each
     # sequence gets kv_capacity positions, preallocated (the service's context limit then)
+    # execution backend (specdec_core/runtime/factory.py): auto (llama.cpp for GGUF models on CPUs when
+    # llama-cpp-python is installed, else torch) | torch | llamacpp
+    backend: str = "auto"
+    # llama.cpp backend: KV cells shared by all sequences (0: 16384), the sum of their contexts
+    kv_cells: int = 0
     static_shapes: str = "auto"
     cuda_graphs: bool = True
     kv_capacity: int = 2048

@@ -92,7 +92,7 @@ def info_to_pb(model_name, runner, tokenizer, fingerprint, include_vocab) -> pb.
         vocab_fingerprint=fingerprint,
         vocab_size=runner.vocab_size,
         device=str(runner.device),
-        dtype=str(next(runner.model.parameters()).dtype),
+        dtype=str(runner.describe()["dtype"]),
         eos_token_id=-1 if eos is None else eos,
     )
     msg.host_id = layout.host_id()

@@ -114,23 +114,6 @@ def service_scheduler(name: str, config, metrics=None):
     return scheduler, load
 
 
-def service_runner(config, model, max_sequences: int):
-    """The runner of a service's model: static shapes and CUDA graphs as ``config`` says
-    (``specdec_core/runtime/static.py``); call it on the compute thread, which runs every forward."""
-    from specdec_core.runtime.static import make_runner
-
-    return make_runner(
-        model,
-        config.model,
-        config.static_shapes,
-        config.cuda_graphs,
-        max_sequences,
-        config.max_batch_rows,
-        config.prefill_chunk,
-        config.kv_capacity,
-    )
-
-
 def compute_lease(config):
     """The lease a CPU service's forwards take (None on GPUs or when turned off)."""
     if not config.compute_lease or not str(config.device).startswith("cpu"):

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .runtime.runner import ModelRunner, Row, Sequence
+from .runtime.interface import Row, Runner, Sequence
 from .runtime.scheduler import Executor, Inline, Job, Scheduler, Task
 from .sampling import DEFAULT_MAX_SUPPORT, SamplingParams, SparseDist, draft_pick, picked
 
@@ -135,7 +135,7 @@ class ModelDrafter(Drafter):
 
     def __init__(
         self,
-        runner: ModelRunner,
+        runner: Runner,
         max_support: int = DEFAULT_MAX_SUPPORT,
         lookahead: bool = False,
         executor: Executor | None = None,

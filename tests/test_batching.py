@@ -19,7 +19,7 @@ from specdec.v1 import specdec_pb2 as pb
 from specdec.v1 import specdec_pb2_grpc as pb_grpc
 from specdec_core.draft_length import DraftLengthPolicy
 from specdec_core.engine import SpeculativeDecoder, StopCriteria
-from specdec_core.runtime.runner import ModelRunner
+from specdec_core.runtime.backends.torch_eager import ModelRunner
 from specdec_core.sampling import SamplingParams
 from verifier_service.remote_drafter import RemoteDrafter
 

@@ -13,7 +13,7 @@ from specdec_core.draft_length import AdaptiveDraftLength, FixedDraftLength
 from specdec_core.drafting import ModelDrafter
 from specdec_core.engine import GenerationStats, SpeculativeDecoder, StopCriteria
 from specdec_core.ngram import HybridDrafter, NgramDrafter, NgramIndex
-from specdec_core.runtime.runner import ModelRunner
+from specdec_core.runtime.backends.torch_eager import ModelRunner
 from specdec_core.sampling import SamplingParams
 
 # an input-grounded prompt: the continuation repeats the prompt's own text

@@ -9,8 +9,8 @@ import torch
 from tiny import FAMILIES, hf_greedy, perturbed, tiny_model, tiny_tokenizer
 
 from specdec_core.drafting import EarlyStop, ModelDrafter
-from specdec_core.runtime.runner import PENDING, ModelRunner, Row
-from specdec_core.runtime.static import Buckets, StaticRunner
+from specdec_core.runtime.backends.torch_eager import PENDING, ModelRunner, Row
+from specdec_core.runtime.backends.torch_static import Buckets, StaticRunner
 from specdec_core.sampling import SamplingParams, draft_pick, picked
 
 BUCKETS = Buckets(rows=(1, 2, 4), widths=(1, 2, 4, 8, 16), capacity=128)

@@ -12,7 +12,7 @@ from specdec_core.draft_length import AdaptiveDraftLength, FixedDraftLength, Loa
 from specdec_core.drafting import ModelDrafter
 from specdec_core.engine import SpeculativeDecoder, StopCriteria
 from specdec_core.optimize import FAST_MAX_ROWS, enable_fast_linear, prepare_drafter
-from specdec_core.runtime.runner import ModelRunner
+from specdec_core.runtime.backends.torch_eager import ModelRunner
 from specdec_core.sampling import SamplingParams
 
 PROMPT = tiny_tokenizer()("for i in range(10):\n")["input_ids"]

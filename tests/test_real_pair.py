@@ -8,7 +8,7 @@ from specdec_core.draft_length import FixedDraftLength
 from specdec_core.drafting import ModelDrafter
 from specdec_core.engine import GenerationStats, SpeculativeDecoder, StopCriteria
 from specdec_core.optimize import enable_fast_linear, prepare_drafter
-from specdec_core.runtime.runner import ModelRunner
+from specdec_core.runtime.backends.torch_eager import ModelRunner
 from specdec_core.sampling import SamplingParams
 
 pytestmark = pytest.mark.slow

@@ -1,4 +1,4 @@
-"""Static-shape forwards (runtime/static.py): the same logits as the dynamic runner (fp32, atol 1e-4) over
+"""Static-shape forwards (runtime/backends/torch_static.py): the same logits as the dynamic runner (fp32, atol 1e-4) over
 prefill chunks, verify blocks, rollbacks and mixed batches; the same greedy ids through the decoding loop;
 fixed slots and capacity."""
 
@@ -9,8 +9,8 @@ from tiny import FAMILIES, hf_greedy, perturbed, tiny_model, tiny_tokenizer
 from specdec_core.draft_length import FixedDraftLength
 from specdec_core.drafting import ModelDrafter
 from specdec_core.engine import SpeculativeDecoder, StopCriteria
-from specdec_core.runtime.runner import ModelRunner, Row
-from specdec_core.runtime.static import Buckets, StaticRunner
+from specdec_core.runtime.backends.torch_eager import ModelRunner, Row
+from specdec_core.runtime.backends.torch_static import Buckets, StaticRunner
 from specdec_core.sampling import SamplingParams
 
 BUCKETS = Buckets(rows=(1, 2, 4), widths=(1, 2, 4, 8, 16), capacity=96)
@@ -78,7 +78,7 @@ def test_services_run_static_shapes_when_asked():
 
     from client import SpecDecClient
     from specdec.config import VerifierConfig
-    from specdec_core.runtime.static import make_runner
+    from specdec_core.runtime.backends.torch_static import make_runner
 
     target = tiny_model("llama")
     assert type(make_runner(target, static="auto")) is ModelRunner  # CPU: the dynamic runner

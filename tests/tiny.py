@@ -5,6 +5,7 @@ from benchmarks.tiny import (  # noqa: F401
     hf_greedy,
     perturbed,
     save_tiny,
+    save_tiny_gguf,
     tiny_model,
     tiny_tokenizer,
 )

@@ -29,13 +29,12 @@ from specdec_core.engine import LOOKUP_K_MAX, GenerationStats, SpeculativeDecode
 from specdec_core.models import (
     TokenizerMismatch,
     first_vocab_difference,
-    load_model,
     vocab_by_id,
     vocab_fingerprint,
 )
 from specdec_core.ngram import NGRAM, HybridDrafter, NgramDrafter
-from specdec_core.optimize import enable_fast_linear
 from specdec_core.runtime.admission import Admission, Cancellation
+from specdec_core.runtime.factory import load_runner
 from specdec_core.sampling import SamplingParams
 from specdec_core.text import IncrementalText, encode_messages, encode_prompt
 from specdec_core.verification import Verdict
@@ -172,10 +171,19 @@ class VerifierEngine:
         # every forward of this process runs on the scheduler's thread, batched across generations; the load
         # (forward costs, the sessions in the batch) is what the draft-length policies plan with
         self.scheduler, self.load = layout.service_scheduler("verifier-compute", config, self.metrics)
-        model, tokenizer = self.scheduler.call(self._load, model, tokenizer)
-        self.runner = self.scheduler.call(
-            layout.service_runner, config, model, config.max_sessions + config.max_running
+        threads = config.threads or layout.default_threads(torch.get_num_threads())
+        loaded = self.scheduler.call(
+            load_runner,
+            config,
+            "verifier",
+            config.max_sessions + config.max_running,
+            threads,
+            model,
+            tokenizer,
+            self.scheduler.lease,
         )
+        self.runner, tokenizer, self.backend = loaded.runner, loaded.tokenizer, loaded.backend
+        self.fast_verify = loaded.note
         self.tokenizer = tokenizer
         self.fingerprint = vocab_fingerprint(tokenizer)
         # what a request may ask for (checked before anything reaches the model; specdec/validate.py)
@@ -212,14 +220,6 @@ class VerifierEngine:
             sessions=lambda: self.runner.active_sequences,
             kv_tokens=lambda: self.runner.kv_tokens_held,
         )
-
-    def _load(self, model, tokenizer):
-        torch.set_num_threads(self.config.threads or layout.default_threads(torch.get_num_threads()))
-        if model is None:
-            model, tokenizer = load_model(self.config.model, self.config.device, self.config.dtype)
-        with self.scheduler.lease:  # timed probes: not while the other role computes on these cores
-            self.fast_verify = enable_fast_linear(model, self.config.fast_verify)
-        return model, tokenizer
 
     def close(self) -> None:
         self.scheduler.close()

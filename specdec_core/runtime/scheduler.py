@@ -49,11 +49,11 @@ import time
 from collections.abc import Callable, Generator
 from concurrent.futures import CancelledError, Future
 from dataclasses import dataclass, field
-from typing import Any, TypeVar, Union
+from typing import Any, Protocol, TypeVar
 
 import torch
 
-from .runner import ModelRunner, Row, Sequence
+from .interface import Row, Runner, Sequence
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -68,7 +68,7 @@ WIDE_ROW = 16  # a row feeding more tokens than this is a prompt (chunk), not a 
 class Task:
     """A submitted job: its current row, how much of it is fed, and the future of its result."""
 
-    runner: ModelRunner
+    runner: Runner
     job: Job
     background: bool = False
     future: Future = field(default_factory=Future)
@@ -86,7 +86,7 @@ class Task:
 OnForward = Callable[[list[int], float], None]  # tokens fed by each row, seconds of the forward
 
 
-def drive(runner: ModelRunner, job: Job, on_forward: OnForward | None = None) -> Any:
+def drive(runner: Runner, job: Job, on_forward: OnForward | None = None) -> Any:
     """Run ``job`` right here, one forward per row (in-process use without a scheduler)."""
     logits = None
     while True:
@@ -106,14 +106,19 @@ class Inline:
     def __init__(self, on_forward: OnForward | None = None) -> None:
         self.on_forward = on_forward
 
-    def run(self, runner: ModelRunner, job: Job, on_task: Callable[[Task], None] | None = None) -> Any:
+    def run(self, runner: Runner, job: Job, on_task: Callable[[Task], None] | None = None) -> Any:
         return drive(runner, job, self.on_forward)
 
     def call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         return fn(*args, **kwargs)
 
 
-Executor = Union["Scheduler", Inline]
+class Executor(Protocol):
+    """Where a generation's jobs run: ``Scheduler`` (a service's compute thread) or ``Inline``."""
+
+    def run(self, runner: Runner, job: Job, on_task: Callable[[Task], None] | None = None) -> Any: ...
+
+    def call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T: ...
 
 
 class Scheduler:
@@ -169,13 +174,13 @@ class Scheduler:
         self._put(("call", fn, args, kwargs, future))
         return future.result()
 
-    def submit(self, runner: ModelRunner, job: Job, background: bool = False) -> Task:
+    def submit(self, runner: Runner, job: Job, background: bool = False) -> Task:
         """Queue ``job`` for ``runner``; its result arrives in ``task.future``."""
         task = Task(runner, job, background)
         self._put(("task", task))
         return task
 
-    def run(self, runner: ModelRunner, job: Job, on_task: Callable[[Task], None] | None = None) -> Any:
+    def run(self, runner: Runner, job: Job, on_task: Callable[[Task], None] | None = None) -> Any:
         """Submit ``job`` and wait for its result (``on_task`` sees the task first, e.g. to cancel it)."""
         if self.on_thread:  # a job that runs another job on this thread: no batching, just drive it
             return drive(runner, job)

@@ -27,8 +27,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .kv import BatchCache
-from .runner import ModelRunner, Row, Sequence
+from ..interface import Row, Sequence
+from ..kv import BatchCache
+from .torch_eager import ModelRunner
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +78,7 @@ class StaticRunner(ModelRunner):
             self.capture()
 
     # -- sequences: fixed slots ------------------------------------------------------------------------
-    def _grow(self) -> None:
+    def _grow(self) -> list[int]:
         raise RuntimeError(
             f"static runner {self.name}: all {self.kv.slots - 1} preallocated sequence slots are in use"
         )

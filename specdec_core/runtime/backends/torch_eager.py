@@ -12,55 +12,19 @@ mask as given (Llama, Qwen2, GPT-2 families on transformers 5.x).
 
 from __future__ import annotations
 
-import heapq
 import inspect
-import threading
-import weakref
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from transformers import PreTrainedModel
 
-from .kv import BatchCache, SlotKV
+from ..interface import PENDING, Picker, Row, SlotRunner
+from ..kv import BatchCache, SlotKV
+
+__all__ = ["ModelRunner", "PENDING", "Row"]
 
 
-@dataclass(eq=False)
-class Sequence:
-    """One sequence's slot in the runner's KV buffers and the token ids it caches (``len(tokens)``)."""
-
-    slot: int
-    tokens: list[int] = field(default_factory=list)
-    release: Callable[[], object] | None = field(default=None, repr=False)  # gives the slot back once
-
-    def __len__(self) -> int:
-        return len(self.tokens)
-
-
-Picker = Callable[[torch.Tensor, int], tuple[torch.Tensor, ...]]  # (logits [vocab], step) -> (token [1], ...)
-
-
-@dataclass
-class Row:
-    """One row of a forward: feed ``tokens`` to ``seq``; return logits of the last ``keep`` of them.
-
-    A *stepped* row (``pick``) decodes ``steps`` tokens in one call: ``pick`` turns the last logits of each
-    step into the next token (the first tensor it returns, [1] long, on the device) and whatever else its
-    caller wants kept, and the next step feeds that token without the host reading it. The row then
-    returns, in place of logits, the ``steps`` picks on the host (``ModelRunner.forward``).
-    """
-
-    seq: Sequence
-    tokens: list[int]
-    keep: int = 1
-    steps: int = 1
-    pick: Picker | None = None
-
-
-PENDING = -1  # a fed token the host does not know yet (a stepped row's pick, fixed after the block)
-
-
-class ModelRunner:
+class ModelRunner(SlotRunner):
     """Runs one model over many sequences' KV caches; counts the work done (tokens and forward passes).
 
     Not thread-safe for forwards: a service runs every forward on its one compute thread. ``release`` may
@@ -70,78 +34,37 @@ class ModelRunner:
     def __init__(
         self, model: PreTrainedModel, name: str = "model", slots: int = 4, capacity: int = 256
     ) -> None:
+        device = next(model.parameters()).device
+        max_positions = int(
+            getattr(model.config, "max_position_embeddings", 0)
+            or getattr(model.config, "n_positions", 0)
+            or 0
+        )
+        super().__init__(name, slots, device, max_positions)
         self.model = model.eval()
-        self.name = name
-        self.device = next(model.parameters()).device
         self.base = model.base_model
         self.head = model.get_output_embeddings()
         params = inspect.signature(self.base.forward).parameters
         # transformers 5.x renames past_key_values -> cache; accept both.
         self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
         self._softcap = getattr(model.config, "final_logit_softcapping", None)
-        self.max_positions = int(
-            getattr(model.config, "max_position_embeddings", 0)
-            or getattr(model.config, "n_positions", 0)
-            or 0
-        )
         self.kv = SlotKV(self.device, slots, capacity)
-        self._free = list(range(slots))  # a min-heap: low slots first, so busy rows stay contiguous
-        self._released: list[int] = []
-        self._live: weakref.WeakValueDictionary[int, Sequence] = weakref.WeakValueDictionary()  # slot -> seq
-        self._lock = threading.Lock()
-        self.tokens_processed = 0
-        self.forward_passes = 0
-        self.rows_processed = 0
 
     @property
     def vocab_size(self) -> int:
         return int(self.model.config.vocab_size)
 
-    # -- sequences -------------------------------------------------------------------------------------
-    def new_sequence(self) -> Sequence:
-        """A fresh sequence with its own slot (freed when the sequence is garbage collected or released)."""
-        with self._lock:
-            self._reclaim()
-            if not self._free:
-                self._grow()
-            seq = Sequence(slot=heapq.heappop(self._free))
-            self._live[seq.slot] = seq
-        seq.release = weakref.finalize(seq, self._release_slot, seq.slot)
-        return seq
+    def describe(self) -> dict[str, Any]:
+        weights = next(self.model.parameters())
+        return {"backend": "torch", "dtype": str(weights.dtype), "device": str(self.device)}
 
-    def _grow(self) -> None:
+    def _grow(self) -> list[int]:
         """Every slot is taken: double them (under the lock)."""
         grown = self.kv.slots * 2
-        self._free = list(range(self.kv.slots, grown))
+        free = list(range(self.kv.slots, grown))
         self.kv.reserve(grown, self.kv.capacity)
-
-    def release(self, seq: Sequence) -> None:
-        """Give ``seq``'s slot back (idempotent); ``seq`` must not be used afterwards."""
-        if seq.release is not None:
-            seq.release()  # a finalizer runs once: garbage collection will not free the slot again
-        seq.slot, seq.tokens = -1, []
-
-    def _release_slot(self, slot: int) -> None:
-        with self._lock:
-            self._live.pop(slot, None)
-            if slot not in self._released and slot not in self._free:
-                self._released.append(slot)
-
-    def _reclaim(self) -> None:
-        for slot in self._released:
-            heapq.heappush(self._free, slot)
-        self._released.clear()
-
-    @property
-    def active_sequences(self) -> int:
-        with self._lock:
-            return self.kv.slots - len(self._free) - len(self._released)
-
-    @property
-    def kv_tokens_held(self) -> int:
-        """Positions cached for the live sequences (what the KV buffers hold for someone)."""
-        with self._lock:
-            return sum(len(s.tokens) for s in list(self._live.values()))
+        self.slots = grown
+        return free
 
     # -- the forward -----------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -227,18 +150,8 @@ class ModelRunner:
         logits = self._logits(flat[torch.tensor(picks, dtype=torch.long, device=self.device)])  # [N, V]
         for r in rows:
             r.seq.tokens.extend(r.tokens)
-        self.tokens_processed += sum(len(r.tokens) for r in rows)
-        self.forward_passes += 1
-        self.rows_processed += len(rows)
+        self._count(rows)
         return list(logits.split([r.keep for r in rows]))
-
-    def _check_rows(self, rows: list[Row]) -> None:
-        if any(not r.tokens for r in rows):
-            raise ValueError("every row of a forward feeds at least one token")
-        if any(r.pick is not None and (r.steps < 1 or r.keep < 1) for r in rows):
-            raise ValueError("a stepped row decodes at least one step from logits it keeps")
-        if len({id(r.seq) for r in rows}) != len(rows):
-            raise ValueError("a sequence appears twice in one forward")
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [N, hidden] -> float32 logits [N, vocab] (empty N skips the head)."""
@@ -248,26 +161,6 @@ class ModelRunner:
         if self._softcap:
             logits = torch.tanh(logits / self._softcap) * self._softcap
         return logits
-
-    # -- single-sequence helpers ---------------------------------------------------------------------
-    def extend(self, seq: Sequence, token_ids: list[int], keep: int | None = None) -> torch.Tensor:
-        """Append ``token_ids`` to ``seq`` in one forward; float32 logits of the last ``keep`` positions.
-
-        ``keep`` defaults to all new positions; 0 returns an empty tensor and skips the LM head.
-        """
-        if not token_ids:
-            raise ValueError("extend needs at least one token")
-        return self.forward([Row(seq, list(token_ids), len(token_ids) if keep is None else keep)])[0]
-
-    def rollback(self, seq: Sequence, length: int) -> None:
-        """Drop cached positions past ``length`` (a no-op when the sequence is not longer)."""
-        if len(seq.tokens) > length:
-            del seq.tokens[length:]
-
-    def prefill(self, seq: Sequence, token_ids: list[int]) -> None:
-        """Cache ``token_ids`` without computing logits (the context before the pending token)."""
-        if token_ids:
-            self.extend(seq, token_ids, keep=0)
 
 
 def _to_host(items: list[tuple[torch.Tensor, ...]]) -> list[tuple[torch.Tensor, ...]]:

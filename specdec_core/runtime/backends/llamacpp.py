@@ -1,0 +1,284 @@
+"""A runner on llama.cpp: a GGUF file served as it is, quantized weights and llama.cpp's own CPU kernels.
+
+One ``forward(rows)`` is one ``llama_decode`` of a ragged batch: every row's tokens carry their
+sequence's id (the row's slot) and positions, and the tokens whose logits a row keeps are flagged as
+outputs. The KV cache is llama.cpp's unified one (every sequence's cells in one pool of ``n_ctx`` cells).
+Rolling a sequence back only moves ``Sequence.tokens``; the cells past it are removed
+(``llama_memory_seq_rm``) before the sequence's next forward, and a released slot's cells before the slot
+is reused.
+
+Numerics: the served model is the GGUF's own (Q4_K weights, activations quantized per row for the dot
+products, f16 KV cache), not the fp32 model transformers would dequantise it to. Losslessness is relative
+to it: a position's logits must not depend on how many positions, or which other sequences, share its
+forward, or greedy drafting would drift from one-token decoding. llama.cpp's CPU kernels take other paths
+for larger batches, so the runner keeps to the ones that compute each position alone:
+
+* no repacked weights (``use_extra_bufts``): repacked Q4_K multiplies 4 positions at a time and the rest
+  one by one; plain Q4_K/Q6_K dot products are per position (and no slower here at 1-16 positions,
+  ``docs/serving.md``);
+* one matmul kernel at every width: llama.cpp multiplies K-quants with a tiled kernel from 8 positions
+  up and with per-position dot products below, and the two round differently (0.5 apart in a Qwen
+  1.5B logit). ``invariant=True`` (the verifier's runner) turns the tiled kernel off for the process
+  (``GGML_CPU_TILED_MM=0``, read once by ggml); a drafter's numerics do not touch losslessness (the
+  verifier judges its drafts by the probabilities it sends), so its runner keeps both;
+* flash attention, which walks a query's own cells and skips masked ones (the plain path's softmax
+  depends on where other sequences' cells lie), fed in micro-batches of ``UBATCH`` < 64 positions (its
+  tiled kernel starts at 64 queries) and never a lone query (which splits the KV across threads once a
+  view holds 512 cells): a lone token is decoded beside a scratch token that is dropped afterwards.
+
+Weights whose type llama.cpp multiplies with its tinyBLAS path at 2+ positions (F32, F16, Q8_0, Q4_0) are
+not batch-invariant; the built-in models (Q4_K_M) and the tests' GGUF (Q4_1) are.
+
+Needs ``llama-cpp-python`` (``make setup`` builds it for this CPU: ``scripts/build_llamacpp.sh``).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..interface import Row, Sequence, SlotRunner
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CONTEXT = 16384  # KV cells shared by all sequences (llama-server's -c in the benchmarks)
+UBATCH = 32  # positions per llama_decode: below flash attention's tiled kernel (64 queries)
+
+
+def available() -> bool:
+    """Whether llama-cpp-python can be imported here."""
+    try:
+        import llama_cpp  # noqa: F401
+    except (ImportError, OSError):
+        return False
+    return True
+
+
+def _lib():
+    import llama_cpp.llama_cpp as lib
+
+    return lib
+
+
+_backend_ready = False
+
+
+def _init_backend() -> None:
+    global _backend_ready
+    if not _backend_ready:
+        lib = _lib()
+        lib.llama_backend_init()
+        if not os.environ.get("SPECDEC_LLAMA_VERBOSE"):  # llama.cpp logs every tensor at load otherwise
+            lib.llama_log_set(_quiet_log, ctypes.c_void_p(0))
+        _backend_ready = True
+
+
+def _log_callback(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
+    if level == 4:  # GGML_LOG_LEVEL_ERROR; the rest (and its continuation lines, 5) is start-up chatter
+        log.warning("llama.cpp: %s", text.decode(errors="replace").rstrip())
+
+
+_quiet_log = None
+try:
+    _quiet_log = _lib().llama_log_callback(_log_callback)
+except (ImportError, OSError, AttributeError):  # no llama-cpp-python: the runner is not available
+    pass
+
+
+class LlamaCppRunner(SlotRunner):
+    """Runs a GGUF model through llama.cpp over many sequences (see the module docstring).
+
+    ``invariant``: a position's logits do not depend on its forward's width (the module docstring).
+    ``slots``: sequences at once (llama.cpp's ``n_seq_max`` less the scratch one, fixed for the context's
+    life); ``context``: KV cells shared by all of them. A forward of more than ``UBATCH`` positions is fed
+    in several ``llama_decode`` calls.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        name: str = "model",
+        slots: int = 16,
+        context: int = DEFAULT_CONTEXT,
+        threads: int = 0,
+        invariant: bool = True,
+    ) -> None:
+        if invariant:  # before ggml's first matmul in this process, which reads it once
+            os.environ.setdefault("GGML_CPU_TILED_MM", "0")
+        lib = _lib()
+        _init_backend()
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise FileNotFoundError(f"no GGUF file at {self.path}")
+        mparams = lib.llama_model_default_params()
+        mparams.n_gpu_layers = 0
+        mparams.use_extra_bufts = False  # no repacked weights: see the module docstring
+        self._model = lib.llama_model_load_from_file(str(self.path).encode(), mparams)
+        if not self._model:
+            raise ValueError(f"llama.cpp could not load {self.path}")
+        self._vocab = lib.llama_model_get_vocab(self._model)
+        self._n_vocab = int(lib.llama_vocab_n_tokens(self._vocab))
+        slots = max(1, min(slots, int(getattr(lib, "LLAMA_MAX_SEQ", 256))))
+        self.threads = threads or len(os.sched_getaffinity(0))
+        cparams = lib.llama_context_default_params()
+        cparams.n_ctx = context
+        cparams.n_batch = cparams.n_ubatch = UBATCH
+        cparams.n_seq_max = slots + 1  # and the scratch sequence
+        cparams.n_threads = cparams.n_threads_batch = self.threads
+        cparams.kv_unified = True
+        cparams.flash_attn_type = lib.LLAMA_FLASH_ATTN_TYPE_ENABLED
+        cparams.no_perf = True
+        self._ctx = lib.llama_init_from_model(self._model, cparams)
+        if not self._ctx:
+            lib.llama_model_free(self._model)
+            raise ValueError(f"llama.cpp could not create a context for {self.path} ({context} cells)")
+        self._mem = lib.llama_get_memory(self._ctx)
+        self.context = int(lib.llama_n_ctx(self._ctx))
+        max_positions = min(int(lib.llama_model_n_ctx_train(self._model)) or self.context, self.context)
+        super().__init__(name, slots, torch.device("cpu"), max_positions)
+        self._batch = lib.llama_batch_init(UBATCH + 1, 0, 1)
+        self._cached = [0] * (
+            slots + 1
+        )  # positions llama.cpp holds per slot (>= len(seq.tokens) after rollback)
+        self._scratch = Sequence(slot=slots)  # pads a lone token (module docstring); never holds a cell
+
+    @property
+    def vocab_size(self) -> int:
+        return self._n_vocab
+
+    def describe(self) -> dict[str, Any]:
+        lib = _lib()
+        desc = ctypes.create_string_buffer(256)
+        lib.llama_model_desc(self._model, desc, len(desc))
+        return {
+            "backend": "llama.cpp",
+            "dtype": desc.value.decode(errors="replace"),  # e.g. "qwen2 1.5B Q4_K - Medium"
+            "device": "cpu",
+            "weight_bytes": int(lib.llama_model_size(self._model)),
+            "threads": self.threads,
+            "context": self.context,
+        }
+
+    def close(self) -> None:
+        """Free llama.cpp's context and model (the runner is unusable afterwards)."""
+        lib = _lib()
+        if getattr(self, "_ctx", None):
+            lib.llama_batch_free(self._batch)
+            lib.llama_free(self._ctx)
+            lib.llama_model_free(self._model)
+            self._ctx = self._model = None
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # interpreter shutdown: the library may be gone already
+            pass
+
+    def _on_reclaim(self, slot: int) -> None:
+        if self._cached[slot]:
+            _lib().llama_memory_seq_rm(self._mem, slot, -1, -1)
+            self._cached[slot] = 0
+
+    # -- the forward -----------------------------------------------------------------------------------
+    def forward(self, rows: list[Row]) -> list:
+        """One forward over ``rows`` (distinct sequences); float32 logits [keep, vocab] per row, and for a
+        stepped row its picks (each fed back as the next step's token, read on the host at once)."""
+        if not rows:
+            return []
+        self._check_rows(rows)
+        with self._lock:
+            self._reclaim()
+        outputs = self._decode([(r.seq, r.tokens, r.keep) for r in rows])
+        self._count(rows)
+        if any(r.pick is not None for r in rows):
+            self._steps(rows, outputs)
+        return outputs
+
+    def _steps(self, rows: list[Row], outputs: list) -> None:
+        """Go on with the stepped rows after their first forward (``outputs``: its logits), in place."""
+        stepped = [i for i, r in enumerate(rows) if r.pick is not None]
+        start = {i: len(rows[i].seq.tokens) for i in stepped}
+        picks: dict[int, list[tuple[torch.Tensor, ...]]] = {}
+        try:
+            for i in stepped:
+                picks[i] = [rows[i].pick(outputs[i][-1], 0)]  # type: ignore[misc]
+            for step in range(1, max(rows[i].steps for i in stepped)):
+                going = [i for i in stepped if rows[i].steps > step]
+                fed = [(rows[i].seq, [int(picks[i][-1][0])], 1) for i in going]
+                for i, logits in zip(going, self._decode(fed)):
+                    picks[i].append(rows[i].pick(logits[-1], step))  # type: ignore[misc]
+                self._count([Row(rows[i].seq, [0]) for i in going])
+        except BaseException:
+            for i in stepped:  # the rows end at their first forward's feed
+                self.rollback(rows[i].seq, start[i])
+            raise
+        for i in stepped:
+            outputs[i] = [tuple(t.cpu() for t in p) for p in picks[i]]
+
+    def _decode(self, rows: list[tuple[Any, list[int], int]]) -> list[torch.Tensor]:
+        """Feed (sequence, tokens, keep) rows in ``llama_decode`` calls of at most ``batch`` tokens; logits
+        of the kept positions per row; the rows' tokens appended to their sequences."""
+        for seq, _, _ in rows:
+            self._trim(seq)
+        flat = [
+            (seq, t, pos >= len(tokens) - keep) for seq, tokens, keep in rows for pos, t in enumerate(tokens)
+        ]
+        kept: list[torch.Tensor] = []
+        for begin in range(0, len(flat), UBATCH):
+            kept.extend(self._decode_batch(flat[begin : begin + UBATCH]))
+        outputs, j = [], 0
+        for _, _, keep in rows:
+            outputs.append(torch.stack(kept[j : j + keep]) if keep else torch.zeros(0, self._n_vocab))
+            j += keep
+        return outputs
+
+    def _decode_batch(self, tokens: list[tuple[Any, int, bool]]) -> list[torch.Tensor]:
+        """One ``llama_decode`` of (sequence, token, wants logits) entries, in order; each sequence's tokens
+        go at its next positions. Returns the flagged entries' logits [vocab] each."""
+        lib, b = _lib(), self._batch
+        if len(tokens) == 1:
+            tokens = tokens + [(self._scratch, 0, False)]
+        for j, (seq, token, wants) in enumerate(tokens):
+            b.token[j] = token
+            b.pos[j] = len(seq.tokens)
+            b.n_seq_id[j] = 1
+            b.seq_id[j][0] = seq.slot
+            b.logits[j] = wants
+            seq.tokens.append(token)
+            self._cached[seq.slot] = len(seq.tokens)
+        b.n_tokens = len(tokens)
+        status = lib.llama_decode(self._ctx, b)
+        if tokens[-1][0] is self._scratch:
+            tokens.pop()
+            self.rollback(self._scratch, 0)
+            self._trim(self._scratch)
+        if status != 0:
+            for seq, _, _ in tokens:  # nothing of this call is cached: take its tokens back
+                seq.tokens.pop()
+            for seq, _, _ in tokens:
+                self._trim(seq)
+            if status == 1:
+                raise MemoryError(
+                    f"{self.name}: llama.cpp's KV cache ({self.context} cells) has no room for "
+                    f"{len(tokens)} more tokens ({self.kv_tokens_held} held)"
+                )
+            raise RuntimeError(f"{self.name}: llama_decode failed with status {status}")
+        n_out = sum(1 for _, _, wants in tokens if wants)
+        if not n_out:
+            return []
+        ptr = lib.llama_get_logits(self._ctx)  # [n_out, vocab], in the batch's order of flagged tokens
+        logits = np.ctypeslib.as_array(ptr, shape=(n_out, self._n_vocab))
+        return list(torch.from_numpy(logits.copy()).unbind(0))
+
+    def _trim(self, seq) -> None:
+        """Remove the cells past ``seq``'s length (left by a rollback) before it is fed again."""
+        if self._cached[seq.slot] > len(seq.tokens):
+            if not _lib().llama_memory_seq_rm(self._mem, seq.slot, len(seq.tokens), -1):
+                raise RuntimeError(f"{self.name}: llama.cpp could not remove positions of slot {seq.slot}")
+            self._cached[seq.slot] = len(seq.tokens)

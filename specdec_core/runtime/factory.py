@@ -1,0 +1,122 @@
+"""One place where a service's model becomes a runner: which backend, how it is loaded, what it serves.
+
+Backends (``runtime/backends/``):
+
+* ``llamacpp``: a GGUF file run as it is by llama.cpp (quantized weights, its CPU kernels). The default on
+  CPUs for the built-in models and any ``.gguf`` path when llama-cpp-python is installed: the fp32 model
+  transformers dequantises a GGUF to reads 6+ GB a step where llama.cpp reads 1.1 GB (docs/serving.md).
+* ``torch``: a transformers model, eager (``torch_eager.ModelRunner``) or with static shapes and CUDA
+  graphs (``torch_static``); the default on GPUs and for checkpoints and hub ids. A verifier probes its
+  small-block linear path, a drafter its precision (``optimize.py``).
+
+Both services call ``load_runner``; ``config`` is a service config (``specdec/config.py``: ``model``,
+``device``, ``dtype``, ``threads``, ``backend``, ``kv_cells``, static-shape and role options).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from .. import models
+from .interface import Runner
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("auto", "torch", "llamacpp")
+ROLES = ("verifier", "drafter")
+
+
+@dataclass
+class Loaded:
+    """A service's model as served: its runner, tokenizer and what was chosen (``note``: e.g. the fast
+    linear path a verifier installed)."""
+
+    runner: Runner
+    tokenizer: Any
+    backend: str
+    note: str = ""
+
+
+def choose_backend(requested: str, model: str, device: str) -> str:
+    """``torch`` or ``llamacpp`` for a model name on a device (module docstring; ``requested``: a flag)."""
+    from .backends import llamacpp
+
+    requested = (requested or "auto").lower()
+    if requested not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {requested!r}")
+    gguf = models.gguf_source(model) if requested != "torch" else None
+    if requested == "llamacpp":
+        if not device.startswith("cpu"):
+            raise ValueError(f"the llamacpp backend runs on the CPU (this build), not on {device!r}")
+        if gguf is None:
+            raise ValueError(f"the llamacpp backend runs GGUF files: {model!r} is not one")
+        if not llamacpp.available():
+            raise ValueError("the llamacpp backend needs llama-cpp-python (make setup builds it)")
+        return "llamacpp"
+    if requested == "auto" and gguf is not None and device.startswith("cpu") and llamacpp.available():
+        return "llamacpp"
+    return "torch"
+
+
+def load_runner(
+    config, role: str, max_sequences: int, threads: int, model=None, tokenizer=None, lease=None
+) -> Loaded:
+    """Load ``config.model`` for ``role`` and build its runner; call it on the service's compute thread.
+
+    ``threads``: compute threads (torch's intra-op threads, or llama.cpp's).
+    ``model`` / ``tokenizer``: an already loaded transformers model (tests, in-process use): torch backend.
+    ``lease``: held while a torch model's start-up probes time forwards (``runtime/lease.py``).
+    """
+    if role not in ROLES:
+        raise ValueError(f"role must be one of {ROLES}, got {role!r}")
+    backend = "torch" if model is not None else choose_backend(config.backend, config.model, config.device)
+    if backend == "llamacpp":
+        return _load_llamacpp(config, role, max_sequences, threads)
+    return _load_torch(config, role, max_sequences, threads, model, tokenizer, lease)
+
+
+def _load_llamacpp(config, role: str, max_sequences: int, threads: int) -> Loaded:
+    from .backends.llamacpp import DEFAULT_CONTEXT, LlamaCppRunner
+
+    runner = LlamaCppRunner(
+        models.gguf_source(config.model),  # type: ignore[arg-type]
+        name=config.model,
+        slots=max_sequences,
+        context=config.kv_cells or DEFAULT_CONTEXT,
+        threads=threads,
+        invariant=role == "verifier",  # losslessness needs the target's numerics fixed, not the drafter's
+    )
+    tokenizer = models.load_tokenizer(config.model)
+    log.info("%s: llama.cpp, %s", config.model, runner.describe())
+    return Loaded(runner, tokenizer, "llamacpp")
+
+
+def _load_torch(config, role: str, max_sequences: int, threads: int, model, tokenizer, lease) -> Loaded:
+    import torch
+
+    from ..optimize import enable_fast_linear, prepare_drafter
+    from .backends.torch_static import make_runner
+
+    torch.set_num_threads(threads)
+    if model is None:
+        model, tokenizer = models.load_model(config.model, config.device, config.dtype)
+    note = ""
+    with lease if lease is not None else contextlib.nullcontext():  # timed probes: not beside the other role
+        if role == "verifier":
+            note = enable_fast_linear(model, config.fast_verify)
+        else:
+            model = prepare_drafter(model, config.quantization)
+    runner = make_runner(
+        model,
+        config.model,
+        config.static_shapes,
+        config.cuda_graphs,
+        max_sequences,
+        config.max_batch_rows,
+        config.prefill_chunk,
+        config.kv_capacity,
+    )
+    return Loaded(runner, tokenizer, "torch", note)
