@@ -7,11 +7,12 @@ TORCH ?= torch==2.13.0
 
 .PHONY: setup demo test test-slow check lint typecheck protos protos-check bench bench-quick fetch clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml scripts/build_llamacpp.sh
 	$(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH)"
 	$(BIN)/python -m pip install -q -e ".[server,openai,dev,bench]"
+	bash scripts/build_llamacpp.sh $(VENV)
 	bash scripts/deploy_tools.sh $(VENV)
 	$(BIN)/python deploy/k8s/validate.py --install-kubectl
 	touch $(STAMP)

