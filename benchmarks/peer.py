@@ -60,6 +60,8 @@ def rss_mb(pid: int) -> float:
 
 def run_clients(base: str, prompts: list[str], clients: int, max_new: int, extra: dict) -> dict:
     """``clients`` threads, each sending every prompt in turn (a different first prompt each)."""
+    with urllib.request.urlopen(base + "/v1/models", timeout=10) as resp:
+        model = json.loads(resp.read())["data"][0]["id"]  # the name the server answers to
     texts: dict[str, str] = {}
     tokens = [0] * clients
     errors: list[str] = []
@@ -67,7 +69,7 @@ def run_clients(base: str, prompts: list[str], clients: int, max_new: int, extra
     def client(i: int) -> None:
         for j in range(len(prompts)):
             prompt = prompts[(i + j) % len(prompts)]
-            body = {"model": "m", "prompt": prompt, "max_tokens": max_new, "temperature": 0.0, **extra}
+            body = {"model": model, "prompt": prompt, "max_tokens": max_new, "temperature": 0.0, **extra}
             body["ignore_eos"] = True
             try:
                 out = post(base + "/v1/completions", body)
