@@ -7,7 +7,7 @@ TORCH ?= torch==2.13.0
 
 .PHONY: setup demo test test-slow check lint typecheck protos protos-check bench bench-quick fetch clean
 
-$(STAMP): pyproject.toml scripts/build_llamacpp.sh
+$(STAMP): pyproject.toml scripts/build_llamacpp.sh scripts/patch_ggml_invariant.py
 	$(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH)"

@@ -2,9 +2,9 @@
 at once, per execution path (`python -m benchmarks.slope`).
 
 It decides speculation on CPUs: a round pays k drafting steps and one verify of k + 1 positions. Each
-llama.cpp kernel setting runs in its own process (ggml reads it once): ``invariant`` (the verifier's
-default: per-position dot products at every width), ``tiled`` (llama.cpp's tiled K-quant kernel at every
-width) and ``llama.cpp default`` (per-position below 8 positions, tiled from 8: what llama-server runs).
+llama.cpp kernel setting runs in its own process (ggml reads it once): the verifier's batch-invariant
+kernels on the patched build (``scripts/patch_ggml_invariant.py``) and with stock settings, and
+``llama.cpp default`` (what llama-server runs: repacked GEMV or GEMM by width).
 Medians of ``--repeats`` forwards after a 200-token prompt per sequence.
 """
 
@@ -18,16 +18,22 @@ import sys
 import time
 
 WIDTHS = (1, 2, 4, 8, 16)
-MODES = {"invariant": {"GGML_CPU_TILED_MM": "0"}, "tiled": {"GGML_CPU_TILED_MM_FORCE": "1"}, "default": {}}
+MODES = {
+    "invariant (patched build)": {"GGML_CPU_TILED_MM": "0", "GGML_CPU_BATCH_INVARIANT": "1"},
+    "invariant (stock settings)": {"GGML_CPU_TILED_MM": "0"},
+    "llama.cpp default": {},
+}
 
 
-def measure(model: str, repeats: int) -> dict:
-    """This process's slope (the kernel setting is in its environment)."""
+def measure(model: str, repeats: int, mode: str) -> dict:
+    """This process's slope (the kernel setting is in its environment; the stock settings also need the
+    runner's careful mode: no repacked weights, small micro-batches, no lone query)."""
     from specdec_core import models
     from specdec_core.runtime.backends.llamacpp import LlamaCppRunner
     from specdec_core.runtime.interface import Row
 
-    runner = LlamaCppRunner(models.gguf_path(model), slots=9, context=8192, invariant=False)
+    careful = mode == "invariant (stock settings)"
+    runner = LlamaCppRunner(models.gguf_path(model), slots=9, context=8192, invariant=careful, patched=False)
     prompt = [(1000 + 7 * i) % 30000 for i in range(200)]
     seqs = [runner.new_sequence() for _ in range(8)]
     for s in seqs:
@@ -55,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="bench-results/slope.json")
     a = p.parse_args(argv)
     if a.mode:
-        print(json.dumps(measure(a.model, a.repeats)))
+        print(json.dumps(measure(a.model, a.repeats, a.mode)))
         return 0
     results = {}
     for mode, env in MODES.items():

@@ -113,12 +113,16 @@ def _permute_rope(w: torch.Tensor, heads: int) -> torch.Tensor:
     return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def save_tiny_gguf(family: str, path: Path, seed: int = 0, noise: float = 0.0) -> tuple[Path, Any]:
-    """Write the tiny ``family`` model as a GGUF file (Q4_1 matrices, F32 norms and biases, the tiny
+def save_tiny_gguf(
+    family: str, path: Path, seed: int = 0, noise: float = 0.0, qtype: str = "Q4_1"
+) -> tuple[Path, Any]:
+    """Write the tiny ``family`` model as a GGUF file (``qtype`` matrices, F32 norms and biases, the tiny
     tokenizer's vocabulary) at ``path``, with the tokenizer saved beside it; return the path and the
     dense model holding the very weights the file does (dequantised), the reference for its logits.
 
-    Q4_1 is a type llama.cpp multiplies position by position at any width (``runtime/backends/llamacpp.py``).
+    Q4_1 is never repacked by llama.cpp and multiplied position by position at any width; Q4_0 is
+    repacked on x86 (the kernels of the built-in Q4_K models), which the patched build keeps invariant
+    (``runtime/backends/llamacpp.py``).
     """
     import gguf
     import numpy as np
@@ -139,7 +143,8 @@ def save_tiny_gguf(family: str, path: Path, seed: int = 0, noise: float = 0.0) -
     writer.add_head_count_kv(cfg.num_key_value_heads)
     writer.add_rope_freq_base(float(getattr(cfg, "rope_theta", None) or cfg.rope_parameters["rope_theta"]))
     writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
-    writer.add_file_type(gguf.LlamaFileType.MOSTLY_Q4_1)
+    quant = gguf.GGMLQuantizationType[qtype]
+    writer.add_file_type(gguf.LlamaFileType[f"MOSTLY_{qtype}"])
     _add_vocab(writer, tok)
     names = {
         "model.embed_tokens.weight": "token_embd.weight",
@@ -171,9 +176,9 @@ def save_tiny_gguf(family: str, path: Path, seed: int = 0, noise: float = 0.0) -
                 heads = cfg.num_attention_heads if ".attn_q." in name else cfg.num_key_value_heads
                 data = _permute_rope(data, heads)
             if data.ndim == 2:  # quantized, and the dense model gets the values the file holds
-                q = gguf.quants.quantize(data.numpy(), gguf.GGMLQuantizationType.Q4_1)
-                writer.add_tensor(name, q, raw_dtype=gguf.GGMLQuantizationType.Q4_1)
-                back = torch.from_numpy(gguf.quants.dequantize(q, gguf.GGMLQuantizationType.Q4_1).copy())
+                q = gguf.quants.quantize(data.numpy(), quant)
+                writer.add_tensor(name, q, raw_dtype=quant)
+                back = torch.from_numpy(gguf.quants.dequantize(q, quant).copy())
                 if family == "llama" and (".attn_q." in name or ".attn_k." in name):
                     back = _unpermute_rope(back, heads)
                 value.copy_(back.reshape(value.shape))

@@ -1,25 +1,34 @@
 #!/usr/bin/env bash
 # llama-cpp-python (the llama.cpp backend, specdec_core/runtime/backends/llamacpp.py) compiled for this CPU
-# once and cached as a wheel under $SPECDEC_HOME/wheels, then installed into the venv given (default .venv).
-# A fresh 2-core machine compiles it in about 7 minutes; later setups reuse the wheel. SPECDEC_LLAMACPP=0
-# skips it (the services then run every model on torch).
+# with the batch-invariance patch (scripts/patch_ggml_invariant.py: off unless GGML_CPU_BATCH_INVARIANT=1,
+# which the verifier's runner sets), once, cached as a wheel under $SPECDEC_HOME/wheels, then installed into
+# the venv given (default .venv). A fresh 2-core machine compiles it in about 7 minutes; later setups reuse
+# the wheel. SPECDEC_LLAMACPP=0 skips it (the services then run every model on torch).
 set -euo pipefail
 VENV=${1:-.venv}
 VERSION=0.3.36
+PATCH=invariant1  # bump when scripts/patch_ggml_invariant.py changes
+here="$(cd "$(dirname "$0")" && pwd)"
 if [ "${SPECDEC_LLAMACPP:-1}" = "0" ]; then
     echo "SPECDEC_LLAMACPP=0: llama-cpp-python not installed (torch backend only)"
     exit 0
 fi
-cache="${SPECDEC_HOME:-$HOME/.cache/specdec}/wheels/llama-cpp-$(uname -m)"
+cache="${SPECDEC_HOME:-$HOME/.cache/specdec}/wheels/llama-cpp-$VERSION-$PATCH-$(uname -m)"
 mkdir -p "$cache"
 wheel=$(ls "$cache"/llama_cpp_python-"$VERSION"-*.whl 2>/dev/null | head -1 || true)
 if [ -z "$wheel" ]; then
     echo "building llama-cpp-python $VERSION for this CPU (about 7 minutes on 2 cores, once)"
     start=$(date +%s)
-    CMAKE_ARGS="$(bash "$(dirname "$0")/ggml_flags.sh")" CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" \
-        "$VENV/bin/python" -m pip wheel -q --no-deps --no-binary llama-cpp-python -w "$cache" \
+    work=$(mktemp -d)
+    trap 'rm -rf "$work"' EXIT
+    "$VENV/bin/python" -m pip download -q --no-deps --no-binary llama-cpp-python -d "$work" \
         "llama-cpp-python==$VERSION"
+    tar -xzf "$work/llama_cpp_python-$VERSION.tar.gz" -C "$work"
+    "$VENV/bin/python" "$here/patch_ggml_invariant.py" "$work/llama_cpp_python-$VERSION/vendor/llama.cpp"
+    CMAKE_ARGS="$(bash "$here/ggml_flags.sh")" CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" \
+        "$VENV/bin/python" -m pip wheel -q --no-deps -w "$cache" "$work/llama_cpp_python-$VERSION"
     wheel=$(ls "$cache"/llama_cpp_python-"$VERSION"-*.whl | head -1)
     echo "built $(basename "$wheel") in $(( $(date +%s) - start )) s"
 fi
+"$VENV/bin/python" -m pip install -q --force-reinstall --no-deps "$wheel"
 "$VENV/bin/python" -m pip install -q "$wheel"

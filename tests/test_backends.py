@@ -25,28 +25,38 @@ IDS = tiny_tokenizer()(PROMPT)["input_ids"] + [5, 17, 99, 120, 3, 44, 250, 301]
 
 @pytest.fixture(scope="module")
 def gguf(tmp_path_factory):
-    """(target path, its dense model, drafter path): a tiny target and a perturbed drafter, as GGUF files."""
+    """(target path, its dense model, drafter path, Q4_1 target path): a tiny target and a perturbed
+    drafter as Q4_0 GGUF files (repacked by llama.cpp, as the built-in Q4_K models are), and the target as
+    Q4_1 (multiplied position by position even without the patch)."""
     root = tmp_path_factory.mktemp("gguf")
-    target, dense = save_tiny_gguf("qwen2", root / "target" / "tiny.gguf")
-    drafter, _ = save_tiny_gguf("qwen2", root / "drafter" / "tiny.gguf", noise=0.1)
-    return target, dense, drafter
+    target, dense = save_tiny_gguf("qwen2", root / "target" / "tiny.gguf", qtype="Q4_0")
+    drafter, _ = save_tiny_gguf("qwen2", root / "drafter" / "tiny.gguf", noise=0.1, qtype="Q4_0")
+    stock, _ = save_tiny_gguf("qwen2", root / "stock" / "tiny.gguf", qtype="Q4_1")
+    return target, dense, drafter, stock
 
 
-BACKENDS = ["torch", "static", pytest.param("llamacpp", marks=needs_llamacpp)]
+BACKENDS = [
+    "torch",
+    "static",
+    pytest.param("llamacpp", marks=needs_llamacpp),
+    pytest.param("llamacpp-stock", marks=needs_llamacpp),  # the settings for a build without the patch
+]
 
 
 def make(backend: str, gguf) -> Runner:
-    path, dense, _ = gguf
+    path, dense, _, stock = gguf
     if backend == "torch":
         return ModelRunner(dense)
     if backend == "static":
         return StaticRunner(dense, buckets=Buckets(rows=(1, 2, 4), widths=(1, 4, 8, 32), capacity=128))
+    if backend == "llamacpp-stock":
+        return llamacpp.LlamaCppRunner(stock, slots=8, context=1024, patched=False)
     return llamacpp.LlamaCppRunner(path, slots=8, context=1024)
 
 
 def exact(backend: str) -> dict:
     """llama.cpp's runner computes each position alone (bit-identical); torch's GEMMs vary by shape."""
-    return {"atol": 0.0, "rtol": 0.0} if backend == "llamacpp" else {"atol": 1e-4, "rtol": 1e-4}
+    return {"atol": 0.0, "rtol": 0.0} if backend.startswith("llamacpp") else {"atol": 1e-4, "rtol": 1e-4}
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -120,7 +130,7 @@ def test_stepped_rows_decode_what_single_steps_decode(backend, gguf):
 
 @needs_llamacpp
 def test_llamacpp_logits_match_the_dense_model_within_its_quantization(gguf):
-    path, dense, _ = gguf
+    path, dense, _, _ = gguf
     runner, reference_runner = llamacpp.LlamaCppRunner(path, slots=2, context=512), ModelRunner(dense)
     quantized = runner.extend(runner.new_sequence(), IDS)
     reference = reference_runner.extend(reference_runner.new_sequence(), IDS)
@@ -144,7 +154,7 @@ def test_backend_choice(gguf, tmp_path):
 @pytest.fixture(scope="module")
 def gguf_services(gguf):
     """Both services on llama.cpp (no model objects passed: the services load the GGUF files themselves)."""
-    target, _, drafter = gguf
+    target, _, drafter, _ = gguf
     d_cfg = DrafterConfig(port=0, host="127.0.0.1", model=str(drafter), max_sessions=4)
     d_engine = DrafterEngine(d_cfg)
     d_server, d_port, _ = start_drafter(d_cfg, d_engine)
@@ -174,7 +184,7 @@ def test_llamacpp_services_greedy_equals_no_draft(gguf_services):
         drafted = c.generate(PROMPT, max_new_tokens=40, num_draft_tokens=4, ignore_eos=True)
     assert drafted.token_ids == plain.token_ids and len(plain.token_ids) == 40
     assert drafted.stats["drafted"] > 0 and drafted.stats["accepted"] > 0
-    assert "Q4_1" in v_engine.runner.describe()["dtype"]
+    assert "Q4_0" in v_engine.runner.describe()["dtype"]
 
 
 @needs_llamacpp

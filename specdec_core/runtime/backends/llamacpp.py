@@ -10,24 +10,26 @@ is reused.
 Numerics: the served model is the GGUF's own (Q4_K weights, activations quantized per row for the dot
 products, f16 KV cache), not the fp32 model transformers would dequantise it to. Losslessness is relative
 to it: a position's logits must not depend on how many positions, or which other sequences, share its
-forward, or greedy drafting would drift from one-token decoding. llama.cpp's CPU kernels take other paths
-for larger batches, so the runner keeps to the ones that compute each position alone:
+forward, or greedy drafting would drift from one-token decoding. Stock llama.cpp picks CPU kernels by
+batch width and they round differently (0.2-0.5 apart in a Qwen 1.5B logit), so the verifier's runner
+(``invariant=True``) keeps to paths that compute each position alone:
 
-* no repacked weights (``use_extra_bufts``): repacked Q4_K multiplies 4 positions at a time and the rest
-  one by one; plain Q4_K/Q6_K dot products are per position (and no slower here at 1-16 positions,
-  ``docs/serving.md``);
-* one matmul kernel at every width: llama.cpp multiplies K-quants with a tiled kernel from 8 positions
-  up and with per-position dot products below, and the two round differently (0.5 apart in a Qwen
-  1.5B logit). ``invariant=True`` (the verifier's runner) turns the tiled kernel off for the process
-  (``GGML_CPU_TILED_MM=0``, read once by ggml); a drafter's numerics do not touch losslessness (the
-  verifier judges its drafts by the probabilities it sends), so its runner keeps both;
-* flash attention, which walks a query's own cells and skips masked ones (the plain path's softmax
-  depends on where other sequences' cells lie), fed in micro-batches of ``UBATCH`` < 64 positions (its
-  tiled kernel starts at 64 queries) and never a lone query (which splits the KV across threads once a
-  view holds 512 cells): a lone token is decoded beside a scratch token that is dropped afterwards.
+* **patched build** (``scripts/build_llamacpp.sh`` applies ``scripts/patch_ggml_invariant.py``; the
+  library then exports ``ggml_cpu_specdec_batch_invariant``): with ``GGML_CPU_BATCH_INVARIANT=1`` every
+  position of a repacked matmul goes through the GEMV kernel llama.cpp decodes one token with, and flash
+  attention takes its reference path (each query walks its own cells). Decoding runs at stock speed.
+* **stock build** (a llama-cpp-python from elsewhere): no repacked weights (plain per-position dot
+  products), flash attention in micro-batches of ``SMALL_UBATCH`` < 64 positions (its tiled kernel starts
+  at 64 queries) and never a lone query (its KV is split across threads from 512 cells): a lone token is
+  decoded beside a scratch token that is dropped afterwards. Decoding costs 25-40% more.
+* both: the tiled K-quant matmul (8+ positions) off (``GGML_CPU_TILED_MM=0``), flash attention on (the
+  plain softmax sums over where other sequences' cells lie).
 
-Weights whose type llama.cpp multiplies with its tinyBLAS path at 2+ positions (F32, F16, Q8_0, Q4_0) are
-not batch-invariant; the built-in models (Q4_K_M) and the tests' GGUF (Q4_1) are.
+ggml reads these switches once per process, so the first runner made sets them. A drafter's numerics do
+not touch losslessness (the verifier judges drafts by the probabilities sent with them): its runner
+(``invariant=False``) keeps stock kernels. Weights llama.cpp multiplies with tinyBLAS at 2+ positions (F32,
+F16, Q8_0, Q4_0 without repacking) are not batch-invariant; the built-in models (Q4_K_M) and the tests'
+GGUF (Q4_1) are.
 
 Needs ``llama-cpp-python`` (``make setup`` builds it for this CPU: ``scripts/build_llamacpp.sh``).
 """
@@ -48,7 +50,19 @@ from ..interface import Row, Sequence, SlotRunner
 log = logging.getLogger(__name__)
 
 DEFAULT_CONTEXT = 16384  # KV cells shared by all sequences (llama-server's -c in the benchmarks)
-UBATCH = 32  # positions per llama_decode: below flash attention's tiled kernel (64 queries)
+UBATCH = 512  # positions per llama_decode
+SMALL_UBATCH = 32  # on a stock build: below flash attention's tiled kernel (64 queries)
+
+
+def _patched() -> bool:
+    """Whether the installed llama.cpp carries the batch-invariance patch (module docstring)."""
+    import llama_cpp
+
+    lib = Path(llama_cpp.__file__).parent / "lib" / "libggml-cpu.so"
+    try:
+        return hasattr(ctypes.CDLL(str(lib)), "ggml_cpu_specdec_batch_invariant")
+    except OSError:
+        return False
 
 
 def available() -> bool:
@@ -94,7 +108,8 @@ except (ImportError, OSError, AttributeError):  # no llama-cpp-python: the runne
 class LlamaCppRunner(SlotRunner):
     """Runs a GGUF model through llama.cpp over many sequences (see the module docstring).
 
-    ``invariant``: a position's logits do not depend on its forward's width (the module docstring).
+    ``invariant``: a position's logits do not depend on its forward's width (the module docstring);
+    ``patched``: use the patched build's switch (None: when the library has it; False: the stock settings).
     ``slots``: sequences at once (llama.cpp's ``n_seq_max`` less the scratch one, fixed for the context's
     life); ``context``: KV cells shared by all of them. A forward of more than ``UBATCH`` positions is fed
     in several ``llama_decode`` calls.
@@ -108,17 +123,25 @@ class LlamaCppRunner(SlotRunner):
         context: int = DEFAULT_CONTEXT,
         threads: int = 0,
         invariant: bool = True,
+        patched: bool | None = None,
     ) -> None:
-        if invariant:  # before ggml's first matmul in this process, which reads it once
-            os.environ.setdefault("GGML_CPU_TILED_MM", "0")
         lib = _lib()
+        self.invariant = invariant
+        self.patched = _patched() if patched is None else patched and _patched()
+        if invariant:  # before ggml's first matmul in this process, which reads them once
+            os.environ.setdefault("GGML_CPU_TILED_MM", "0")
+            if self.patched:
+                os.environ.setdefault("GGML_CPU_BATCH_INVARIANT", "1")
+        # a stock build stays invariant only with small micro-batches, no lone query, no repacked weights
+        self._careful = invariant and not self.patched
+        self.ubatch = SMALL_UBATCH if self._careful else UBATCH
         _init_backend()
         self.path = Path(path)
         if not self.path.is_file():
             raise FileNotFoundError(f"no GGUF file at {self.path}")
         mparams = lib.llama_model_default_params()
         mparams.n_gpu_layers = 0
-        mparams.use_extra_bufts = False  # no repacked weights: see the module docstring
+        mparams.use_extra_bufts = not self._careful  # repacked weights (module docstring)
         self._model = lib.llama_model_load_from_file(str(self.path).encode(), mparams)
         if not self._model:
             raise ValueError(f"llama.cpp could not load {self.path}")
@@ -128,9 +151,9 @@ class LlamaCppRunner(SlotRunner):
         self.threads = threads or len(os.sched_getaffinity(0))
         cparams = lib.llama_context_default_params()
         cparams.n_ctx = context
-        cparams.n_batch = cparams.n_ubatch = UBATCH
+        cparams.n_batch = cparams.n_ubatch = self.ubatch
         cparams.n_seq_max = slots + 1  # and the scratch sequence
-        cparams.n_outputs_max = max(UBATCH + 1, slots + 1)  # llama.cpp reserves an output per sequence
+        cparams.n_outputs_max = max(self.ubatch + 1, slots + 1)  # llama.cpp reserves an output per sequence
         cparams.n_threads = cparams.n_threads_batch = self.threads
         cparams.kv_unified = True
         cparams.flash_attn_type = lib.LLAMA_FLASH_ATTN_TYPE_ENABLED
@@ -143,7 +166,7 @@ class LlamaCppRunner(SlotRunner):
         self.context = int(lib.llama_n_ctx(self._ctx))
         max_positions = min(int(lib.llama_model_n_ctx_train(self._model)) or self.context, self.context)
         super().__init__(name, slots, torch.device("cpu"), max_positions)
-        self._batch = lib.llama_batch_init(UBATCH + 1, 0, 1)
+        self._batch = lib.llama_batch_init(self.ubatch + 1, 0, 1)
         self._cached = [0] * (
             slots + 1
         )  # positions llama.cpp holds per slot (>= len(seq.tokens) after rollback)
@@ -163,6 +186,11 @@ class LlamaCppRunner(SlotRunner):
             "device": "cpu",
             "weight_bytes": int(lib.llama_model_size(self._model)),
             "threads": self.threads,
+            "batch_invariant": "patched"
+            if self.invariant and self.patched
+            else "careful"
+            if self._careful
+            else "off",
             "context": self.context,
         }
 
@@ -231,8 +259,8 @@ class LlamaCppRunner(SlotRunner):
             (seq, t, pos >= len(tokens) - keep) for seq, tokens, keep in rows for pos, t in enumerate(tokens)
         ]
         kept: list[torch.Tensor] = []
-        for begin in range(0, len(flat), UBATCH):
-            kept.extend(self._decode_batch(flat[begin : begin + UBATCH]))
+        for begin in range(0, len(flat), self.ubatch):
+            kept.extend(self._decode_batch(flat[begin : begin + self.ubatch]))
         outputs, j = [], 0
         for _, _, keep in rows:
             outputs.append(torch.stack(kept[j : j + keep]) if keep else torch.zeros(0, self._n_vocab))
@@ -243,7 +271,7 @@ class LlamaCppRunner(SlotRunner):
         """One ``llama_decode`` of (sequence, token, wants logits) entries, in order; each sequence's tokens
         go at its next positions. Returns the flagged entries' logits [vocab] each."""
         lib, b = _lib(), self._batch
-        if len(tokens) == 1:
+        if len(tokens) == 1 and self._careful:
             tokens = tokens + [(self._scratch, 0, False)]
         for j, (seq, token, wants) in enumerate(tokens):
             b.token[j] = token
