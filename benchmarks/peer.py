@@ -2,7 +2,8 @@
 llama.cpp`).
 
 Rows: llama-server target only, llama-server with its draft model (`--spec-draft-n-max`), specdec (both
-services and `specdec serve-openai`, defaults) and specdec `--no-draft`. Each runs alone on the machine, one
+services and `specdec serve-openai`, defaults) and specdec `--no-draft`, and the same two with the
+verifier on llama.cpp's stock kernels (`--no-batch-invariant`). Each runs alone on the machine, one
 after the other, with the same code prompts, greedy, `--max-new` tokens, EOS ignored, non-streaming
 `/v1/completions`, at each client count (threads, each sending the prompts in turn). Reports aggregate
 completion tokens per second, whether every row produced the same texts, and each server's resident memory.
@@ -22,7 +23,8 @@ import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-CONFIGS = ("llama", "llama-draft", "specdec", "specdec-no-draft")
+# specdec-stock*: the verifier on llama.cpp's stock kernels (--no-batch-invariant)
+CONFIGS = ("llama", "llama-draft", "specdec", "specdec-no-draft", "specdec-stock", "specdec-stock-no-draft")
 
 
 def code_prompts(count: int) -> list[str]:
@@ -116,12 +118,12 @@ def start_llama(a, port: int, draft: bool, log) -> subprocess.Popen:
     return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
 
 
-def start_specdec(a, port: int, log) -> list:
+def start_specdec(a, port: int, log, verifier_args: list[str]) -> list:
     """Drafter and verifier services (defaults) and serve-openai over them: [(process or service), ...]."""
     from client.local import launch
 
     d = launch("drafter", a.drafter, log_file=log)
-    v = launch("verifier", a.target, args=["--drafter", d.address], log_file=log)
+    v = launch("verifier", a.target, args=["--drafter", d.address, *verifier_args], log_file=log)
     cmd = [
         sys.executable,
         "-m",
@@ -147,10 +149,10 @@ def measure(a, config: str, prompts: list[str], levels: list[int], log) -> dict:
         wait_http(base + "/health", procs[0])
         pids = {"llama-server": procs[0].pid}
     else:
-        procs = start_specdec(a, port, log)
+        procs = start_specdec(a, port, log, ["--no-batch-invariant"] if "stock" in config else [])
         wait_http(base + "/v1/models", procs[2])
         pids = {"drafter": procs[0].proc.pid, "verifier": procs[1].proc.pid}
-    extra = {"no_draft": True} if config == "specdec-no-draft" else {}
+    extra = {"no_draft": True} if config.endswith("no-draft") else {}
     try:
         rows = {}
         run_clients(base, prompts[:1], 1, 8, extra)  # warm-up

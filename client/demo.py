@@ -4,6 +4,7 @@ one client and then four at once."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 import threading
@@ -55,16 +56,91 @@ def main(argv: list[str] | None = None) -> int:
             drafter.stop()
             raise
         try:
-            run_prompts(verifier.address, drafter.address, a)
+            spec_tps = run_prompts(verifier.address, drafter.address, a)
             if a.clients > 1:
                 run_concurrent(verifier.address, drafter.address, a)
         finally:
             codes = verifier.stop(), drafter.stop()
             print(f"== services stopped (exit codes {codes[0]}, {codes[1]})")
+    compare_llama_server(a, spec_tps, logs)
     return 0
 
 
-def run_prompts(verifier: str, drafter: str, a) -> None:
+def llama_server_binary() -> str | None:
+    """llama.cpp's server where one is at hand: $LLAMA_SERVER, the one scripts/build_llama_server.sh built,
+    or on the PATH."""
+    import shutil
+
+    built = models.cache_root() / "llama.cpp" / "bin" / "llama-server"
+    for candidate in (os.environ.get("LLAMA_SERVER", ""), str(built), shutil.which("llama-server") or ""):
+        if candidate and os.access(candidate, os.X_OK):
+            return candidate
+    return None
+
+
+def compare_llama_server(a, spec_tps: float, logs: Path) -> None:
+    """The same prompts, one at a time, through llama-server on the target's GGUF file (target only)."""
+    import json
+    import subprocess
+    import urllib.request
+
+    from .local import free_port
+
+    server = llama_server_binary()
+    gguf = models.gguf_source(a.target_model, download=False) if a.device == "cpu" else None
+    if server is None or gguf is None:
+        print(
+            "\n== llama.cpp: no llama-server here (scripts/build_llama_server.sh builds one to compare with)"
+        )
+        return
+    port = free_port()
+    cmd = [
+        server,
+        "-m",
+        str(gguf),
+        "-t",
+        str(len(os.sched_getaffinity(0))),
+        "-c",
+        "4096",
+        "--port",
+        str(port),
+    ]
+    with open(logs / "llama-server.log", "w") as log:
+        proc = subprocess.Popen(cmd + ["--host", "127.0.0.1"], stdout=log, stderr=subprocess.STDOUT)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 300
+        while True:
+            try:
+                with urllib.request.urlopen(base + "/health", timeout=2):
+                    break
+            except OSError:
+                if proc.poll() is not None or time.time() > deadline:
+                    print(f"\n== llama.cpp: llama-server did not start (log: {logs / 'llama-server.log'})")
+                    return
+                time.sleep(0.5)
+        tokens, wall = 0, 0.0
+        for prompt in DEMO_PROMPTS[: a.prompts]:
+            body = {"messages": [{"role": "user", "content": prompt}], "max_tokens": a.max_new_tokens}
+            req = urllib.request.Request(
+                base + "/v1/chat/completions", json.dumps({**body, "temperature": 0}).encode(),
+                {"Content-Type": "application/json"},
+            )  # fmt: skip
+            t0 = time.perf_counter()
+            with urllib.request.urlopen(req, timeout=600) as resp:
+                tokens += json.loads(resp.read())["usage"]["completion_tokens"]
+            wall += time.perf_counter() - t0
+        llama_tps = tokens / wall
+        print(
+            f"\n== llama.cpp's llama-server on the same GGUF, target only: {llama_tps:.2f} tok/s; "
+            f"specdec speculative {spec_tps:.2f} tok/s ({spec_tps / llama_tps:.2f}x)"
+        )
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+def run_prompts(verifier: str, drafter: str, a) -> float:
     totals = {"spec": [0, 0.0], "base": [0, 0.0]}
     with SpecDecClient(verifier, drafter) as client:
         for prompt in DEMO_PROMPTS[: a.prompts]:
@@ -93,6 +169,7 @@ def run_prompts(verifier: str, drafter: str, a) -> None:
         f"\n== overall: speculative {spec_tps:.2f} tok/s, target only {base_tps:.2f} tok/s, "
         f"speed-up {spec_tps / base_tps:.2f}x"
     )
+    return spec_tps
 
 
 CONCURRENT_PROMPTS = [

@@ -105,6 +105,10 @@ class VerifierConfig(CommonConfig):
     session_idle_s: float = 300.0
     max_session_tokens: int = 32768
     max_total_tokens: int = 262144
+    # llama.cpp backend: keep each position's arithmetic independent of its forward's width (greedy output
+    # then equals --no-draft bit for bit; batched forwards of 2+ positions cost more); off: llama.cpp's stock
+    # kernels, faster under load, with llama-server's own batch-dependent rounding
+    batch_invariant: bool = True
     fast_verify: str = "auto"  # auto | transpose (= on) | onednn | off: small-block linear path, probed
     # start remote drafters' prefill while the target prefills: auto (unless the drafter shares this
     # host's CPU cores, from its Info) | on | off

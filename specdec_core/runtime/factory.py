@@ -87,7 +87,8 @@ def _load_llamacpp(config, role: str, max_sequences: int, threads: int) -> Loade
         slots=max_sequences,
         context=config.kv_cells or DEFAULT_CONTEXT,
         threads=threads,
-        invariant=role == "verifier",  # losslessness needs the target's numerics fixed, not the drafter's
+        # losslessness needs the target's numerics fixed, not the drafter's
+        invariant=role == "verifier" and getattr(config, "batch_invariant", True),
     )
     tokenizer = models.load_tokenizer(config.model)
     log.info("%s: llama.cpp, %s", config.model, runner.describe())
