@@ -144,6 +144,7 @@ def measure(a, config: str, prompts: list[str], levels: list[int], log) -> dict:
 
     port = free_port()
     base = f"http://127.0.0.1:{port}"
+    procs: list
     if config.startswith("llama"):
         procs = [start_llama(a, port, config == "llama-draft", log)]
         wait_http(base + "/health", procs[0])
