@@ -38,21 +38,6 @@ def post(url: str, body: dict, timeout: float = 900.0) -> dict:
         return json.loads(resp.read())
 
 
-def wait_http(url: str, proc: subprocess.Popen, timeout_s: float = 600.0) -> None:
-    deadline = time.time() + timeout_s
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode} before {url} answered")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as resp:
-                if resp.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.5)
-    raise TimeoutError(url)
-
-
 def rss_mb(pid: int) -> float:
     import psutil
 
@@ -98,10 +83,12 @@ def run_clients(base: str, prompts: list[str], clients: int, max_new: int, extra
 
 
 def start_llama(a, port: int, draft: bool, log) -> subprocess.Popen:
+    from client.demo import llama_server_binary
     from specdec_core import models
 
     server = (
         a.llama_server
+        or llama_server_binary()
         or subprocess.run(
             ["bash", str(ROOT / "scripts" / "build_llama_server.sh")],
             check=True,
@@ -140,7 +127,7 @@ def start_specdec(a, port: int, log, verifier_args: list[str]) -> list:
 
 
 def measure(a, config: str, prompts: list[str], levels: list[int], log) -> dict:
-    from client.local import free_port
+    from client.local import free_port, wait_http
 
     port = free_port()
     base = f"http://127.0.0.1:{port}"
@@ -182,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-new", type=int, default=96)
     p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="llama-server -t")
     p.add_argument("--llama-draft-max", type=int, default=3, help="llama-server --spec-draft-n-max")
-    p.add_argument("--llama-server", default="", help="a llama-server binary (default: build one)")
+    p.add_argument("--llama-server", default="", help="a llama-server binary (default: $LLAMA_SERVER, one already built, else build one)")
     p.add_argument("--configs", default=",".join(CONFIGS))
     p.add_argument("--out", default="bench-results/peer.json")
     a = p.parse_args(argv)

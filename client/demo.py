@@ -84,7 +84,7 @@ def compare_llama_server(a, spec_tps: float, logs: Path) -> None:
     import subprocess
     import urllib.request
 
-    from .local import free_port
+    from .local import free_port, wait_http
 
     server = llama_server_binary()
     gguf = models.gguf_source(a.target_model, download=False) if a.device == "cpu" else None
@@ -109,16 +109,11 @@ def compare_llama_server(a, spec_tps: float, logs: Path) -> None:
         proc = subprocess.Popen(cmd + ["--host", "127.0.0.1"], stdout=log, stderr=subprocess.STDOUT)
     try:
         base = f"http://127.0.0.1:{port}"
-        deadline = time.time() + 300
-        while True:
-            try:
-                with urllib.request.urlopen(base + "/health", timeout=2):
-                    break
-            except OSError:
-                if proc.poll() is not None or time.time() > deadline:
-                    print(f"\n== llama.cpp: llama-server did not start (log: {logs / 'llama-server.log'})")
-                    return
-                time.sleep(0.5)
+        try:
+            wait_http(base + "/health", proc, timeout_s=300)
+        except (RuntimeError, TimeoutError):
+            print(f"\n== llama.cpp: llama-server did not start (log: {logs / 'llama-server.log'})")
+            return
         tokens, wall = 0, 0.0
         for prompt in DEMO_PROMPTS[: a.prompts]:
             body = {"messages": [{"role": "user", "content": prompt}], "max_tokens": a.max_new_tokens}

@@ -43,6 +43,25 @@ def wait_serving(address: str, timeout_s: float = 300.0, proc: subprocess.Popen 
     raise TimeoutError(f"{address} not SERVING after {timeout_s:.0f}s")
 
 
+def wait_http(url: str, proc: subprocess.Popen, timeout_s: float = 600.0) -> None:
+    """Poll ``url`` until it answers 200 (an HTTP server started as ``proc``, e.g. llama-server's
+    /health); raise if the process exits or the time runs out."""
+    import urllib.request
+
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode} before {url} answered")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as resp:
+                if resp.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(url)
+
+
 @dataclass
 class LocalService:
     role: str
