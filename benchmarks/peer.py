@@ -169,7 +169,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-new", type=int, default=96)
     p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="llama-server -t")
     p.add_argument("--llama-draft-max", type=int, default=3, help="llama-server --spec-draft-n-max")
-    p.add_argument("--llama-server", default="", help="a llama-server binary (default: $LLAMA_SERVER, one already built, else build one)")
+    p.add_argument(
+        "--llama-server",
+        default="",
+        help="a llama-server binary (default: $LLAMA_SERVER, one already built, else build one)",
+    )
     p.add_argument("--configs", default=",".join(CONFIGS))
     p.add_argument("--out", default="bench-results/peer.json")
     a = p.parse_args(argv)
