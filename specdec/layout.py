@@ -92,7 +92,7 @@ def apply_wait_policy(argv: list[str], role: str) -> str:
 def service_scheduler(name: str, config, metrics=None):
     """The compute thread of a service (``config``: a service config) and the forward costs it learns;
     ``metrics`` (``specdec.metrics.ServiceMetrics``) sees every forward too."""
-    from specdec_core.runtime.load import BatchLoad
+    from specdec_core.runtime.batch_costs import BatchLoad
     from specdec_core.runtime.scheduler import Scheduler
 
     load = BatchLoad()

@@ -20,7 +20,7 @@ from .drafting import DraftBlock, Drafter, DrafterDown, DrafterUnavailable, Earl
 from .ngram import MODEL, NGRAM, HybridDrafter, NgramDrafter
 from .runtime.admission import Cancellation, GenerationCancelled
 from .runtime.interface import Row, Runner, Sequence
-from .runtime.load import BatchLoad
+from .runtime.batch_costs import BatchLoad
 from .runtime.scheduler import Executor, Inline, Job, Task
 from .sampling import SamplingParams, logits_to_probs, make_generator, position_noise, race
 from .verification import Verdict, verify_coupled, verify_greedy, verify_sampled
@@ -305,7 +305,7 @@ class SpeculativeDecoder:
     ) -> None:
         """``executor``: the scheduler that runs the target's forwards (default: right here, one by one).
 
-        ``load``: what the batch costs and yields (``runtime.load``), fed by the scheduler's forwards; the
+        ``load``: what the batch costs and yields (``runtime.batch_costs``), fed by the scheduler's forwards; the
         draft-length policy weighs each block against it. Without one, the decoder measures its own.
 
         ``overlap_prefill``: start the drafter before the target's prefill, so a remote drafter prefills on
