@@ -28,12 +28,14 @@ import psutil
 import torch
 
 from specdec_core import models
+from specdec_core.decoder import SpeculativeDecoder
 from specdec_core.draft_length import FixedDraftLength, LengthMemory
 from specdec_core.drafting import ModelDrafter
-from specdec_core.engine import GenerationStats, SpeculativeDecoder, StopCriteria
 from specdec_core.optimize import enable_fast_linear, prepare_drafter
 from specdec_core.runtime.backends.torch_eager import ModelRunner
 from specdec_core.sampling import SamplingParams
+from specdec_core.stats import GenerationStats
+from specdec_core.stopping import StopCriteria
 from specdec_core.text import encode_prompt
 
 HERE = Path(__file__).resolve().parent

@@ -47,11 +47,12 @@ sys.path.insert(0, str(ROOT / "tests"))
 def check_correctness(device: str) -> dict:
     from tiny import FAMILIES, perturbed, tiny_model, tiny_tokenizer
 
+    from specdec_core.decoder import SpeculativeDecoder
     from specdec_core.draft_length import FixedDraftLength
     from specdec_core.drafting import ModelDrafter
-    from specdec_core.engine import SpeculativeDecoder, StopCriteria
     from specdec_core.runtime.backends.torch_eager import ModelRunner
     from specdec_core.sampling import SamplingParams
+    from specdec_core.stopping import StopCriteria
 
     prompt = tiny_tokenizer()("def add(a, b):\n")["input_ids"]
     out: dict = {}

@@ -27,13 +27,16 @@ from pathlib import Path
 import torch
 
 from specdec_core import models
+from specdec_core.decoder import SpeculativeDecoder
 from specdec_core.draft_length import LengthMemory
 from specdec_core.drafting import ModelDrafter
-from specdec_core.engine import LOOKUP_K_MAX, GenerationStats, SpeculativeDecoder, StopCriteria
-from specdec_core.ngram import HybridDrafter, NgramDrafter
+from specdec_core.hybrid import HybridDrafter
+from specdec_core.ngram import LOOKUP_K_MAX, NgramDrafter
 from specdec_core.optimize import enable_fast_linear, prepare_drafter
 from specdec_core.runtime.backends.torch_eager import ModelRunner
 from specdec_core.sampling import SamplingParams
+from specdec_core.stats import GenerationStats
+from specdec_core.stopping import StopCriteria
 from specdec_core.text import encode_prompt
 
 from .bench import describe_hardware, hf_kwargs

@@ -8,9 +8,10 @@ from specdec import layout
 from specdec.v1 import specdec_pb2 as pb
 from specdec.wire import sampling_from_pb, sampling_to_pb, stats_from_pb  # noqa: F401 - re-exported
 from specdec_core.drafting import CONFIDENCE_BINS, DraftBlock, EarlyStop
-from specdec_core.engine import GenerationStats, StopCriteria
 from specdec_core.models import vocab_by_id
 from specdec_core.sampling import SparseDist
+from specdec_core.stats import GenerationStats
+from specdec_core.stopping import StopCriteria
 
 
 def stop_from_pb(

@@ -1,4 +1,4 @@
-"""Drafting without a draft model: prompt lookup (n-gram), and a hybrid that picks a source per round.
+"""Drafting without a draft model: prompt lookup (n-gram).
 
 ``NgramIndex`` maps every n-gram of the committed text (prompt + generated), ``min_ngram <= n <=
 max_ngram``, to the end of its most recent occurrence; appending a token updates ``max_ngram`` entries,
@@ -12,11 +12,7 @@ probability of the proposed token, since ``q(x) = 1``) and resamples from ``p`` 
 sampling, lookup drafts are accepted less often than a model drafter's (which wins ``1 - TV(p, q)``):
 only as often as the target itself would pick the repeated token.
 
-``HybridDrafter`` holds a model drafter and an n-gram drafter in step. Each round, ``next_source()``
-picks where the next block comes from: the n-gram proposal where a match exists and its measured rate
-is at least the model drafter's, otherwise the model drafter. The rates come from the generation loop
-(``engine.py``): each source has its own draft-length policy, the lookup one per state (copying an
-earlier stretch or not), and the lookup's are measured every round from its proposal, drafted or not.
+The hybrid of a model drafter and this lookup is ``hybrid.py``.
 """
 
 from __future__ import annotations
@@ -30,6 +26,7 @@ from .sampling import SamplingParams, SparseDist
 
 NGRAM = "ngram"
 MODEL = "model"
+LOOKUP_K_MAX = 16  # lookup drafts cost nothing: only the verify forward bounds their length
 
 
 class NgramIndex:
@@ -128,82 +125,3 @@ class NgramDrafter(Drafter):
     def close(self) -> None:
         self.index = NgramIndex(self.min_ngram, self.max_ngram)
         self._drafted = []
-
-
-class HybridDrafter(Drafter):
-    """A model drafter and an n-gram drafter in step; each round drafts from the source ``next_source()``
-    picks.
-
-    ``prefer_ngram`` (set by the generation loop from the two sources' draft-length policies) says whether
-    the n-gram source's measured rate is at least the model's; the n-gram source is used only where it has
-    a match. The model drafter starts at the first round that uses it, from the committed text the n-gram
-    index holds, and hears every committed token after that: its own verdicts, and the n-gram rounds'
-    tokens as committed ones (a remote drafter gets them with its next step).
-    """
-
-    source: str = MODEL  # its own length policy is the model drafter's; each round's: ``next_source()``
-
-    def __init__(self, model: Drafter, ngram: NgramDrafter | None = None) -> None:
-        self.model = model
-        self.ngram = ngram or NgramDrafter()
-        self.prefer_ngram = True
-        self._params = SamplingParams()
-        self._last: str | None = None  # the source of the block in flight
-        self._model_started = False
-        self._model_drafted: list[int] = []
-        self._model_behind = 0  # committed tokens the started model drafter was only told of (extend)
-
-    def start(self, context: list[int], params: SamplingParams) -> None:
-        self.ngram.start(context, params)
-        self._params = params
-        self._last, self._model_started, self._model_behind = None, False, 0
-
-    @property
-    def model_pending(self) -> int:
-        """Tokens the model drafter must take in before its next block (one prefill, paid in that round's
-        drafting time): the whole text until it first drafts, then what lookup and plain rounds committed."""
-        return self._model_behind if self._model_started else len(self.ngram.index.tokens)
-
-    def next_source(self) -> str:
-        """Where the coming round's block comes from."""
-        return NGRAM if self.prefer_ngram and self.ngram.has_match else MODEL
-
-    def propose(self, k: int, stop: EarlyStop | None = None) -> DraftBlock:
-        self._last = self.next_source()
-        if self._last == NGRAM:
-            return self.ngram.propose(k)
-        if not self._model_started:
-            self.model.start(list(self.ngram.index.tokens), self._params)
-            self._model_started = True
-        self._model_behind = 0
-        block = self.model.propose(k, stop)
-        self._model_drafted = list(block.tokens)
-        return block
-
-    def accept(self, num_accepted: int, next_token: int) -> None:
-        last, self._last = self._last, None
-        if last is None:  # no block in flight (the first token, from the target's prefill)
-            self.extend([next_token])
-        elif last == NGRAM:
-            committed = self.ngram._drafted[:num_accepted] + [next_token]
-            self.ngram.accept(num_accepted, next_token)
-            if self._model_started:
-                self.model.extend(committed)
-                self._model_behind += len(committed)
-        else:
-            self.model.accept(num_accepted, next_token)
-            self.ngram.extend(self._model_drafted[:num_accepted] + [next_token])
-            self._model_drafted = []
-
-    def extend(self, tokens: list[int]) -> None:
-        self.ngram.extend(tokens)
-        if self._model_started:
-            self.model.extend(tokens)
-            self._model_behind += len(tokens)
-
-    def cancel(self) -> None:
-        self.model.cancel()
-
-    def close(self) -> None:
-        self.model.close()
-        self.ngram.close()

@@ -17,10 +17,11 @@ from specdec.config import DrafterConfig, VerifierConfig
 from specdec.rpc import channel
 from specdec.v1 import specdec_pb2 as pb
 from specdec.v1 import specdec_pb2_grpc as pb_grpc
+from specdec_core.decoder import SpeculativeDecoder
 from specdec_core.draft_length import DraftLengthPolicy
-from specdec_core.engine import SpeculativeDecoder, StopCriteria
 from specdec_core.runtime.backends.torch_eager import ModelRunner
 from specdec_core.sampling import SamplingParams
+from specdec_core.stopping import StopCriteria
 from verifier_service.remote_drafter import RemoteDrafter
 
 PROMPTS = [

@@ -6,11 +6,13 @@ import pytest
 import torch
 from tiny import FAMILIES, hf_greedy, perturbed, tiny_model, tiny_tokenizer
 
+from specdec_core.decoder import SpeculativeDecoder
 from specdec_core.draft_length import PRIOR_POSITIONS, AdaptiveDraftLength, FixedDraftLength, LengthMemory
 from specdec_core.drafting import EarlyStop, ModelDrafter
-from specdec_core.engine import GenerationStats, SpeculativeDecoder, StopCriteria
 from specdec_core.runtime.backends.torch_eager import ModelRunner
 from specdec_core.sampling import SamplingParams
+from specdec_core.stats import GenerationStats
+from specdec_core.stopping import StopCriteria
 
 PROMPT = tiny_tokenizer()("def add(a, b):\n")["input_ids"]
 

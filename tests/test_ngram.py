@@ -9,12 +9,15 @@ from tiny import hf_greedy, perturbed, tiny_model, tiny_tokenizer
 
 from client import SpecDecClient
 from specdec.config import VerifierConfig
+from specdec_core.decoder import SpeculativeDecoder
 from specdec_core.draft_length import AdaptiveDraftLength, FixedDraftLength
 from specdec_core.drafting import ModelDrafter
-from specdec_core.engine import GenerationStats, SpeculativeDecoder, StopCriteria
-from specdec_core.ngram import HybridDrafter, NgramDrafter, NgramIndex
+from specdec_core.hybrid import HybridDrafter
+from specdec_core.ngram import NgramDrafter, NgramIndex
 from specdec_core.runtime.backends.torch_eager import ModelRunner
 from specdec_core.sampling import SamplingParams
+from specdec_core.stats import GenerationStats
+from specdec_core.stopping import StopCriteria
 
 # an input-grounded prompt: the continuation repeats the prompt's own text
 CODE = "def add(a, b):\n    return a + b\n\ndef add(a, b):\n    return a + b\n\ndef add(a, b):\n"

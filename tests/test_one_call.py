@@ -178,7 +178,8 @@ def test_plain_decoding_in_blocks_is_plain_decoding(params):
     """A generation without a drafter, alone on the target, decodes `plain_steps` tokens per runner call:
     greedy gives the target's own ids, a seeded sample the same tokens as one token per call, and the
     stop conditions cut a block where they fall (max_new_tokens not a multiple of the block, an EOS)."""
-    from specdec_core.engine import SpeculativeDecoder, StopCriteria
+    from specdec_core.decoder import SpeculativeDecoder
+    from specdec_core.stopping import StopCriteria
 
     target = tiny_model("qwen2")
 
@@ -232,7 +233,9 @@ def test_rounds_without_drafts_decode_in_blocks_beside_a_drafter():
     """With a drafter, rounds the policy leaves undrafted decode `plain_steps` tokens in one call; the
     drafter catches up on them before its next block; greedy stays the target's; the policy hears of each
     plain token as a round of its own."""
-    from specdec_core.engine import GenerationStats, SpeculativeDecoder, StopCriteria
+    from specdec_core.decoder import SpeculativeDecoder
+    from specdec_core.stats import GenerationStats
+    from specdec_core.stopping import StopCriteria
 
     target = tiny_model("qwen2")
     drafter = ModelDrafter(ModelRunner(perturbed(target, 0.1)))

@@ -8,12 +8,13 @@ import pytest
 import torch
 from tiny import FAMILIES, hf_greedy, perturbed, tiny_model, tiny_tokenizer
 
+from specdec_core.decoder import SpeculativeDecoder
 from specdec_core.draft_length import AdaptiveDraftLength, FixedDraftLength, Load, Peer
 from specdec_core.drafting import ModelDrafter
-from specdec_core.engine import SpeculativeDecoder, StopCriteria
 from specdec_core.optimize import FAST_MAX_ROWS, enable_fast_linear, prepare_drafter
 from specdec_core.runtime.backends.torch_eager import ModelRunner
 from specdec_core.sampling import SamplingParams
+from specdec_core.stopping import StopCriteria
 
 PROMPT = tiny_tokenizer()("for i in range(10):\n")["input_ids"]
 # fp32 logits of a 2-layer model: reassociating the dot products moves them by ~1e-6

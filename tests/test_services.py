@@ -16,9 +16,9 @@ from specdec.config import DrafterConfig, VerifierConfig
 from specdec.rpc import channel
 from specdec.v1 import specdec_pb2 as pb
 from specdec.v1 import specdec_pb2_grpc as pb_grpc
-from specdec_core.engine import TargetSession
 from specdec_core.runtime.backends.torch_eager import ModelRunner
 from specdec_core.sampling import SamplingParams
+from specdec_core.target import TargetSession
 from verifier_service.engine import VerifierEngine
 from verifier_service.server import start as start_verifier
 

@@ -6,12 +6,13 @@ import pytest
 import torch
 from tiny import FAMILIES, hf_greedy, perturbed, tiny_model, tiny_tokenizer
 
+from specdec_core.decoder import SpeculativeDecoder
 from specdec_core.draft_length import FixedDraftLength
 from specdec_core.drafting import ModelDrafter
-from specdec_core.engine import SpeculativeDecoder, StopCriteria
 from specdec_core.runtime.backends.torch_eager import ModelRunner, Row
 from specdec_core.runtime.backends.torch_static import Buckets, StaticRunner
 from specdec_core.sampling import SamplingParams
+from specdec_core.stopping import StopCriteria
 
 BUCKETS = Buckets(rows=(1, 2, 4), widths=(1, 2, 4, 8, 16), capacity=96)
 

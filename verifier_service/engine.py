@@ -23,19 +23,23 @@ from specdec.rpc import DependencyUnavailable, LimitExceeded, PermissionDenied, 
 from specdec.security import ClientSecurity, read_token
 from specdec.v1 import specdec_pb2 as pb
 from specdec.v1 import specdec_pb2_grpc as pb_grpc
+from specdec_core.decoder import SpeculativeDecoder
 from specdec_core.draft_length import DraftLengthPolicy, FixedDraftLength, LengthMemory
 from specdec_core.drafting import DraftBlock, Drafter
-from specdec_core.engine import LOOKUP_K_MAX, GenerationStats, SpeculativeDecoder, StopCriteria, TargetSession
+from specdec_core.hybrid import HybridDrafter
 from specdec_core.models import (
     TokenizerMismatch,
     first_vocab_difference,
     vocab_by_id,
     vocab_fingerprint,
 )
-from specdec_core.ngram import NGRAM, HybridDrafter, NgramDrafter
+from specdec_core.ngram import LOOKUP_K_MAX, NGRAM, NgramDrafter
 from specdec_core.runtime.admission import Admission, Cancellation
 from specdec_core.runtime.factory import load_runner
 from specdec_core.sampling import SamplingParams
+from specdec_core.stats import GenerationStats
+from specdec_core.stopping import StopCriteria
+from specdec_core.target import TargetSession
 from specdec_core.text import IncrementalText, encode_messages, encode_prompt
 from specdec_core.verification import Verdict
 
@@ -44,7 +48,7 @@ from .remote_drafter import RemoteDrafter
 log = logging.getLogger(__name__)
 
 HYBRID = "hybrid"
-IN_PROCESS = (NGRAM, HYBRID)  # drafter names served inside the verifier (specdec_core/ngram.py)
+IN_PROCESS = (NGRAM, HYBRID)  # drafter names served inside the verifier (specdec_core/ngram.py, hybrid.py)
 
 
 def _drafter_name(drafter) -> str:

@@ -1,8 +1,7 @@
-"""The generation loop: rounds of draft k / verify / accept, with stop conditions and statistics.
+"""The generation loop: rounds of draft k / verify / accept until a stop condition.
 
-``TargetSession`` is the verifier's side of one generation (its KV cache, committed tokens and RNG);
-``SpeculativeDecoder.generate`` drives a session and any ``Drafter`` to produce tokens. The verifier
-service uses the same two pieces for its public Generate and Verify rpcs.
+``SpeculativeDecoder.generate`` drives a ``TargetSession`` (``target.py``) and any ``Drafter`` to produce
+tokens. The verifier service uses the same pieces for its public Generate and Verify rpcs.
 """
 
 from __future__ import annotations
@@ -10,285 +9,23 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterator
-from concurrent.futures import CancelledError
-from dataclasses import dataclass, field, replace
-
-import torch
+from dataclasses import replace
 
 from .draft_length import AdaptiveDraftLength, DraftLengthPolicy, FixedDraftLength, Load
 from .drafting import DraftBlock, Drafter, DrafterDown, DrafterUnavailable, EarlyStop
-from .ngram import MODEL, NGRAM, HybridDrafter, NgramDrafter
-from .runtime.admission import Cancellation, GenerationCancelled
-from .runtime.interface import Row, Runner, Sequence
+from .hybrid import HybridDrafter
+from .ngram import LOOKUP_K_MAX, MODEL, NGRAM, NgramDrafter
+from .runtime.admission import Cancellation
 from .runtime.batch_costs import BatchLoad
-from .runtime.scheduler import Executor, Inline, Job, Task
-from .sampling import SamplingParams, logits_to_probs, make_generator, position_noise, race
-from .verification import Verdict, verify_coupled, verify_greedy, verify_sampled
+from .runtime.interface import Runner
+from .runtime.scheduler import Executor, Inline
+from .sampling import SamplingParams
+from .stats import GenerationStats
+from .stopping import Chunk, StopCriteria, Stopper
+from .target import TargetSession
+from .verification import Verdict
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class StopCriteria:
-    """When a generation ends: a token budget, end-of-sequence ids, stop strings (need a tokenizer)."""
-
-    max_new_tokens: int = 128
-    eos_token_ids: frozenset[int] = frozenset()
-    stop_strings: tuple[str, ...] = ()
-
-
-@dataclass
-class GenerationStats:
-    """Counters of one generation; times in seconds."""
-
-    rounds: int = 0
-    drafted: int = 0
-    accepted: int = 0
-    accepted_per_position: list[int] = field(default_factory=list)  # [i]: rounds accepting draft i+1
-    drafted_per_position: list[int] = field(default_factory=list)  # [i]: rounds drafting position i+1
-    target_passes: int = 0
-    target_tokens: int = 0  # positions the target processed (prefill included)
-    draft_s: float = 0.0
-    verify_s: float = 0.0
-    prefill_s: float = 0.0  # the target's prompt prefill (the drafter's counts as drafting)
-    network_s: float = 0.0
-    wall_s: float = 0.0
-    first_token_s: float = 0.0  # from the start of the generation to its first token
-    new_tokens: int = 0
-    drafter_failures: int = 0
-    plain_rounds: int = 0  # rounds decoded without drafting (no drafter, or the policy chose k = 0)
-    draft_lengths: list[int] = field(default_factory=list)
-    round_trips: list[float] = field(default_factory=list)  # seconds of each drafter call that drafted
-    sources: dict[str, list[int]] = field(default_factory=dict)  # source -> [rounds, drafted, accepted]
-    copying: list[int] = field(default_factory=lambda: [0, 0, 0])  # the lookup rounds drafted while copying
-
-    @property
-    def acceptance_rate(self) -> float:
-        return self.accepted / self.drafted if self.drafted else 0.0
-
-    @property
-    def tokens_per_s(self) -> float:
-        return self.new_tokens / self.wall_s if self.wall_s > 0 else 0.0
-
-    def record_round(self, k: int, n: int) -> None:
-        for table in (self.accepted_per_position, self.drafted_per_position):
-            table.extend([0] * (k - len(table)))
-        for i in range(k):
-            self.drafted_per_position[i] += 1
-            self.accepted_per_position[i] += int(i < n)
-        self.rounds += 1
-        self.plain_rounds += int(k == 0)
-        self.drafted += k
-        self.accepted += n
-        self.draft_lengths.append(k)
-
-    def record_source(self, source: str, k: int, n: int, copying: bool = False) -> None:
-        """A drafted round's block came from ``source`` ("model", "ngram"), ``copying``: a lookup round
-        drafted while the text was copying an earlier stretch."""
-        for counts in [self.sources.setdefault(source, [0, 0, 0])] + ([self.copying] if copying else []):
-            counts[0], counts[1], counts[2] = counts[0] + 1, counts[1] + k, counts[2] + n
-
-    def to_dict(self) -> dict:
-        return {
-            "rounds": self.rounds,
-            "drafted": self.drafted,
-            "accepted": self.accepted,
-            "acceptance_rate": self.acceptance_rate,
-            "accepted_per_position": [
-                a / d if d else 0.0 for a, d in zip(self.accepted_per_position, self.drafted_per_position)
-            ],
-            "mean_accepted_per_round": self.accepted / self.rounds if self.rounds else 0.0,
-            "target_passes": self.target_passes,
-            "target_tokens": self.target_tokens,
-            "draft_s": self.draft_s,
-            "verify_s": self.verify_s,
-            "prefill_s": self.prefill_s,
-            "network_s": self.network_s,
-            "wall_s": self.wall_s,
-            "first_token_s": self.first_token_s,
-            "plain_rounds": self.plain_rounds,
-            "new_tokens": self.new_tokens,
-            "tokens_per_s": self.tokens_per_s,
-            "drafter_failures": self.drafter_failures,
-            "mean_draft_length": sum(self.draft_lengths) / len(self.draft_lengths)
-            if self.draft_lengths
-            else 0.0,
-            "drafter_source": {
-                source: {"rounds": r, "drafted": d, "accepted": a}
-                for source, (r, d, a) in self.sources.items()
-            },
-            "lookup_copying": dict(zip(("rounds", "drafted", "accepted"), self.copying, strict=True)),
-        }
-
-
-class TargetSession:
-    """The target model's state for one generation: KV cache over committed tokens, RNG, counters.
-
-    Invariant between rounds: the cache covers ``context[:-1]``; the last committed token is pending
-    and is fed together with the next drafted block, so a round is exactly one forward pass (a session
-    that was not prefilled feeds its whole context with its first block). Every forward is a job of
-    ``executor`` (the verifier's scheduler batches the rows of all sessions).
-    """
-
-    def __init__(
-        self,
-        runner: Runner,
-        context: list[int],
-        params: SamplingParams,
-        executor: Executor | None = None,
-    ) -> None:
-        if not context:
-            raise ValueError("a generation needs at least one prompt token")
-        self.runner = runner
-        self.params = params
-        self.context = list(context)
-        self.executor: Executor = executor or Inline()
-        self.generator = make_generator(params.seed, device=runner.device, stream=0)
-        self.seq: Sequence | None = None
-        self.passes = 0
-        self.tokens_processed = 0
-        self.cancelled = False
-        self._task: Task | None = None
-
-    def _run(self, job: Job):
-        if self.cancelled:
-            job.close()
-            raise GenerationCancelled("generation cancelled")
-        try:
-            return self.executor.run(self.runner, job, self._watch)
-        except CancelledError:
-            raise GenerationCancelled("generation cancelled") from None
-
-    def _watch(self, task: Task) -> None:
-        self._task = task
-        if self.cancelled:  # cancelled while the job was being submitted
-            task.cancel()
-
-    def cancel(self) -> None:
-        """Abandon the session (any thread): the forward in flight is dropped at the next iteration."""
-        self.cancelled = True
-        if self._task is not None:
-            self._task.cancel()
-
-    def close(self) -> None:
-        """Free the KV cache (its slot is reused from the next iteration on)."""
-        if self.seq is not None:
-            self.runner.release(self.seq)
-            self.seq = None
-
-    def prefill(self, emit_first: bool = False) -> int | None:
-        """Cache the context. With ``emit_first`` the prompt's last position is fed too and the first new
-        token is sampled from it and committed (returned): the first token needs no drafting round."""
-        return self._run(self._prefill_job(emit_first))
-
-    def _prefill_job(self, emit_first: bool) -> Job:
-        self.seq = self.runner.new_sequence()
-        feed = self.context if emit_first else self.context[:-1]
-        if not feed:
-            return None
-        logits = yield Row(self.seq, feed, keep=1 if emit_first else 0)  # [1 | 0, vocab]
-        self.passes += 1
-        self.tokens_processed += len(feed)
-        if not emit_first:
-            return None
-        token = int(self._pick(logits[0], len(self.context), check=True))
-        self.context.append(token)
-        return token
-
-    @property
-    def _rejection_rule(self) -> bool:
-        """Sampled without a seed: the rejection rule, which needs the drafter's distributions (a seeded
-        generation is verified by the coupled rule, see ``verification``; greedy by the argmax)."""
-        return not self.params.greedy and self.params.seed is None
-
-    def append(self, tokens: list[int]) -> None:
-        """Commit tokens produced elsewhere (a client re-sending history it holds)."""
-        self.context.extend(tokens)
-
-    def decode(self, steps: int) -> list[int]:
-        """Plain decoding: commit the target's next ``steps`` tokens, sampled as a plain round samples them,
-        in one call of the runner (a stepped row: each token picked on the device and fed back, one wait)."""
-        return self._run(self._decode_job(steps))
-
-    def _decode_job(self, steps: int) -> Job:
-        if self.seq is None:
-            self.seq = self.runner.new_sequence()
-        feed = self.context[len(self.seq) :]
-        position = len(self.context)  # the first new token's
-        picks = yield Row(
-            self.seq, feed, keep=1, steps=steps, pick=lambda lg, i: (self._pick(lg, position + i),)
-        )
-        tokens = [int(p[0]) for p in picks]
-        self.passes += steps
-        self.tokens_processed += len(feed) + steps - 1
-        self.context.extend(tokens)
-        return tokens
-
-    def _pick(self, logits: torch.Tensor, position: int, check: bool = False) -> torch.Tensor:
-        """The target's token at ``position`` from its logits [vocab], as a plain round samples it, on the
-        device: [1]. ``check``: refuse logits that are entirely -inf here (``logits_to_probs``), which reads
-        them on the host; a plain block's picks are checked by nobody, as the verdict's probabilities are."""
-        if self.params.greedy:
-            return logits.argmax(dim=-1, keepdim=True)
-        probs = logits_to_probs(logits, self.params, check=check)
-        if self.params.seed is not None:  # keyed by position: what the target alone draws there
-            return race(probs, position_noise(self.params.seed, position, probs.shape[-1])).reshape(1)
-        return torch.multinomial(probs, 1, generator=self.generator)
-
-    def verify(self, draft_tokens: list[int], block: DraftBlock | None = None, want_logprobs: bool = False):
-        """One forward over the pending token(s) and ``draft_tokens``; returns (Verdict, logprobs | None).
-
-        ``block`` carries the drafter's distributions (required when sampling). ``logprobs`` are the target
-        model's log-probabilities of the emitted tokens (accepted drafts, then the next token).
-        """
-        k = len(draft_tokens)
-        if self._rejection_rule and k and (block is None or len(block.dists) != k):
-            raise ValueError("sampled verification needs the drafter's distribution for every drafted token")
-        return self._run(self._verify_job(draft_tokens, block, want_logprobs))
-
-    def _verify_job(self, draft_tokens: list[int], block: DraftBlock | None, want_logprobs: bool) -> Job:
-        if self.seq is None:  # not prefilled: the context goes into this forward
-            self.seq = self.runner.new_sequence()
-        k = len(draft_tokens)
-        feed = self.context[len(self.seq) :] + draft_tokens
-        logits = yield Row(self.seq, feed, keep=k + 1)  # [k + 1, vocab]
-        self.passes += 1
-        self.tokens_processed += len(feed)
-        drafted = torch.tensor(draft_tokens, dtype=torch.long)  # [k]
-        if self.params.greedy:
-            verdict = verify_greedy(drafted, logits)
-        elif self.params.seed is not None:
-            # (the verdict checks the probabilities, in its one wait: see verification)
-            target_probs = logits_to_probs(logits, self.params, check=False)  # [k + 1, vocab]
-            base, vocab = len(self.context), logits.shape[-1]
-            noise = torch.stack([position_noise(self.params.seed, base + i, vocab) for i in range(k + 1)])
-            verdict = verify_coupled(drafted, target_probs, noise)
-        else:
-            assert block is not None or k == 0
-            target_probs = logits_to_probs(logits, self.params, check=False)  # [k + 1, vocab]
-            draft_probs = (
-                block.dense_probs(logits.shape[-1], logits.device)
-                if block is not None
-                else torch.zeros(0, logits.shape[-1], device=logits.device)
-            )  # [k, vocab]
-            verdict = verify_sampled(drafted, draft_probs, target_probs, self.generator)
-        n = verdict.num_accepted
-        self.runner.rollback(self.seq, len(self.context) + n)
-        emitted = draft_tokens[:n] + [verdict.next_token]
-        self.context.extend(emitted)
-        logprobs = None
-        if want_logprobs:
-            lp = torch.log_softmax(logits[: n + 1], dim=-1)  # [n + 1, vocab]
-            logprobs = lp[torch.arange(n + 1), torch.tensor(emitted, device=lp.device)].tolist()
-        return verdict, logprobs
-
-
-@dataclass
-class Chunk:
-    """Tokens emitted by one round (already cut at a stop condition)."""
-
-    token_ids: list[int]
-    finish_reason: str | None = None  # "length" | "eos" | "stop" once finished
 
 
 class SpeculativeDecoder:
@@ -373,7 +110,7 @@ class SpeculativeDecoder:
         overlap = self.overlap_prefill if overlap_prefill is None else overlap_prefill
         t_start = time.perf_counter()
         session = TargetSession(self.target, prompt_ids, params, self.executor)
-        stopper = _Stopper(stop, self.tokenizer)
+        stopper = Stopper(stop, self.tokenizer)
         cancel.on_cancel(session.cancel)
         if drafter is not None:
             cancel.on_cancel(drafter.cancel)
@@ -503,7 +240,7 @@ class SpeculativeDecoder:
         return max(min(self.plain_steps, budget), 1)
 
     @staticmethod
-    def _emit(stopper: _Stopper, tokens: list[int], stats: GenerationStats, t_start: float) -> Chunk:
+    def _emit(stopper: Stopper, tokens: list[int], stats: GenerationStats, t_start: float) -> Chunk:
         chunk = stopper.cut(tokens)
         stats.new_tokens = stopper.produced
         stats.wall_s = time.perf_counter() - t_start
@@ -559,7 +296,6 @@ class SpeculativeDecoder:
         return self._drafter_call(drafter, stats, "while accepting", call)[1]
 
 
-LOOKUP_K_MAX = 16  # lookup drafts cost nothing: only the verify forward bounds their length
 COPY_STREAK = 3  # committed tokens in a row continuing the lookup's proposal: the text is copying
 COPYING = "ngram-copying"  # the key of the lookup's length policy while the text is copying
 
@@ -587,36 +323,3 @@ def _ngram_pays(ngram: DraftLengthPolicy, model: DraftLengthPolicy, load: Load) 
 
 def _source_of(drafter: Drafter | None) -> str:
     return MODEL if drafter is None else drafter.source
-
-
-class _Stopper:
-    """Applies the token budget, EOS ids and stop strings to the emitted stream."""
-
-    def __init__(self, stop: StopCriteria, tokenizer) -> None:
-        if stop.stop_strings and tokenizer is None:
-            raise ValueError("stop strings need a tokenizer")
-        self.stop = stop
-        self.tokenizer = tokenizer
-        self.generated: list[int] = []
-
-    @property
-    def produced(self) -> int:
-        return len(self.generated)
-
-    def cut(self, emitted: list[int]) -> Chunk:
-        room = self.stop.max_new_tokens - len(self.generated)
-        out: list[int] = []
-        for token in emitted[:room]:
-            out.append(token)
-            self.generated.append(token)
-            if token in self.stop.eos_token_ids:
-                return Chunk(out, "eos")
-            if self.stop.stop_strings and self._hit_stop_string():
-                return Chunk(out, "stop")
-        return Chunk(out, "length" if len(self.generated) >= self.stop.max_new_tokens else None)
-
-    def _hit_stop_string(self) -> bool:
-        # only the tail can newly contain a stop string; decode a window wide enough for the longest one
-        window = self.generated[-(max(len(s) for s in self.stop.stop_strings) + 8) :]
-        text = self.tokenizer.decode(window, skip_special_tokens=False)
-        return any(s in text for s in self.stop.stop_strings)
