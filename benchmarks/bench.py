@@ -280,7 +280,9 @@ def parse_args(argv):
         help="prompt-lookup mode (lookup.py): hf, hf-lookup, model, ngram, hybrid on grounded and existing prompts",
     )
     p.add_argument("--lookup-systems", default="hf,hf-lookup,model,ngram,hybrid")
-    load = p.add_argument_group("load mode (--concurrency): many concurrent clients over gRPC, see load.py")
+    load = p.add_argument_group(
+        "load mode (--concurrency): many concurrent clients over gRPC, see concurrency.py"
+    )
     load.add_argument("--concurrency", default="", help="e.g. 1,2,4,8,16: run the concurrency benchmark")
     load.add_argument("--layouts", default="shared", help="shared (both roles on all cores) and/or pinned")
     load.add_argument(
@@ -335,9 +337,9 @@ def main(argv: list[str] | None = None) -> int:
 
         return lookup(a)
     if a.concurrency:
-        from .load import main as load_main
+        from .concurrency import main as concurrency_main
 
-        return load_main(a)
+        return concurrency_main(a)
     bench = Bench(a)
     hardware = describe_hardware()
     bandwidth = measure_bandwidth(a.device)

@@ -3,8 +3,8 @@
 import argparse
 import json
 
-from benchmarks.load import roofline
-from benchmarks.load_report import write_load_reports
+from benchmarks.concurrency import roofline
+from benchmarks.concurrency_report import write_load_reports
 
 
 def test_roofline_turns_compute_bound_with_rows_and_verified_positions():

@@ -405,7 +405,7 @@ def run_baseline(a, target: str, drafter: str, prompts, layout: str, results: di
 
 
 def main(a) -> int:
-    from .load_report import write_load_reports
+    from .concurrency_report import write_load_reports
 
     target, drafter = resolve_pair(a)
     hardware = describe_hardware()

@@ -7,7 +7,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from .load import roofline
+from .concurrency import roofline
 
 
 def _f(x: float, digits: int = 2) -> str:
@@ -177,7 +177,7 @@ def plot(results: dict, a, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
-if __name__ == "__main__":  # python -m benchmarks.load_report DIR: the report again from DIR/load.json
+if __name__ == "__main__":  # python -m benchmarks.concurrency_report DIR: the report again from DIR/load.json
     import argparse
 
     directory = Path(sys.argv[1])
