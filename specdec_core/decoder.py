@@ -8,24 +8,26 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
-from dataclasses import replace
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, replace
+from typing import TypeVar
 
-from .draft_length import AdaptiveDraftLength, DraftLengthPolicy, FixedDraftLength, Load
+from .draft_length import DraftLengthPolicy, FixedDraftLength, Load
 from .drafting import DraftBlock, Drafter, DrafterDown, DrafterUnavailable, EarlyStop
-from .hybrid import HybridDrafter
-from .ngram import LOOKUP_K_MAX, MODEL, NGRAM, NgramDrafter
+from .ngram import MODEL
 from .runtime.admission import Cancellation
 from .runtime.batch_costs import BatchLoad
 from .runtime.interface import Runner
 from .runtime.scheduler import Executor, Inline
 from .sampling import SamplingParams
+from .sources import Choice, DraftSources
 from .stats import GenerationStats
 from .stopping import Chunk, StopCriteria, Stopper
 from .target import TargetSession
 from .verification import Verdict
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class SpeculativeDecoder:
@@ -47,8 +49,7 @@ class SpeculativeDecoder:
 
         ``overlap_prefill``: start the drafter before the target's prefill, so a remote drafter prefills on
         its own device meanwhile. Turn it off when both roles share the same CPU cores: two prefills at once
-        oversubscribe the cores, and spinning OpenMP threads then stalled a prefill for seconds (measured:
-        16-token generations through both services 4.0-4.8 s sequential, 4.4-8.4 s overlapped).
+        oversubscribe them (docs/serving.md).
 
         ``plain_steps``: tokens per runner call of a round that drafts nothing (no drafter, or the length
         policy chose not to draft) while its session is alone on the target (0: 8 on CUDA, where each wait
@@ -77,160 +78,127 @@ class SpeculativeDecoder:
     ) -> Iterator[Chunk]:
         """Yield emitted tokens round by round until a stop condition; fills ``stats`` as it goes.
 
-        The first chunk is the first token, sampled from the target's prefill (no drafting round first).
-        Without a drafter (once it fails, or in rounds where the policy drafts nothing) a round is a plain
-        target decoding step. ``cancel`` abandons the generation from another thread (a client gone);
-        ``overlap_prefill`` overrides the decoder's setting for this generation. With a ``HybridDrafter``
-        each round drafts from the source it picks, and ``ngram_length`` (default: adaptive) sizes the
-        n-gram source's blocks while ``draft_length`` sizes the model's.
-
-        Prompt lookup (an ``NgramDrafter``, or a hybrid's) is weighed in two states, each with its own
-        adaptive length: *copying*, while the text repeats an earlier stretch (the last ``COPY_STREAK`` or
-        more committed tokens were all what the lookup proposed, or would have: every round computes the
-        lookup's proposal, which costs nothing), and otherwise. A lookup is usually right, and worth long
-        blocks, in the first state and mostly wrong in the second.
+        The first chunk is the first token, sampled from the target's prefill; then each round chooses a
+        source and a length, drafts, verifies, commits and streams (``_round``). Without a drafter (once it
+        fails, or where the policy drafts nothing) a round is a plain decoding step. ``cancel`` abandons the
+        generation from another thread; ``overlap_prefill`` overrides the decoder's setting. With a
+        ``HybridDrafter`` each round drafts from the source ``DraftSources`` picks, ``ngram_length``
+        (default: adaptive) sizing the lookup's blocks and ``draft_length`` the model's.
         """
         stats = stats if stats is not None else GenerationStats()
         policy = draft_length or FixedDraftLength(4)
-        hybrid = drafter if isinstance(drafter, HybridDrafter) else None
-        lookup = (
-            hybrid.ngram if hybrid is not None else drafter if isinstance(drafter, NgramDrafter) else None
-        )
-        # each source has its own measured acceptance and cost, hence its own length policy; the lookup has
-        # one more, for the rounds where the text is copying (see above), adaptive whenever its others are
-        own = _source_of(drafter)  # a hybrid's own policy is its model drafter's
-        policies = {own: policy}
-        if hybrid is not None:
-            policies[NGRAM] = ngram_length or AdaptiveDraftLength(k_max=LOOKUP_K_MAX)
-        if lookup is not None:
-            adaptive = isinstance(policies[NGRAM], AdaptiveDraftLength)
-            policies[COPYING] = AdaptiveDraftLength(k_max=LOOKUP_K_MAX) if adaptive else policies[NGRAM]
-        streak = 0  # committed tokens in a row that the lookup proposed (or would have)
+        sources = DraftSources(drafter, policy, ngram_length)
         cancel = cancel or Cancellation()
         overlap = self.overlap_prefill if overlap_prefill is None else overlap_prefill
-        t_start = time.perf_counter()
-        session = TargetSession(self.target, prompt_ids, params, self.executor)
-        stopper = Stopper(stop, self.tokenizer)
-        cancel.on_cancel(session.cancel)
+        gen = _Generation(
+            t_start=time.perf_counter(),
+            session=TargetSession(self.target, prompt_ids, params, self.executor),
+            stopper=Stopper(stop, self.tokenizer),
+            stats=stats,
+            link=DrafterLink(drafter, stats),
+            sources=sources,
+            policy=policy,
+        )
+        cancel.on_cancel(gen.session.cancel)
         if drafter is not None:
             cancel.on_cancel(drafter.cancel)
         member = policy if drafter is not None else FixedDraftLength(0)  # what the batch's planners see
         member.begin(0 if overlap else len(prompt_ids))  # a lazily started drafter catches up later
         self.load.join(member)
         try:
-            if overlap:  # a remote drafter prefills on its own device while the target prefills here
-                drafter = self._start_drafter(drafter, prompt_ids, params, stats)
-            t0 = time.perf_counter()
-            first = session.prefill(emit_first=True)
-            assert first is not None
-            stats.prefill_s = stats.first_token_s = time.perf_counter() - t0
-            stats.target_passes, stats.target_tokens = session.passes, session.tokens_processed
-            chunk = self._emit(stopper, [first], stats, t_start)
+            chunk = self._first_token(gen, prompt_ids, params, overlap)
             yield chunk
             if chunk.finish_reason:
                 return
-            if overlap:
-                drafter = self._feedback(drafter, Verdict(0, first), stats)
-            started = overlap  # otherwise the drafter starts at the first round that drafts
-            # the next drafted round carries the drafter's prefill of the context (or of tokens it missed):
-            # its acceptance counts, its costs do not say what a round costs
-            fresh = overlap
-            unsent: list[int] = []  # committed since the drafter last heard, in rounds without drafting
-            while True:
+            if overlap:  # the drafter was started with the prompt: it hears the first token
+                gen.link.feedback(Verdict(0, chunk.token_ids[0]))
+            # otherwise the drafter starts at the first round that drafts
+            gen.started = gen.fresh = overlap
+            while not chunk.finish_reason:
                 cancel.check()
-                room = stop.max_new_tokens - stopper.produced - 1
-                if lookup is not None and started and unsent:  # the lookup must see every committed token
-                    (hybrid or lookup).extend(unsent)  # before it proposes or picks the source
-                    unsent = []
-                behind = len(unsent) if started else len(session.context)  # the drafter's catching up
-                if hybrid is not None and started:  # its model drafter's, after lookup rounds or lazily
-                    behind = hybrid.model_pending
-                load = replace(self.load.snapshot(policy), start_tokens=behind, remaining=room)
-                source = own
-                copying = streak >= COPY_STREAK
-                if hybrid is not None:
-                    # the lookup's acceptance in this state is measured every round, drafted or not (below)
-                    lookup_policy = policies[COPYING if copying else NGRAM]
-                    hybrid.prefer_ngram = _ngram_pays(lookup_policy, policies[MODEL], load)
-                    source = hybrid.next_source()
-                # what the lookup proposes now, drafted or not: whether the committed tokens continue it
-                shadow = lookup.index.lookup(LOOKUP_K_MAX) if lookup is not None and started else []
-                chosen = policies[COPYING if source == NGRAM and copying else source]
-                k = min(chosen.next_length(load), room) if drafter else 0
-                if drafter is not None and log.isEnabledFor(logging.DEBUG) and hasattr(chosen, "describe"):
-                    log.debug("round %d: %s k %d; %s", stats.rounds, source, k, chosen.describe(load))
-                start_s, catching_up = stats.draft_s, 0
-                if k > 0 and not started:
-                    drafter, unsent = self._start_drafter(drafter, session.context, params, stats), []
-                    started = fresh = True
-                    catching_up = behind
-                elif k > 0 and unsent:
-                    drafter = self._drafter_call(drafter, stats, "catching up", lambda d: d.extend(unsent))[1]
-                    unsent, fresh, catching_up = [], True, behind
-                elif k > 0 and hybrid is not None and source == MODEL and behind > 1:
-                    fresh, catching_up = True, behind  # the model drafter's block starts with a catch-up
-                start_s = stats.draft_s - start_s  # the start call's own time (a lazy drafter's is ~0)
-                k = k if drafter else 0
-                net_before = stats.network_s
-                early_stop = chosen.early_stop(load) if k > 0 else None
-                block, drafter = self._draft(drafter, max(k, 0), early_stop, stats)
-                t0 = time.perf_counter()
-                # the rounds this call stands for: a round without drafts, alone on the target, decodes a
-                # block of plain_steps tokens in one runner call, as that many plain rounds
-                rounds = self._plain_rounds(block, room + 1)
-                if rounds > 1:
-                    committed = session.decode(rounds)
-                    verdict = Verdict(0, committed[-1])
-                else:
-                    verdict, _ = session.verify(block.tokens, block)
-                    committed = block.tokens[: verdict.num_accepted] + [verdict.next_token]
-                verify_s = (time.perf_counter() - t0) / rounds  # each round's share
-                stats.verify_s += verify_s * rounds
-                for _ in range(rounds):
-                    stats.record_round(len(block.tokens), verdict.num_accepted)
-                if block.tokens:
-                    stats.record_source(
-                        source, len(block.tokens), verdict.num_accepted, source == NGRAM and copying
-                    )
-                stats.target_passes, stats.target_tokens = session.passes, session.tokens_processed
-                agree = _common_prefix(shadow, committed)
-                observing = policies.get(COPYING if copying else NGRAM)
-                if (
-                    shadow
-                    and not (source == NGRAM and block.tokens)
-                    and isinstance(observing, AdaptiveDraftLength)
-                ):
-                    # not drafted: what the lookup would have had accepted (past the committed tokens: unknown)
-                    judged = agree if agree == len(committed) else min(len(shadow), agree + 1)
-                    observing.observe(judged, agree, len(block.tokens) + 1, verify_s)
-                # a proposal that ran out before the committed tokens did (none: no match) says nothing past it
-                streak = streak + agree if agree in (len(committed), len(shadow) or -1) else 0
-                if block.tokens:
-                    drafter = self._feedback(drafter, verdict, stats)
-                elif drafter is not None and started:
-                    unsent.extend(committed)
-                for _ in range(rounds):
-                    chosen.update(
-                        len(block.tokens),
-                        verdict.num_accepted,
-                        verify_s,
-                        block.draft_s + start_s,
-                        stats.network_s - net_before,
-                        block.confidences,
-                        costs_valid=not (fresh and block.tokens),
-                        start_tokens=catching_up if block.tokens else 0,
-                    )
-                fresh = fresh and not block.tokens
-                chunk = self._emit(stopper, committed, stats, t_start)
+                chunk = self._round(gen, params)
                 yield chunk
-                if chunk.finish_reason:
-                    break
         finally:
-            stats.wall_s = time.perf_counter() - t_start
+            stats.wall_s = time.perf_counter() - gen.t_start
             self.load.leave(member)
-            session.close()
-            if drafter is not None:
-                drafter.close()
+            gen.session.close()
+            gen.link.close()
+
+    def _first_token(
+        self, gen: _Generation, prompt_ids: list[int], params: SamplingParams, overlap: bool
+    ) -> Chunk:
+        """The target's prefill, which samples the first token; with ``overlap`` a remote drafter starts
+        first, so it prefills on its own device meanwhile."""
+        if overlap:
+            gen.link.start(prompt_ids, params)
+        t0 = time.perf_counter()
+        first = gen.session.prefill(emit_first=True)
+        assert first is not None
+        gen.stats.prefill_s = gen.stats.first_token_s = time.perf_counter() - t0
+        gen.stats.target_passes, gen.stats.target_tokens = gen.session.passes, gen.session.tokens_processed
+        return gen.emit([first])
+
+    def _round(self, gen: _Generation, params: SamplingParams) -> Chunk:
+        """One round: choose the source and length, draft, verify, commit, stream."""
+        step = self._choose(gen)
+        self._draft(gen, step, params)
+        self._verify(gen, step)
+        gen.commit(step)
+        return gen.emit(step.committed)
+
+    def _choose(self, gen: _Generation) -> _Round:
+        """The round's source, its length policy and the block length it asks for."""
+        room = gen.stopper.stop.max_new_tokens - gen.stopper.produced - 1
+        sources = gen.sources
+        if sources.lookup is not None and gen.started and gen.unsent:
+            # the lookup must see every committed token before it proposes or the source is picked
+            (sources.hybrid or sources.lookup).extend(gen.unsent)
+            gen.unsent = []
+        behind = gen.drafter_behind
+        load = replace(self.load.snapshot(gen.policy), start_tokens=behind, remaining=room)
+        choice = sources.choose(load)
+        proposal = sources.proposal() if gen.started else []
+        chosen = choice.policy
+        k = min(chosen.next_length(load), room) if gen.link.alive else 0
+        if gen.link.alive and log.isEnabledFor(logging.DEBUG) and hasattr(chosen, "describe"):
+            log.debug("round %d: %s k %d; %s", gen.stats.rounds, choice.source, k, chosen.describe(load))
+        return _Round(load=load, choice=choice, proposal=proposal, k=k, behind=behind, room=room)
+
+    def _draft(self, gen: _Generation, step: _Round, params: SamplingParams) -> None:
+        """Bring the drafter up to date (start it, or tell it what rounds without drafting committed),
+        then draft the block."""
+        stats, k = gen.stats, step.k
+        start_before = stats.draft_s
+        if k > 0 and not gen.started:
+            gen.link.start(gen.session.context, params)
+            gen.unsent = []
+            gen.started = gen.fresh = True
+            step.catching_up = step.behind
+        elif k > 0 and gen.unsent:
+            gen.link.catch_up(gen.unsent)
+            gen.unsent, gen.fresh, step.catching_up = [], True, step.behind
+        elif k > 0 and gen.sources.hybrid is not None and step.choice.source == MODEL and step.behind > 1:
+            # the model drafter's block starts with a catch-up on what lookup and plain rounds committed
+            gen.fresh, step.catching_up = True, step.behind
+        step.start_s = stats.draft_s - start_before  # the start call's own time (a lazy drafter's is ~0)
+        k = k if gen.link.alive else 0
+        step.network_before = stats.network_s
+        early_stop = step.choice.policy.early_stop(step.load) if k > 0 else None
+        step.block = gen.link.propose(max(k, 0), early_stop)
+
+    def _verify(self, gen: _Generation, step: _Round) -> None:
+        """One target call for the block: a verify, or, for a round that drafted nothing alone on the
+        target, a decode of ``plain_steps`` tokens that stands for that many plain rounds."""
+        t0 = time.perf_counter()
+        block = step.block
+        step.rounds = self._plain_rounds(block, step.room + 1)
+        if step.rounds > 1:
+            step.committed = gen.session.decode(step.rounds)
+            step.verdict = Verdict(0, step.committed[-1])
+        else:
+            step.verdict, _ = gen.session.verify(block.tokens, block)
+            step.committed = block.tokens[: step.verdict.num_accepted] + [step.verdict.next_token]
+        step.verify_s = (time.perf_counter() - t0) / step.rounds  # each round's share
 
     def _plain_rounds(self, block: DraftBlock, budget: int) -> int:
         """Tokens a round decodes: ``plain_steps`` (at most ``budget``) in one runner call when it drafted
@@ -239,87 +207,149 @@ class SpeculativeDecoder:
             return 1
         return max(min(self.plain_steps, budget), 1)
 
-    @staticmethod
-    def _emit(stopper: Stopper, tokens: list[int], stats: GenerationStats, t_start: float) -> Chunk:
-        chunk = stopper.cut(tokens)
-        stats.new_tokens = stopper.produced
-        stats.wall_s = time.perf_counter() - t_start
+
+@dataclass
+class _Generation:
+    """What one generation carries from round to round, and how a round's outcome updates it."""
+
+    t_start: float
+    session: TargetSession
+    stopper: Stopper
+    stats: GenerationStats
+    link: DrafterLink
+    sources: DraftSources
+    policy: DraftLengthPolicy  # the drafter's own source's: what the batch's planners weigh
+    # the drafter holds the context: started with the generation (overlapped prefill), or at the first
+    # round that drafts
+    started: bool = False
+    # the next drafted round carries the drafter's prefill of the context (or of tokens it missed): its
+    # acceptance counts, its costs do not say what a round costs
+    fresh: bool = False
+    unsent: list[int] = field(default_factory=list)  # committed since the drafter last heard (plain rounds)
+
+    def emit(self, tokens: list[int]) -> Chunk:
+        """The chunk of ``tokens`` the stop conditions let through."""
+        chunk = self.stopper.cut(tokens)
+        self.stats.new_tokens = self.stopper.produced
+        self.stats.wall_s = time.perf_counter() - self.t_start
         return chunk
 
-    @staticmethod
-    def _drafter_call(drafter: Drafter | None, stats: GenerationStats, what: str, call):
-        """Run ``call(drafter)``; a ``DrafterUnavailable`` is logged and counted, and drops the drafter (a
-        ``DrafterDown`` keeps it: the round goes without drafts).
+    def commit(self, step: _Round) -> None:
+        """Count the round, tell the drafter (or remember what it missed) and feed the length policies."""
+        stats, block, verdict, choice = self.stats, step.block, step.verdict, step.choice
+        drafted, accepted = len(block.tokens), verdict.num_accepted
+        stats.verify_s += step.verify_s * step.rounds
+        for _ in range(step.rounds):
+            stats.record_round(drafted, accepted)
+        if drafted:
+            stats.record_source(choice.source, drafted, accepted, choice.lookup_drafts and choice.copying)
+        stats.target_passes, stats.target_tokens = self.session.passes, self.session.tokens_processed
+        self.sources.observe(choice, step.proposal, drafted, step.committed, step.verify_s)
+        if drafted:
+            self.link.feedback(verdict)
+        elif self.link.alive and self.started:
+            self.unsent.extend(step.committed)
+        for _ in range(step.rounds):
+            choice.policy.update(
+                drafted,
+                accepted,
+                step.verify_s,
+                block.draft_s + step.start_s,
+                stats.network_s - step.network_before,
+                block.confidences,
+                costs_valid=not (self.fresh and drafted),
+                start_tokens=step.catching_up if drafted else 0,
+            )
+        self.fresh = self.fresh and not drafted
 
-        Returns (result, drafter) with drafter None once it is gone; the time spent counts as drafting.
-        """
-        if drafter is None:
-            return None, None
+    @property
+    def drafter_behind(self) -> int:
+        """Context the drafter must take in before its next block (a hybrid's: its model drafter's)."""
+        if not self.started:
+            return len(self.session.context)
+        if self.sources.hybrid is not None:
+            return self.sources.hybrid.model_pending
+        return len(self.unsent)
+
+
+@dataclass
+class _Round:
+    """One round: what was chosen, then what the drafter and the target did."""
+
+    load: Load
+    choice: Choice
+    proposal: list[int]  # what the lookup proposed at the round's start, drafted or not
+    k: int  # the length the policy asked for
+    behind: int  # context the drafter had to take in first
+    room: int  # tokens the generation may still emit after this round's next token
+    catching_up: int = 0  # context tokens the drafter took in during this round
+    start_s: float = 0.0  # the drafter's start or catch-up call
+    network_before: float = 0.0
+    block: DraftBlock = field(default_factory=lambda: DraftBlock(tokens=[], dists=[]))
+    verdict: Verdict = field(default_factory=lambda: Verdict(0, -1))
+    committed: list[int] = field(default_factory=list)
+    verify_s: float = 0.0  # per round it stands for
+    rounds: int = 1  # plain rounds this call stands for
+
+
+class DrafterLink:
+    """The generation's drafter behind calls that outlive its failures: a ``DrafterDown`` skips the call
+    (the round goes without drafts; the drafter is asked again later), a ``DrafterUnavailable`` drops it
+    for the rest of the generation. Both are logged and counted; every call's time counts as drafting."""
+
+    def __init__(self, drafter: Drafter | None, stats: GenerationStats) -> None:
+        self.drafter = drafter
+        self.stats = stats
+
+    @property
+    def alive(self) -> bool:
+        return self.drafter is not None
+
+    def start(self, context: list[int], params: SamplingParams) -> None:
+        self._call("at start", lambda d: d.start(context, params))
+
+    def catch_up(self, tokens: list[int]) -> None:
+        self._call("catching up", lambda d: d.extend(tokens))
+
+    def feedback(self, verdict: Verdict) -> None:
+        self._call("while accepting", lambda d: d.accept(verdict.num_accepted, verdict.next_token))
+
+    def propose(self, k: int, stop: EarlyStop | None) -> DraftBlock:
+        """A block of up to ``k`` tokens (empty without a drafter, for k = 0, or when the call fails)."""
+        if self.drafter is None or k == 0:
+            return DraftBlock(tokens=[], dists=[])
+        t0 = time.perf_counter()
+        draft_before = self.stats.draft_s
+        block = self._call("mid-generation", lambda d: d.propose(k, stop))
+        if block is None:
+            return DraftBlock(tokens=[], dists=[])
+        # the drafter reports its own compute time; the rest of the round trip is network (+ serialisation)
+        round_trip = time.perf_counter() - t0
+        self.stats.draft_s = draft_before + block.draft_s
+        self.stats.network_s += max(round_trip - block.draft_s, 0.0)
+        if block.tokens:
+            self.stats.round_trips.append(round_trip)
+        return block
+
+    def close(self) -> None:
+        if self.drafter is not None:
+            self.drafter.close()
+
+    def _call(self, what: str, call: Callable[[Drafter], T]) -> T | None:
+        if self.drafter is None:
+            return None
         t0 = time.perf_counter()
         try:
-            return call(drafter), drafter
+            return call(self.drafter)
         except DrafterDown as exc:  # gone for this round only: kept, asked again in later rounds
             if exc.fresh:
                 log.warning("drafter not answering %s, decoding without it until it does: %s", what, exc)
-                stats.drafter_failures += 1
-            return None, drafter
+                self.stats.drafter_failures += 1
+            return None
         except DrafterUnavailable as exc:
             log.warning("drafter lost %s, continuing with the target alone: %s", what, exc)
-            stats.drafter_failures += 1
-            return None, None
+            self.stats.drafter_failures += 1
+            self.drafter = None
+            return None
         finally:
-            stats.draft_s += time.perf_counter() - t0
-
-    def _start_drafter(self, drafter, prompt_ids, params, stats) -> Drafter | None:
-        return self._drafter_call(drafter, stats, "at start", lambda d: d.start(prompt_ids, params))[1]
-
-    def _draft(
-        self, drafter: Drafter | None, k: int, stop: EarlyStop | None, stats: GenerationStats
-    ) -> tuple[DraftBlock, Drafter | None]:
-        if drafter is None or k == 0:
-            return DraftBlock(tokens=[], dists=[]), drafter
-        t0 = time.perf_counter()
-        draft_before = stats.draft_s
-        block, drafter = self._drafter_call(drafter, stats, "mid-generation", lambda d: d.propose(k, stop))
-        if block is None:
-            return DraftBlock(tokens=[], dists=[]), drafter
-        # the drafter reports its own compute time; the rest of the round trip is network (+ serialisation)
-        round_trip = time.perf_counter() - t0
-        stats.draft_s = draft_before + block.draft_s
-        stats.network_s += max(round_trip - block.draft_s, 0.0)
-        if block.tokens:
-            stats.round_trips.append(round_trip)
-        return block, drafter
-
-    def _feedback(self, drafter: Drafter | None, verdict: Verdict, stats: GenerationStats) -> Drafter | None:
-        call = lambda d: d.accept(verdict.num_accepted, verdict.next_token)  # noqa: E731
-        return self._drafter_call(drafter, stats, "while accepting", call)[1]
-
-
-COPY_STREAK = 3  # committed tokens in a row continuing the lookup's proposal: the text is copying
-COPYING = "ngram-copying"  # the key of the lookup's length policy while the text is copying
-
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
-def _ngram_pays(ngram: DraftLengthPolicy, model: DraftLengthPolicy, load: Load) -> bool:
-    """Whether a hybrid's n-gram source should draft when it has a match: where its planned rate is at
-    least the model's. The lookup's acceptance and costs are measured every round, drafted or not (the
-    policy's ``observe``), so it is never drafted just to learn: until both sources are measured (the model
-    drafter by its own first rounds, the lookup by observing a few rounds with a match), the model drafts."""
-    if not isinstance(ngram, AdaptiveDraftLength) or not isinstance(model, AdaptiveDraftLength):
-        return True
-    if ngram.learning or model.learning:
-        return False
-    return ngram.plan(load).rate >= model.plan(load).rate
-
-
-def _source_of(drafter: Drafter | None) -> str:
-    return MODEL if drafter is None else drafter.source
+            self.stats.draft_s += time.perf_counter() - t0

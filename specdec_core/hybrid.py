@@ -1,11 +1,8 @@
-"""A model drafter and prompt lookup in step: each round drafts from the source that pays more.
+"""A model drafter and prompt lookup in step: each round drafts from the source the generation loop picks.
 
-``HybridDrafter`` holds a model drafter and an n-gram drafter (``ngram.py``) in step. Each round,
-``next_source()`` picks where the next block comes from: the n-gram proposal where a match exists and its
-measured rate is at least the model drafter's, otherwise the model drafter. The rates come from the
-generation loop (``decoder.py``): each source has its own draft-length policy, the lookup one per state
-(copying an earlier stretch or not), and the lookup's are measured every round from its proposal,
-drafted or not.
+``HybridDrafter`` holds a model drafter and an n-gram drafter (``ngram.py``) in step. Which source drafts
+the next block is decided in one place, ``sources.DraftSources.choose`` (the lookup where it has a match
+and its measured rate is at least the model drafter's), which tells the hybrid through ``use``.
 """
 
 from __future__ import annotations
@@ -16,22 +13,20 @@ from .sampling import SamplingParams
 
 
 class HybridDrafter(Drafter):
-    """A model drafter and an n-gram drafter in step; each round drafts from the source ``next_source()``
-    picks.
+    """A model drafter and an n-gram drafter in step; each block comes from the source last named by
+    ``use`` (the model drafter until then).
 
-    ``prefer_ngram`` (set by the generation loop from the two sources' draft-length policies) says whether
-    the n-gram source's measured rate is at least the model's; the n-gram source is used only where it has
-    a match. The model drafter starts at the first round that uses it, from the committed text the n-gram
+    The model drafter starts at the first round that uses it, from the committed text the n-gram
     index holds, and hears every committed token after that: its own verdicts, and the n-gram rounds'
     tokens as committed ones (a remote drafter gets them with its next step).
     """
 
-    source: str = MODEL  # its own length policy is the model drafter's; each round's: ``next_source()``
+    source: str = MODEL  # its own length policy is the model drafter's; each block's: ``use``
 
     def __init__(self, model: Drafter, ngram: NgramDrafter | None = None) -> None:
         self.model = model
         self.ngram = ngram or NgramDrafter()
-        self.prefer_ngram = True
+        self._next = MODEL  # the source of the next block
         self._params = SamplingParams()
         self._last: str | None = None  # the source of the block in flight
         self._model_started = False
@@ -49,12 +44,12 @@ class HybridDrafter(Drafter):
         drafting time): the whole text until it first drafts, then what lookup and plain rounds committed."""
         return self._model_behind if self._model_started else len(self.ngram.index.tokens)
 
-    def next_source(self) -> str:
-        """Where the coming round's block comes from."""
-        return NGRAM if self.prefer_ngram and self.ngram.has_match else MODEL
+    def use(self, source: str) -> None:
+        """Draft the next block from ``source`` (NGRAM: only where the lookup has a match)."""
+        self._next = source
 
     def propose(self, k: int, stop: EarlyStop | None = None) -> DraftBlock:
-        self._last = self.next_source()
+        self._last = self._next
         if self._last == NGRAM:
             return self.ngram.propose(k)
         if not self._model_started:
