@@ -160,11 +160,10 @@ def _probe_time(model: nn.Module) -> float:
 def enable_fast_linear(model: nn.Module, mode: str = "auto", min_gain: float = 1.05) -> str:
     """Install a small-block linear path; returns the one installed ("off", "transpose" or "onednn").
 
-    "on" means "transpose". "auto" is CPU-only (GPUs keep the stock path, measured slower there): it times
+    "on" means "transpose". "auto" is CPU-only (GPUs keep the stock path, which was faster there): it times
     forwards of the shapes a verifier serves (``PROBE_SHAPES``: one sequence decoding, one verifying a
     6-position block, eight sequences decoding) under each path and keeps the fastest when it beats the
-    stock path by ``min_gain``. (On this project's 2-core Xeon, Qwen2.5-Coder-1.5B: stock 0.26 / 0.51 /
-    0.67 s, oneDNN 0.31 / 0.41 / 0.44 s: the stock GEMM repacks the weight for every few-row product.)
+    stock path by ``min_gain`` (the README's "Verify fast path" gives the measured timings).
     """
     if mode not in FAST_MODES:
         raise ValueError(f"fast verify mode must be one of {', '.join(FAST_MODES)}, got {mode!r}")
