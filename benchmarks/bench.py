@@ -16,15 +16,12 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
-import platform
 import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import psutil
 import torch
 
 from specdec_core import models
@@ -36,10 +33,12 @@ from specdec_core.runtime.backends.torch_eager import ModelRunner
 from specdec_core.sampling import SamplingParams
 from specdec_core.stats import GenerationStats
 from specdec_core.stopping import StopCriteria
-from specdec_core.text import encode_prompt
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
+from . import concurrency, lookup
+from .common import describe_hardware, hf_kwargs, load_prompts, measure_bandwidth, peak_rss_mb, weight_bytes
+from .report import write_reports
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @dataclass
@@ -56,89 +55,7 @@ class Run:
     ids_compared_with: str = ""  # the row whose greedy ids these were checked against
 
 
-# -- environment --------------------------------------------------------------------------------------
-
-
-def describe_hardware() -> dict:
-    cpu = platform.processor() or ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    info = {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "ram_gb": round(psutil.virtual_memory().total / 2**30, 1),
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "python": platform.python_version(),
-    }
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(0)
-    return info
-
-
-def measure_bandwidth(device: str = "cpu", mb: int = 512) -> float:
-    """Memory bandwidth in GB/s from a large tensor copy (bytes read + written), best of 5."""
-    src = torch.empty(mb * 2**20 // 4, dtype=torch.float32, device=device).fill_(1.0)
-    dst = torch.empty_like(src)
-    best = float("inf")
-    for _ in range(5):
-        sync(device)
-        t0 = time.perf_counter()
-        dst.copy_(src)
-        sync(device)
-        best = min(best, time.perf_counter() - t0)
-    return 2 * src.numel() * 4 / best / 1e9
-
-
-def sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-def weight_bytes(model) -> int:
-    return sum(p.numel() * p.element_size() for p in model.parameters()) + sum(
-        b.numel() * b.element_size() for b in model.buffers()
-    )
-
-
-def peak_rss_mb(pid: int | None = None) -> float:
-    status = Path(f"/proc/{pid or os.getpid()}/status").read_text()
-    for line in status.splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
-
-
-# -- prompts and generation helpers -------------------------------------------------------------------
-
-
-def load_prompts(tokenizer, count: int) -> list[tuple[str, list[int]]]:
-    prompts = json.loads((HERE / "prompts.json").read_text())["prompts"][:count]
-    return [(p["id"], encode_prompt(tokenizer, p["text"], p["chat"])) for p in prompts]
-
-
-def hf_kwargs(model, max_new: int, temperature: float) -> dict:
-    """``generate()`` arguments for the target-only reference: ``max_new`` tokens, EOS ignored, plain
-    sampling at ``temperature`` (0: greedy). Every value is passed explicitly as a keyword: transformers 5
-    fills the unset (None) fields of a passed ``generation_config`` from the model's own, so a config with
-    ``eos_token_id = None`` still stopped at the model's EOS (the earlier ``hf_config`` did)."""
-    pad = model.generation_config.pad_token_id
-    return {
-        "max_new_tokens": max_new,
-        "min_new_tokens": None,
-        "do_sample": temperature > 0,
-        "temperature": temperature if temperature > 0 else None,
-        "top_p": None,
-        "top_k": None,
-        "repetition_penalty": None,
-        "eos_token_id": None,
-        "pad_token_id": pad if pad is not None else 0,
-    }
+# -- generation helpers ---------------------------------------------------------------------------------
 
 
 def run_hf(target, ids, max_new, temperature, seed, assistant=None, k=None) -> list[int]:
@@ -329,17 +246,11 @@ def parse_args(argv):
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .report import write_reports
-
     a = parse_args(argv)
     if a.lookup:
-        from .lookup import run as lookup
-
-        return lookup(a)
+        return lookup.run(a)
     if a.concurrency:
-        from .concurrency import main as concurrency_main
-
-        return concurrency_main(a)
+        return concurrency.main(a)
     bench = Bench(a)
     hardware = describe_hardware()
     bandwidth = measure_bandwidth(a.device)

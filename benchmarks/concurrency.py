@@ -36,7 +36,15 @@ import torch
 from specdec_core import models
 from specdec_core.text import encode_prompt
 
-from .bench import describe_hardware, hf_kwargs, measure_bandwidth, peak_rss_mb, weight_bytes
+from .common import (
+    describe_hardware,
+    hf_kwargs,
+    measure_bandwidth,
+    measure_gflops,
+    peak_rss_mb,
+    weight_bytes,
+)
+from .concurrency_report import write_load_reports
 
 HERE = Path(__file__).resolve().parent
 
@@ -243,44 +251,6 @@ def near_tie(model, prompt_ids: list[int], reference: list[int], position: int) 
     return float(top[0] - top[1])
 
 
-# -- the machine's roofline ----------------------------------------------------------------------------
-
-
-def measure_gflops(device: str = "cpu", n: int = 1024) -> float:
-    """fp32 GEMM throughput (GFLOP/s), best of 5."""
-    a = torch.randn(n, n, device=device)
-    b = torch.randn(n, n, device=device)
-    best = float("inf")
-    for _ in range(6):
-        t0 = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n**3 / best / 1e9
-
-
-def roofline(
-    n: int,
-    weight_bytes: int,
-    params: int,
-    bandwidth_gbs: float,
-    gflops: float,
-    positions: float = 1.0,
-    tokens: float = 1.0,
-) -> dict:
-    """The fastest the target's forwards allow for n rows: each forward reads the weights once and does
-    2 * params * n * positions FLOPs, and gives each row ``tokens`` tokens. Target-only decoding is
-    positions = tokens = 1; speculative rounds verify 1 + k positions and emit 1 + accepted tokens (drafting
-    counted as free, so this bounds specdec from above)."""
-    memory_s = weight_bytes / (bandwidth_gbs * 1e9)
-    compute_s = 2 * params * n * positions / (gflops * 1e9)
-    return {
-        "memory_s": memory_s,
-        "compute_s": compute_s,
-        "bound": "compute" if compute_s > memory_s else "memory",
-        "tps": n * tokens / max(memory_s, compute_s),
-    }
-
-
 # -- the run -----------------------------------------------------------------------------------------
 
 
@@ -405,8 +375,6 @@ def run_baseline(a, target: str, drafter: str, prompts, layout: str, results: di
 
 
 def main(a) -> int:
-    from .concurrency_report import write_load_reports
-
     target, drafter = resolve_pair(a)
     hardware = describe_hardware()
     bandwidth, gflops = measure_bandwidth(a.device), measure_gflops(a.device)

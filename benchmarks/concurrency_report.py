@@ -7,7 +7,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from .concurrency import roofline
+from .common import roofline
 
 
 def _f(x: float, digits: int = 2) -> str:

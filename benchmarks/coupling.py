@@ -23,7 +23,7 @@ import torch
 from specdec_core import models
 from specdec_core.sampling import DEFAULT_MAX_SUPPORT, SamplingParams, logits_to_probs, truncate_support
 
-from .bench import load_prompts
+from .common import load_prompts
 
 TOP = 512
 

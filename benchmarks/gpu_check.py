@@ -140,7 +140,7 @@ TINY: dict[str, Any] = dict(hidden_size=64, intermediate_size=128, num_hidden_la
 
 
 def _median_ms(fn, device: str, repeats: int = 15) -> float:
-    from .bench import sync
+    from .common import sync
 
     fn()  # warm
     times = []
@@ -215,7 +215,7 @@ def measure_graphs(device: str, alpha: float, tiny: bool, names: tuple[str, ...]
     from specdec_core.runtime.backends.torch_eager import ModelRunner
     from specdec_core.runtime.backends.torch_static import Buckets, StaticRunner
 
-    from .bench import measure_bandwidth, weight_bytes
+    from .common import measure_bandwidth, weight_bytes
 
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     graphs = device.startswith("cuda")

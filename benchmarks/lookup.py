@@ -39,7 +39,7 @@ from specdec_core.stats import GenerationStats
 from specdec_core.stopping import StopCriteria
 from specdec_core.text import encode_prompt
 
-from .bench import describe_hardware, hf_kwargs
+from .common import describe_hardware, hf_kwargs
 
 HERE = Path(__file__).resolve().parent
 SYSTEMS = ("hf", "hf-lookup", "model", "ngram", "hybrid")

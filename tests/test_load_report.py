@@ -3,7 +3,7 @@
 import argparse
 import json
 
-from benchmarks.concurrency import roofline
+from benchmarks.common import roofline
 from benchmarks.concurrency_report import write_load_reports
 
 
