@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import os
@@ -12,6 +13,39 @@ import sys
 def cmd_generate(argv: list[str]) -> int:
     from .client import SpecDecError, check_request
 
+    a = _generate_parser().parse_args(argv)
+    try:
+        check_request(a.prompt, a.max_new_tokens, a.temperature, a.top_k, a.top_p)
+    except SpecDecError as exc:
+        print(f"specdec generate: error: --{exc.details().replace('_', '-')}", file=sys.stderr)
+        return 2  # a usage error: one line naming the flag
+    kwargs = dict(
+        max_new_tokens=a.max_new_tokens,
+        temperature=a.temperature,
+        top_k=a.top_k,
+        top_p=a.top_p,
+        seed=a.seed,
+        num_draft_tokens=a.num_draft_tokens,
+        adaptive=a.adaptive,
+        no_draft=a.no_draft,
+        chat=a.chat,
+        stop=tuple(a.stop),
+        ignore_eos=a.ignore_eos,
+        timeout=a.timeout,
+    )
+    try:
+        return _generate(a, kwargs, _security(a))
+    except SpecDecError as exc:
+        print(f"specdec generate: {exc.code().name}: {exc.details()}", file=sys.stderr)
+        return exit_status(exc.code())
+    except ValueError as exc:  # unreadable certificate or token file
+        print(f"specdec generate: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def _generate_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser("specdec generate", description="Generate through a verifier and a drafter.")
     p.add_argument(
         "--verifier",
@@ -49,36 +83,7 @@ def cmd_generate(argv: list[str]) -> int:
     tls.add_argument("--tls-key", help="its private key (env SPECDEC_TLS_KEY)")
     tls.add_argument("--tls-server-name", help="TLS name to check (env SPECDEC_TLS_SERVER_NAME)")
     tls.add_argument("--token-file", help="bearer token file (env SPECDEC_TOKEN_FILE, else SPECDEC_TOKEN)")
-    a = p.parse_args(argv)
-    try:
-        check_request(a.prompt, a.max_new_tokens, a.temperature, a.top_k, a.top_p)
-    except SpecDecError as exc:
-        print(f"specdec generate: error: --{exc.details().replace('_', '-')}", file=sys.stderr)
-        return 2  # a usage error: one line naming the flag
-    kwargs = dict(
-        max_new_tokens=a.max_new_tokens,
-        temperature=a.temperature,
-        top_k=a.top_k,
-        top_p=a.top_p,
-        seed=a.seed,
-        num_draft_tokens=a.num_draft_tokens,
-        adaptive=a.adaptive,
-        no_draft=a.no_draft,
-        chat=a.chat,
-        stop=tuple(a.stop),
-        ignore_eos=a.ignore_eos,
-        timeout=a.timeout,
-    )
-    try:
-        return _generate(a, kwargs, _security(a))
-    except SpecDecError as exc:
-        print(f"specdec generate: {exc.code().name}: {exc.details()}", file=sys.stderr)
-        return exit_status(exc.code())
-    except ValueError as exc:  # unreadable certificate or token file
-        print(f"specdec generate: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
+    return p
 
 
 def _security(a):
@@ -258,20 +263,25 @@ def _run(command: str, rest: list[str]) -> int:
         from .demo import main as demo
 
         return demo(rest)
-    if command == "loadtest":
-        from benchmarks.loadtest import main as loadtest
-
-        return loadtest(rest)
-    if command == "bench" and any(a == "--peer" or a.startswith("--peer=") for a in rest):
-        from benchmarks.peer import main as peer
-
-        return peer(rest)
-    if command == "bench":
-        from benchmarks.bench import main as bench
-
-        return bench(rest)
+    if command in ("bench", "loadtest"):
+        return _run_benchmark(command, rest)
     logging.basicConfig(level=logging.WARNING)
     return {"generate": cmd_generate, "health": cmd_health, "models": cmd_models}[command](rest)
+
+
+# The benchmark commands, each by the module whose main(argv) runs it, imported by name when it runs: the
+# benchmarks import the client, so an import of them from client/ would run back up the dependencies.
+BENCHMARKS = {
+    "bench": "benchmarks.bench",
+    "bench --peer": "benchmarks.peer",
+    "loadtest": "benchmarks.loadtest",
+}
+
+
+def _run_benchmark(command: str, rest: list[str]) -> int:
+    if command == "bench" and any(a == "--peer" or a.startswith("--peer=") for a in rest):
+        command = "bench --peer"  # against a peer server (llama.cpp): its own flags
+    return importlib.import_module(BENCHMARKS[command]).main(rest)
 
 
 if __name__ == "__main__":
