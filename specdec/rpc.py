@@ -17,8 +17,8 @@ from grpc_reflection.v1alpha import reflection
 from specdec import logs
 from specdec.config import add_config_args, config_from_args
 from specdec.security import MESSAGE_OPTIONS, ClientSecurity, ServerSecurity, warn_if_open
+from specdec_core.errors import GenerationCancelled, QueueFull
 from specdec_core.models import ModelError, TokenizerMismatch
-from specdec_core.runtime.admission import GenerationCancelled, QueueFull
 
 log = logging.getLogger(__name__)
 

@@ -8,13 +8,10 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
+# defined outside the runtime so the wire layer maps them to status codes without importing it
+from ..errors import GenerationCancelled, QueueFull
 
-class QueueFull(RuntimeError):
-    """The waiting queue is at its limit (the message names it)."""
-
-
-class GenerationCancelled(RuntimeError):
-    """The generation was abandoned (its client went away)."""
+__all__ = ["Admission", "Cancellation", "GenerationCancelled", "QueueFull"]
 
 
 class Cancellation:
