@@ -37,7 +37,7 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check .
 
 typecheck: $(STAMP)
-	$(BIN)/mypy specdec_core specdec/config.py specdec/rpc.py specdec/convert.py specdec/layout.py specdec/security.py specdec/validate.py specdec/wire.py specdec/metrics.py specdec/logs.py drafter_service verifier_service client benchmarks
+	$(BIN)/mypy specdec_core specdec/config.py specdec/rpc.py specdec/convert.py specdec/placement.py specdec/security.py specdec/validate.py specdec/wire.py specdec/metrics.py specdec/logs.py drafter_service verifier_service client benchmarks
 
 check: lint typecheck test
 

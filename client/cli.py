@@ -242,7 +242,7 @@ SERVER_MODULES = {"torch", "transformers", "tokenizers", "safetensors", "acceler
 
 def _run(command: str, rest: list[str]) -> int:
     if command in ("serve-verifier", "serve-drafter"):
-        from specdec.layout import apply_wait_policy
+        from specdec.placement import apply_wait_policy
 
         apply_wait_policy(rest, command.removeprefix("serve-"))  # before torch (and its OpenMP) loads
     if command == "serve-verifier":

@@ -1,5 +1,5 @@
-"""The drafter's engine: one loaded model shared by per-stream drafting sessions, or (``--source ngram``)
-prompt lookup per stream, with no model at all."""
+"""The drafter's sessions: one per Draft stream, over one loaded model that all of them share, or
+(``--source ngram``) prompt lookup per stream, with no model at all."""
 
 from __future__ import annotations
 
@@ -8,14 +8,16 @@ import threading
 
 import torch
 
-from specdec import layout, validate
+from specdec import placement, validate
 from specdec.config import DrafterConfig
 from specdec.metrics import ServiceMetrics
 from specdec.rpc import LimitExceeded
 from specdec_core.drafting import ModelDrafter
 from specdec_core.models import vocab_fingerprint
 from specdec_core.ngram import NGRAM, NgramDrafter
-from specdec_core.runtime.factory import load_runner
+from specdec_core.runtime.factory import compute_lease, load_runner, service_scheduler
+from specdec_core.runtime.interface import Runner
+from specdec_core.runtime.scheduler import Scheduler
 
 log = logging.getLogger(__name__)
 
@@ -40,14 +42,22 @@ class DrafterEngine:
         self.config = config
         self._active = 0
         self._lock = threading.Lock()
+        self.scheduler: Scheduler | None = None  # None with prompt lookup: no model, no compute thread
+        self.runner: Runner | None = None
+        self.tokenizer = None
         if config.source == NGRAM:
             self._init_lookup()
-            return
+        else:
+            self._init_model(model, tokenizer)
+
+    def _init_model(self, model, tokenizer) -> None:
+        config = self.config
         self.metrics = ServiceMetrics("drafter", config.model_name or config.model)
         # forward costs decide whether prompt chunks and draft steps share a forward
-        self.scheduler, self.load = layout.service_scheduler("drafter-compute", config, self.metrics)
-        threads = config.threads or layout.default_threads(torch.get_num_threads())
-        loaded = self.scheduler.call(
+        lease = compute_lease(config, placement.host_id(), placement.cpus())
+        scheduler, self.load = service_scheduler("drafter-compute", config, lease, self.metrics.on_forward)
+        threads = config.threads or placement.default_threads(torch.get_num_threads())
+        loaded = scheduler.call(
             load_runner,
             config,
             "drafter",
@@ -55,24 +65,26 @@ class DrafterEngine:
             threads,
             model,
             tokenizer,
-            self.scheduler.lease,
+            scheduler.lease,
         )
-        self.runner, tokenizer, self.backend = loaded.runner, loaded.tokenizer, loaded.backend
-        self.tokenizer = tokenizer
-        self.fingerprint = vocab_fingerprint(tokenizer)
-        self.limits = validate.Limits(
-            vocab_size=self.runner.vocab_size, context=self.runner.max_positions or 1 << 20
+        runner = loaded.runner
+        self.scheduler, self.runner, self.tokenizer, self.backend = (
+            scheduler,
+            runner,
+            loaded.tokenizer,
+            loaded.backend,
         )
+        self.fingerprint = vocab_fingerprint(self.tokenizer)
+        self.limits = validate.Limits(vocab_size=runner.vocab_size, context=runner.max_positions or 1 << 20)
         self.metrics.track(
             running=lambda: self._active,
-            sessions=lambda: self.runner.active_sequences,
-            kv_tokens=lambda: self.runner.kv_tokens_held,
+            sessions=lambda: runner.active_sequences,
+            kv_tokens=lambda: runner.kv_tokens_held,
         )
 
     def _init_lookup(self) -> None:
         self.metrics = ServiceMetrics("drafter", self.config.model_name or NGRAM)
         NgramDrafter(self.config.ngram_min, self.config.ngram_max)  # the sizes are checked at start-up
-        self.scheduler = self.runner = self.tokenizer = None
         self.fingerprint = ""
         # token ids are only copied: any vocabulary, the verifier bounds them by its own
         self.limits = validate.Limits(vocab_size=2**31 - 1, context=1 << 20)
@@ -89,6 +101,7 @@ class DrafterEngine:
             self._active += 1
         if self.config.source == NGRAM:
             return NgramDrafter(self.config.ngram_min, self.config.ngram_max)
+        assert self.runner is not None  # a model source loaded one
         return ModelDrafter(
             self.runner,
             max_support=self.config.max_support,

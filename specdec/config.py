@@ -32,7 +32,7 @@ class CommonConfig:
     dtype: str = "auto"
     threads: int = 0  # torch intra-op threads; 0 keeps torch's default
     # OpenMP idle threads: auto (brief unless pinned to cores of its own) | brief | passive | active; read
-    # by the CLI before torch starts (specdec/layout.py); an OMP_WAIT_POLICY in the environment wins
+    # by the CLI before torch starts (specdec/placement.py); an OMP_WAIT_POLICY in the environment wins
     omp_wait_policy: str = "auto"
     max_sessions: int = 64
     max_batch_rows: int = 32  # rows (sequences) per forward

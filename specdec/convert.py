@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from specdec import layout
+from specdec import placement
 from specdec.v1 import specdec_pb2 as pb
 from specdec.wire import sampling_from_pb, sampling_to_pb, stats_from_pb  # noqa: F401 - re-exported
 from specdec_core.drafting import CONFIDENCE_BINS, DraftBlock, EarlyStop
@@ -80,8 +80,8 @@ def stats_to_pb(stats: GenerationStats) -> pb.GenerationStats:
 def lookup_info_to_pb(name: str, sessions: int) -> pb.InfoResponse:
     """Info of a drafter serving prompt lookup: no model, no vocabulary (it only copies token ids)."""
     msg = pb.InfoResponse(model=name, device="cpu", eos_token_id=-1, drafter_source="ngram")
-    msg.host_id = layout.host_id()
-    msg.cpus.extend(layout.cpus())
+    msg.host_id = placement.host_id()
+    msg.cpus.extend(placement.cpus())
     msg.active_sequences = sessions
     return msg
 
@@ -96,8 +96,8 @@ def info_to_pb(model_name, runner, tokenizer, fingerprint, include_vocab) -> pb.
         dtype=str(runner.describe()["dtype"]),
         eos_token_id=-1 if eos is None else eos,
     )
-    msg.host_id = layout.host_id()
-    msg.cpus.extend(layout.cpus())
+    msg.host_id = placement.host_id()
+    msg.cpus.extend(placement.cpus())
     msg.active_sequences = runner.active_sequences
     msg.kv_tokens = runner.kv_tokens_held
     if include_vocab:

@@ -10,7 +10,7 @@ import time
 import pytest
 
 from client.local import ROOT
-from specdec import layout
+from specdec import placement
 from specdec_core.runtime.lease import cpu_lease
 
 
@@ -22,33 +22,33 @@ def clean_env(monkeypatch):
 
 
 def test_auto_spins_briefly_when_sharing_the_machine_and_actively_when_pinned(clean_env):
-    clean_env.setattr(layout, "pinned", lambda: False)
-    assert layout.apply_wait_policy([], "verifier") == "brief"
+    clean_env.setattr(placement, "pinned", lambda: False)
+    assert placement.apply_wait_policy([], "verifier") == "brief"
     assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE" and os.environ["GOMP_SPINCOUNT"] == "10000"
     clean_env.delenv("OMP_WAIT_POLICY")
-    clean_env.setattr(layout, "pinned", lambda: True)
-    assert layout.apply_wait_policy([], "verifier") == "active"
+    clean_env.setattr(placement, "pinned", lambda: True)
+    assert placement.apply_wait_policy([], "verifier") == "active"
     assert os.environ["OMP_WAIT_POLICY"] == "ACTIVE"
 
 
 def test_flag_environment_and_an_existing_policy(clean_env):
-    assert layout.apply_wait_policy(["--omp-wait-policy", "passive"], "verifier") == "passive"
+    assert placement.apply_wait_policy(["--omp-wait-policy", "passive"], "verifier") == "passive"
     assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE" and "GOMP_SPINCOUNT" not in os.environ
     assert (
-        layout.apply_wait_policy(["--omp-wait-policy=active"], "verifier") == "passive"
+        placement.apply_wait_policy(["--omp-wait-policy=active"], "verifier") == "passive"
     )  # already set: kept
     clean_env.delenv("OMP_WAIT_POLICY")
     clean_env.setenv("SPECDEC_VERIFIER_OMP_WAIT_POLICY", "active")
-    assert layout.apply_wait_policy([], "verifier") == "active"
+    assert placement.apply_wait_policy([], "verifier") == "active"
     clean_env.delenv("OMP_WAIT_POLICY")
     with pytest.raises(ValueError, match="wait policy"):
-        layout.apply_wait_policy(["--omp-wait-policy", "sometimes"], "verifier")
+        placement.apply_wait_policy(["--omp-wait-policy", "sometimes"], "verifier")
 
 
 def test_the_service_sets_the_policy_before_torch_starts_openmp(tmp_path):
     """`specdec serve-*` applies it in the CLI, before torch is imported (libgomp reads it once)."""
     code = (
-        "import sys; from client.cli import main; import specdec.layout as l; "
+        "import sys; from client.cli import main; import specdec.placement as l; "
         "l.apply_wait_policy(['--omp-wait-policy', 'passive'], 'drafter'); "
         "print('torch' in sys.modules)"
     )
@@ -61,12 +61,12 @@ def test_the_service_sets_the_policy_before_torch_starts_openmp(tmp_path):
 
 def test_who_shares_compute():
     me = ("boot-1", "cpu", [0, 1])
-    assert layout.shares_compute(me, ("boot-1", "cpu", [1]))  # same host, overlapping cores
-    assert not layout.shares_compute(me, ("boot-1", "cpu", [2, 3]))  # pinned apart
-    assert not layout.shares_compute(me, ("boot-2", "cpu", [0, 1]))  # another machine
-    assert not layout.shares_compute(me, ("boot-1", "cuda:0", []))  # a GPU drafter
-    assert layout.shares_compute(("b", "cuda:0", []), ("b", "cuda:0", [5]))
-    assert not layout.shares_compute(("b", "cuda:0", []), ("b", "cuda:1", []))
+    assert placement.shares_compute(me, ("boot-1", "cpu", [1]))  # same host, overlapping cores
+    assert not placement.shares_compute(me, ("boot-1", "cpu", [2, 3]))  # pinned apart
+    assert not placement.shares_compute(me, ("boot-2", "cpu", [0, 1]))  # another machine
+    assert not placement.shares_compute(me, ("boot-1", "cuda:0", []))  # a GPU drafter
+    assert placement.shares_compute(("b", "cuda:0", []), ("b", "cuda:0", [5]))
+    assert not placement.shares_compute(("b", "cuda:0", []), ("b", "cuda:1", []))
 
 
 def test_the_lease_makes_forwards_on_the_same_cores_take_turns(tmp_path):
@@ -110,7 +110,7 @@ def test_a_holder_that_never_lets_go_does_not_stall_the_other_process(tmp_path):
 
 
 def test_threads_never_exceed_the_cores_a_process_may_use(monkeypatch):
-    monkeypatch.setattr(layout, "cpus", lambda: [3])
-    assert layout.default_threads(2) == 1  # pinned to one core: one thread, not two time-sliced
-    monkeypatch.setattr(layout, "cpus", lambda: [0, 1, 2, 3])
-    assert layout.default_threads(2) == 2  # the machine's physical cores, as torch would take
+    monkeypatch.setattr(placement, "cpus", lambda: [3])
+    assert placement.default_threads(2) == 1  # pinned to one core: one thread, not two time-sliced
+    monkeypatch.setattr(placement, "cpus", lambda: [0, 1, 2, 3])
+    assert placement.default_threads(2) == 2  # the machine's physical cores, as torch would take

@@ -16,7 +16,7 @@ import torch
 from grpc_health.v1.health_pb2 import HealthCheckRequest, HealthCheckResponse
 from grpc_health.v1.health_pb2_grpc import HealthStub
 
-from specdec import layout, validate
+from specdec import placement, validate
 from specdec.config import VerifierConfig
 from specdec.metrics import ServiceMetrics
 from specdec.rpc import DependencyUnavailable, LimitExceeded, PermissionDenied, SessionNotFound
@@ -35,7 +35,7 @@ from specdec_core.models import (
 )
 from specdec_core.ngram import LOOKUP_K_MAX, NGRAM, NgramDrafter
 from specdec_core.runtime.admission import Admission, Cancellation
-from specdec_core.runtime.factory import load_runner
+from specdec_core.runtime.factory import compute_lease, load_runner, service_scheduler
 from specdec_core.sampling import SamplingParams
 from specdec_core.stats import GenerationStats
 from specdec_core.stopping import StopCriteria
@@ -174,8 +174,11 @@ class VerifierEngine:
         self.metrics = ServiceMetrics("verifier", config.model_name or config.model)
         # every forward of this process runs on the scheduler's thread, batched across generations; the load
         # (forward costs, the sessions in the batch) is what the draft-length policies plan with
-        self.scheduler, self.load = layout.service_scheduler("verifier-compute", config, self.metrics)
-        threads = config.threads or layout.default_threads(torch.get_num_threads())
+        lease = compute_lease(config, placement.host_id(), placement.cpus())
+        self.scheduler, self.load = service_scheduler(
+            "verifier-compute", config, lease, self.metrics.on_forward
+        )
+        threads = config.threads or placement.default_threads(torch.get_num_threads())
         loaded = self.scheduler.call(
             load_runner,
             config,
@@ -454,9 +457,8 @@ class VerifierEngine:
             raise DependencyUnavailable(
                 f"drafter {address} unreachable or refused: {exc.code().name}"
             ) from exc
-        shared = layout.shares_compute(
-            (layout.host_id(), str(self.runner.device), layout.cpus()), (info.host_id, info.device, info.cpus)
-        )
+        mine = (placement.host_id(), str(self.runner.device), placement.cpus())
+        shared = placement.shares_compute(mine, (info.host_id, info.device, info.cpus))
         source = info.drafter_source or "model"
         log.info(
             "drafter %s paired (%s, %s)",

@@ -10,18 +10,24 @@ Backends (``runtime/backends/``):
   small-block linear path, a drafter its precision (``optimize.py``).
 
 Both services call ``load_runner``; ``config`` is a service config (``specdec/config.py``: ``model``,
-``device``, ``dtype``, ``threads``, ``backend``, ``kv_cells``, static-shape and role options).
+``device``, ``dtype``, ``threads``, ``backend``, ``kv_cells``, static-shape and role options). They build
+the compute thread it runs on with ``service_scheduler`` and ``compute_lease``, from plain values: where the
+process runs (``specdec/placement.py``) and a hook that sees every forward (the service's metrics).
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from .. import models
+from .batch_costs import BatchLoad
 from .interface import Runner
+from .lease import ComputeLease, cpu_lease
+from .scheduler import Scheduler
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +44,41 @@ class Loaded:
     tokenizer: Any
     backend: str
     note: str = ""
+
+
+def compute_lease(config, host_id: str, cpus: list[int]) -> ComputeLease | None:
+    """The lease a CPU service's forwards take (None on GPUs or when turned off); ``host_id`` and ``cpus``:
+    where this process runs (``specdec/placement.py``), so processes on the same cores take turns."""
+    if not config.compute_lease or not str(config.device).startswith("cpu"):
+        return None
+    return cpu_lease(models.cache_root(), host_id, cpus, config.compute_lease_timeout_s)
+
+
+def service_scheduler(
+    name: str,
+    config,
+    lease: ComputeLease | None = None,
+    on_forward: Callable[[list[int], float], None] | None = None,
+) -> tuple[Scheduler, BatchLoad]:
+    """The compute thread of a service (``config``: a service config) and the forward costs it learns;
+    ``lease``: held around each forward (``compute_lease``); ``on_forward`` sees every forward too."""
+    load = BatchLoad()
+
+    def forward_ran(row_tokens: list[int], seconds: float) -> None:
+        load.on_forward(row_tokens, seconds)
+        if on_forward is not None:
+            on_forward(row_tokens, seconds)
+
+    scheduler = Scheduler(
+        name,
+        max_rows=config.max_batch_rows,
+        max_tokens=config.max_batch_tokens,
+        prefill_chunk=config.prefill_chunk,
+        lease=lease,
+        on_forward=forward_ran,
+        forward_cost=load.forward_cost,
+    )
+    return scheduler, load
 
 
 def choose_backend(requested: str, model: str, device: str) -> str:

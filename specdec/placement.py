@@ -1,24 +1,23 @@
-"""Where a service runs, and the start-up choices that depend on it. Imports neither torch nor grpc.
+"""Where a service runs (host, device, CPU cores) and the start-up choices that depend on it. Imports neither
+torch, grpc nor the core's runtime: the CLI calls it before torch is imported.
 
-* **OpenMP wait policy.** torch's CPU build uses GNU OpenMP, whose idle workers spin. When the drafter
-  and the verifier share a host's cores (docker-compose, ``specdec demo``), one process's spinning
-  threads take the cores the other one computes on: the same single Qwen stream ran at 3.06 tok/s after
-  one start of the services and 7.41 after another, and concurrent clients collapsed throughput (issue
-  #9's measurements). ``passive`` workers sleep at once instead, but then every parallel region pays a
-  wake-up: a SmolLM2-135M decoding step took 58.8 ms against 35.5 ms spinning (Qwen2.5-Coder-1.5B: 273
-  against 253 ms). ``brief`` (``OMP_WAIT_POLICY=PASSIVE`` with ``GOMP_SPINCOUNT=10000``) spins about a
-  third of a millisecond, enough to bridge the regions of one forward, then sleeps: 38.4 ms for that
-  step, and an idle process burns 0.3 ms of CPU after a forward instead of ~4.7 ms with libgomp's default.
-  The policy must be in the environment before the OpenMP runtime starts (before torch is imported), so
-  the CLI applies it first thing. ``auto`` picks ``brief`` unless the process is pinned to a strict
-  subset of the machine's cores (cores it was given for itself, where spinning costs nobody else:
-  ``active``); an ``OMP_WAIT_POLICY`` already in the environment wins.
+* **OpenMP wait policy.** torch's CPU build uses GNU OpenMP, whose idle workers spin: on cores shared with
+  the other role, one process's spinning takes the cores the other computes on. ``passive`` workers sleep
+  at once, but every parallel region then pays a wake-up; ``brief`` (``OMP_WAIT_POLICY=PASSIVE`` with
+  ``GOMP_SPINCOUNT=10000``) spins long enough to bridge the regions of one forward, then sleeps. The policy
+  must be in the environment before the OpenMP runtime starts (before torch is imported), so the CLI
+  applies it first thing. ``auto`` picks ``brief`` unless the process is pinned to a strict subset of the
+  machine's cores (cores it was given for itself, where spinning costs nobody else: ``active``); an
+  ``OMP_WAIT_POLICY`` already in the environment wins. What each policy costs, measured:
+  docs/serving.md ("Choices made for the layout").
 * **Threads.** torch's default intra-op thread count is the machine's physical cores, whatever the process
   may run on; a process pinned to one core then runs two threads on it. The services take the smaller of
   the two (``--threads`` overrides).
 * **Shared compute.** The verifier compares the drafter's ``Info`` (kernel boot id, device type, CPU
   affinity) with its own: a drafter on the same host's CPU cores competes with the target for them, so
   the verifier does not overlap the two prefills (``--overlap-prefill auto``).
+
+The compute lease and the scheduler a service builds from these values: ``specdec_core/runtime/factory.py``.
 """
 
 from __future__ import annotations
@@ -87,41 +86,6 @@ def apply_wait_policy(argv: list[str], role: str) -> str:
     if policy == "brief" and not os.environ.get("GOMP_SPINCOUNT"):
         os.environ["GOMP_SPINCOUNT"] = BRIEF_SPINCOUNT
     return policy
-
-
-def service_scheduler(name: str, config, metrics=None):
-    """The compute thread of a service (``config``: a service config) and the forward costs it learns;
-    ``metrics`` (``specdec.metrics.ServiceMetrics``) sees every forward too."""
-    from specdec_core.runtime.batch_costs import BatchLoad
-    from specdec_core.runtime.scheduler import Scheduler
-
-    load = BatchLoad()
-
-    def on_forward(row_tokens, seconds: float) -> None:
-        load.on_forward(row_tokens, seconds)
-        if metrics is not None:
-            metrics.on_forward(row_tokens, seconds)
-
-    scheduler = Scheduler(
-        name,
-        max_rows=config.max_batch_rows,
-        max_tokens=config.max_batch_tokens,
-        prefill_chunk=config.prefill_chunk,
-        lease=compute_lease(config),
-        on_forward=on_forward,
-        forward_cost=load.forward_cost,
-    )
-    return scheduler, load
-
-
-def compute_lease(config):
-    """The lease a CPU service's forwards take (None on GPUs or when turned off)."""
-    if not config.compute_lease or not str(config.device).startswith("cpu"):
-        return None
-    from specdec_core.models import cache_root
-    from specdec_core.runtime.lease import cpu_lease
-
-    return cpu_lease(cache_root(), host_id(), cpus(), config.compute_lease_timeout_s)
 
 
 def shares_compute(mine: tuple[str, str, Iterable[int]], theirs: tuple[str, str, Iterable[int]]) -> bool:
