@@ -197,6 +197,28 @@ def parse_args(argv):
         help="prompt-lookup mode (lookup.py): hf, hf-lookup, model, ngram, hybrid on grounded and existing prompts",
     )
     p.add_argument("--lookup-systems", default="hf,hf-lookup,model,ngram,hybrid")
+    _add_concurrency_args(p)
+    a = p.parse_args(argv)
+    a.concurrency = [int(n) for n in a.concurrency.split(",") if n]
+    a.layouts = a.layouts.split(",")
+    if a.concurrency and a.systems == p.get_default("systems"):
+        a.systems = "specdec,no-draft,hf-batch"
+    if a.quick:
+        a.prompts, a.ks, a.temperatures, a.max_new_tokens = (
+            min(a.prompts, 2),
+            "4",
+            "0",
+            min(a.max_new_tokens, 64),
+        )
+    a.ks = [int(k) for k in a.ks.split(",")]
+    a.temperatures = [float(t) for t in a.temperatures.split(",")]
+    a.systems = a.systems.split(",")
+    a.lookup_systems = a.lookup_systems.split(",")
+    return a
+
+
+def _add_concurrency_args(p: argparse.ArgumentParser) -> None:
+    """The flags of ``--concurrency`` (concurrency.py)."""
     load = p.add_argument_group(
         "load mode (--concurrency): many concurrent clients over gRPC, see concurrency.py"
     )
@@ -226,23 +248,6 @@ def parse_args(argv):
         default=True,
         help="generate each prompt alone (no-draft) and compare every request's greedy ids with it",
     )
-    a = p.parse_args(argv)
-    a.concurrency = [int(n) for n in a.concurrency.split(",") if n]
-    a.layouts = a.layouts.split(",")
-    if a.concurrency and a.systems == p.get_default("systems"):
-        a.systems = "specdec,no-draft,hf-batch"
-    if a.quick:
-        a.prompts, a.ks, a.temperatures, a.max_new_tokens = (
-            min(a.prompts, 2),
-            "4",
-            "0",
-            min(a.max_new_tokens, 64),
-        )
-    a.ks = [int(k) for k in a.ks.split(",")]
-    a.temperatures = [float(t) for t in a.temperatures.split(",")]
-    a.systems = a.systems.split(",")
-    a.lookup_systems = a.lookup_systems.split(",")
-    return a
 
 
 def main(argv: list[str] | None = None) -> int:

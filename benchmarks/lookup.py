@@ -55,11 +55,35 @@ def run(a) -> int:
     target, tok = models.load_model(a.target_model, a.device, a.dtype)
     drafter_fp, _ = models.load_model(a.drafter_model, a.device, a.dtype)
     drafter = prepare_drafter(drafter_fp, a.drafter_quantization)
-    hf_target = target  # one copy in RAM: HF's generate runs on the same modules (the fast path too)
     max_new = a.max_new_tokens
     sets = {name: prompt_set(tok, name, a.prompts) for name in ("grounded", "existing")}
+    stats: dict = {}  # {system: [GenerationStats.to_dict() per generation]}
+    systems = [s for s in SYSTEMS if s in a.lookup_systems]
+    fast = enable_fast_linear(target, a.fast_verify)  # the verifier's small-block path, for every system
+    generators = _generators(target, tok, drafter, max_new, stats)
+    print(f"== lookup benchmark: fast verify {fast}; systems {systems}; {max_new} tokens", flush=True)
+    # warm-up (excluded)
+    for system in systems:
+        generators[system](sets["existing"][0][1][:32])
+
+    results: dict = {"hardware": describe_hardware(), "max_new_tokens": max_new, "sets": {}}
+    for set_name, prompts in sets.items():
+        results["sets"][set_name] = summary = _measure_set(set_name, prompts, systems, generators, stats)
+        print(f"== {set_name}: " + ", ".join(f"{s} {summary[s]['tok_s']:.2f}" for s in systems), flush=True)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "lookup.json").write_text(json.dumps(results, indent=2))
+    (out / "lookup.md").write_text(report(results, systems, a))
+    print((out / "lookup.md").read_text())
+    return 0
+
+
+def _generators(target, tok, drafter, max_new: int, stats: dict) -> dict:
+    """``{system: generate(ids) -> new token ids}``; specdec's systems append their stats to ``stats``."""
+    hf_target = target  # one copy in RAM: HF's generate runs on the same modules (the fast path too)
+    decoder = SpeculativeDecoder(ModelRunner(target), tok)
+    draft_runner = ModelRunner(drafter)  # type: ignore[arg-type]  # a quantized copy
     memory = LengthMemory()
-    stats: dict = {}
 
     def hf(ids, lookup=False):
         kwargs = hf_kwargs(hf_target, max_new, 0.0) | ({"prompt_lookup_num_tokens": 10} if lookup else {})
@@ -68,11 +92,7 @@ def run(a) -> int:
             out = hf_target.generate(x, attention_mask=torch.ones_like(x), **kwargs)
         return out[0, len(ids) :].tolist()
 
-    decoder_box: dict = {}
-
     def specdec(ids, system):
-        decoder = decoder_box["decoder"]
-        draft_runner = decoder_box["draft_runner"]
         s = GenerationStats()
         # as the verifier: the lookup alone may draft up to LOOKUP_K_MAX; the hybrid's lookup side starts
         # fresh each generation (how often lookups are accepted depends on the text)
@@ -92,60 +112,47 @@ def run(a) -> int:
         stats.setdefault(system, []).append(s.to_dict())
         return out
 
-    generators = {
+    return {
         "hf": lambda ids: hf(ids),
         "hf-lookup": lambda ids: hf(ids, lookup=True),
         "model": lambda ids: specdec(ids, "model"),
         "ngram": lambda ids: specdec(ids, "ngram"),
         "hybrid": lambda ids: specdec(ids, "hybrid"),
     }
-    systems = [s for s in SYSTEMS if s in a.lookup_systems]
-    fast = enable_fast_linear(target, a.fast_verify)  # the verifier's small-block path, for every system
-    decoder_box["decoder"] = SpeculativeDecoder(ModelRunner(target), tok)
-    decoder_box["draft_runner"] = ModelRunner(drafter)  # type: ignore[arg-type]  # a quantized copy
-    print(f"== lookup benchmark: fast verify {fast}; systems {systems}; {max_new} tokens", flush=True)
-    # warm-up (excluded)
-    for system in systems:
-        generators[system](sets["existing"][0][1][:32])
 
-    results: dict = {"hardware": describe_hardware(), "max_new_tokens": max_new, "sets": {}}
-    for set_name, prompts in sets.items():
-        rows: dict = {s: {"seconds": [], "tokens": 0, "mismatches": []} for s in systems}
-        for i, (pid, ids) in enumerate(prompts):
-            order = systems[i % len(systems) :] + systems[: i % len(systems)]
-            outs = {}
-            for system in order:
-                t0 = time.perf_counter()
-                outs[system] = generators[system](ids)
-                rows[system]["seconds"].append(time.perf_counter() - t0)
-                rows[system]["tokens"] += len(outs[system])
-            ref = outs.get("hf")
-            for system in systems:
-                if ref is not None and outs[system] != ref:
-                    rows[system]["mismatches"].append(pid)
-            line = ", ".join(f"{s} {len(outs[s]) / rows[s]['seconds'][-1]:.2f}" for s in systems)
-            print(f"  {set_name} {pid}: {line} tok/s", flush=True)
-        summary = {}
+
+def _measure_set(set_name: str, prompts, systems: list[str], generators: dict, stats: dict) -> dict:
+    """Every system on every prompt of one set, back to back per prompt (order rotated), ids checked
+    against ``hf``'s; returns ``{system: summary}``."""
+    rows: dict = {s: {"seconds": [], "tokens": 0, "mismatches": []} for s in systems}
+    for i, (pid, ids) in enumerate(prompts):
+        order = systems[i % len(systems) :] + systems[: i % len(systems)]
+        outs = {}
+        for system in order:
+            t0 = time.perf_counter()
+            outs[system] = generators[system](ids)
+            rows[system]["seconds"].append(time.perf_counter() - t0)
+            rows[system]["tokens"] += len(outs[system])
+        ref = outs.get("hf")
         for system in systems:
-            r = rows[system]
-            tps = r["tokens"] / sum(r["seconds"])
-            summary[system] = {"tok_s": tps, "per_prompt_s": r["seconds"], "mismatches": r["mismatches"]}
-            if system in stats:
-                mine = stats[system][-len(prompts) :]
-                summary[system]["acceptance"] = statistics.mean(x["acceptance_rate"] for x in mine)
-                summary[system]["drafter_source"] = _merge_sources(mine)
-        base = summary.get("hf", {}).get("tok_s")
-        for system in systems:
-            if base:
-                summary[system]["vs_hf"] = summary[system]["tok_s"] / base
-        results["sets"][set_name] = summary
-        print(f"== {set_name}: " + ", ".join(f"{s} {summary[s]['tok_s']:.2f}" for s in systems), flush=True)
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "lookup.json").write_text(json.dumps(results, indent=2))
-    (out / "lookup.md").write_text(report(results, systems, a))
-    print((out / "lookup.md").read_text())
-    return 0
+            if ref is not None and outs[system] != ref:
+                rows[system]["mismatches"].append(pid)
+        line = ", ".join(f"{s} {len(outs[s]) / rows[s]['seconds'][-1]:.2f}" for s in systems)
+        print(f"  {set_name} {pid}: {line} tok/s", flush=True)
+    summary = {}
+    for system in systems:
+        r = rows[system]
+        tps = r["tokens"] / sum(r["seconds"])
+        summary[system] = {"tok_s": tps, "per_prompt_s": r["seconds"], "mismatches": r["mismatches"]}
+        if system in stats:
+            mine = stats[system][-len(prompts) :]
+            summary[system]["acceptance"] = statistics.mean(x["acceptance_rate"] for x in mine)
+            summary[system]["drafter_source"] = _merge_sources(mine)
+    base = summary.get("hf", {}).get("tok_s")
+    for system in systems:
+        if base:
+            summary[system]["vs_hf"] = summary[system]["tok_s"] / base
+    return summary
 
 
 def _merge_sources(stats: list[dict]) -> dict:
