@@ -8,8 +8,8 @@ positions of the rows it runs (``L`` = the longest row after the forward), with 
 mask that is causal per row.
 
 The buffers grow (doubling, between forwards) in slots and in capacity, or can be preallocated once
-(``reserve``) for static shapes. This is the layout a later CUDA-graph capture replays: fixed buffers,
-positions and masks as inputs.
+(``reserve``) for static shapes. This is the layout a CUDA-graph capture replays
+(``backends/torch_static.py``): fixed buffers, positions and masks as inputs.
 
 ``BatchCache`` is what one forward hands the model as its ``cache``: transformers' attention layers call
 ``cache.update(keys, values, layer_idx)`` and attend over what it returns.
@@ -71,8 +71,8 @@ class BatchCache(Cache):
 
     rows: [B] slot of each row; write_pos: [B, T] cache position of each new token (padding tokens write
     past their row's new length, where nothing reads them); kv_len: positions attended (L). ``write_rows``
-    [B, T], the slot each token writes (static shapes, ``static.py``: padding writes to a scratch slot):
-    given, the cache reads no tensor on the host, so a CUDA graph can capture the forward.
+    [B, T], the slot each token writes (static shapes, ``backends/torch_static.py``: padding writes to a
+    scratch slot): given, the cache reads no tensor on the host, so a CUDA graph can capture the forward.
     """
 
     def __init__(

@@ -11,17 +11,19 @@ Numerics: the served model is the GGUF's own (Q4_K weights, activations quantize
 products, f16 KV cache), not the fp32 model transformers would dequantise it to. Losslessness is relative
 to it: a position's logits must not depend on how many positions, or which other sequences, share its
 forward, or greedy drafting would drift from one-token decoding. Stock llama.cpp picks CPU kernels by
-batch width and they round differently (0.2-0.5 apart in a Qwen 1.5B logit), so the verifier's runner
+batch width and they round differently (docs/serving.md, "Batch invariance"), so the verifier's runner
 (``invariant=True``) keeps to paths that compute each position alone:
 
 * **patched build** (``scripts/build_llamacpp.sh`` applies ``scripts/patch_ggml_invariant.py``; the
   library then exports ``ggml_cpu_specdec_batch_invariant``): with ``GGML_CPU_BATCH_INVARIANT=1`` every
   position of a repacked matmul goes through the GEMV kernel llama.cpp decodes one token with, and flash
-  attention takes its reference path (each query walks its own cells). Decoding runs at stock speed.
+  attention takes its reference path (each query walks its own cells). A lone position runs the kernel
+  stock llama.cpp runs it with.
 * **stock build** (a llama-cpp-python from elsewhere): no repacked weights (plain per-position dot
   products), flash attention in micro-batches of ``SMALL_UBATCH`` < 64 positions (its tiled kernel starts
   at 64 queries) and never a lone query (its KV is split across threads from 512 cells): a lone token is
-  decoded beside a scratch token that is dropped afterwards. Decoding costs 25-40% more.
+  decoded beside a scratch token that is dropped afterwards. Every decoding step costs more than stock
+  (docs/serving.md, the verify slope).
 * both: the tiled K-quant matmul (8+ positions) off (``GGML_CPU_TILED_MM=0``), flash attention on (the
   plain softmax sums over where other sequences' cells lie).
 
@@ -30,6 +32,9 @@ not touch losslessness (the verifier judges drafts by the probabilities sent wit
 (``invariant=False``) keeps stock kernels. Weights llama.cpp multiplies with tinyBLAS at 2+ positions (F32,
 F16, Q8_0, Q4_0 without repacking) are not batch-invariant; the built-in models (Q4_K_M) and the tests'
 GGUFs (Q4_0 repacked on the patched build, Q4_1 anywhere) are.
+
+``LlamaContext`` holds llama.cpp's objects and makes the ctypes calls; ``LlamaCppRunner`` keeps the runner
+contract on top (sequences, rollback, stepped rows, the scratch token).
 
 Needs ``llama-cpp-python`` (``make setup`` builds it for this CPU: ``scripts/build_llamacpp.sh``).
 """
@@ -54,17 +59,6 @@ UBATCH = 512  # positions per llama_decode
 SMALL_UBATCH = 32  # on a stock build: below flash attention's tiled kernel (64 queries)
 
 
-def _patched() -> bool:
-    """Whether the installed llama.cpp carries the batch-invariance patch (module docstring)."""
-    import llama_cpp
-
-    lib = Path(llama_cpp.__file__).parent / "lib" / "libggml-cpu.so"
-    try:
-        return hasattr(ctypes.CDLL(str(lib)), "ggml_cpu_specdec_batch_invariant")
-    except OSError:
-        return False
-
-
 def available() -> bool:
     """Whether llama-cpp-python can be imported here."""
     try:
@@ -78,6 +72,26 @@ def _lib():
     import llama_cpp.llama_cpp as lib
 
     return lib
+
+
+# -- process-wide set-up ---------------------------------------------------------------------------------
+def _patched() -> bool:
+    """Whether the installed llama.cpp carries the batch-invariance patch (module docstring)."""
+    import llama_cpp
+
+    lib = Path(llama_cpp.__file__).parent / "lib" / "libggml-cpu.so"
+    try:
+        return hasattr(ctypes.CDLL(str(lib)), "ggml_cpu_specdec_batch_invariant")
+    except OSError:
+        return False
+
+
+def _set_invariant_kernels(patched: bool) -> None:
+    """ggml's switches for batch-invariant kernels (module docstring). Set before ggml's first matmul in
+    this process, which reads them once; a switch the environment already sets is left as it is."""
+    os.environ.setdefault("GGML_CPU_TILED_MM", "0")
+    if patched:
+        os.environ.setdefault("GGML_CPU_BATCH_INVARIANT", "1")
 
 
 _backend_ready = False
@@ -105,6 +119,85 @@ except (ImportError, OSError, AttributeError):  # no llama-cpp-python: the runne
     pass
 
 
+# -- llama.cpp's objects ---------------------------------------------------------------------------------
+Entry = tuple[int, int, int, bool]  # one token of a batch: (slot, position, token id, wants logits)
+
+
+class LlamaContext:
+    """llama.cpp's objects behind one runner, in llama.cpp's terms (slots, positions, cells): the model, a
+    context whose unified KV cache holds ``slots + 1`` sequences (the last one: the runner's scratch
+    sequence) in ``context`` cells, and one batch buffer of ``ubatch + 1`` tokens, reused by every decode.
+
+    ``repack``: let llama.cpp repack the weights for its CPU kernels (the module docstring says when not).
+    """
+
+    def __init__(self, path: Path, slots: int, context: int, ubatch: int, threads: int, repack: bool) -> None:
+        lib = _lib()
+        mparams = lib.llama_model_default_params()
+        mparams.n_gpu_layers = 0
+        mparams.use_extra_bufts = repack
+        self.model = lib.llama_model_load_from_file(str(path).encode(), mparams)
+        if not self.model:
+            raise ValueError(f"llama.cpp could not load {path}")
+        self.n_vocab = int(lib.llama_vocab_n_tokens(lib.llama_model_get_vocab(self.model)))
+        cparams = lib.llama_context_default_params()
+        cparams.n_ctx = context
+        cparams.n_batch = cparams.n_ubatch = ubatch
+        cparams.n_seq_max = slots + 1  # and the scratch sequence
+        cparams.n_outputs_max = max(ubatch + 1, slots + 1)  # llama.cpp reserves an output per sequence
+        cparams.n_threads = cparams.n_threads_batch = threads
+        cparams.kv_unified = True
+        cparams.flash_attn_type = lib.LLAMA_FLASH_ATTN_TYPE_ENABLED
+        cparams.no_perf = True
+        self.ctx = lib.llama_init_from_model(self.model, cparams)
+        if not self.ctx:
+            lib.llama_model_free(self.model)
+            raise ValueError(f"llama.cpp could not create a context for {path} ({context} cells)")
+        self.mem = lib.llama_get_memory(self.ctx)
+        self.context = int(lib.llama_n_ctx(self.ctx))  # cells, as llama.cpp rounded them
+        # the longest sequence: the cells, or fewer where the model was trained on fewer positions
+        self.max_positions = min(int(lib.llama_model_n_ctx_train(self.model)) or self.context, self.context)
+        self.batch = lib.llama_batch_init(ubatch + 1, 0, 1)
+
+    def describe(self) -> tuple[str, int]:
+        """The model's description (e.g. "qwen2 1.5B Q4_K - Medium") and its weights' bytes."""
+        lib = _lib()
+        desc = ctypes.create_string_buffer(256)
+        lib.llama_model_desc(self.model, desc, len(desc))
+        return desc.value.decode(errors="replace"), int(lib.llama_model_size(self.model))
+
+    def decode(self, entries: list[Entry]) -> int:
+        """One ``llama_decode`` of ``entries`` (at most ``ubatch + 1``); its status (0: done, 1: no room in
+        the KV cache, else an error). The cells of a failed call may stay written."""
+        b = self.batch
+        for j, (slot, position, token, wants) in enumerate(entries):
+            b.token[j] = token
+            b.pos[j] = position
+            b.n_seq_id[j] = 1
+            b.seq_id[j][0] = slot
+            b.logits[j] = wants
+        b.n_tokens = len(entries)
+        return _lib().llama_decode(self.ctx, b)
+
+    def logits(self, n_out: int) -> list[torch.Tensor]:
+        """The last decode's logits of its ``n_out`` flagged entries, in the batch's order: [vocab] each."""
+        ptr = _lib().llama_get_logits(self.ctx)  # [n_out, vocab]
+        logits = np.ctypeslib.as_array(ptr, shape=(n_out, self.n_vocab))
+        return list(torch.from_numpy(logits.copy()).unbind(0))
+
+    def remove(self, slot: int, start: int = -1) -> bool:
+        """Drop ``slot``'s cells from position ``start`` on (-1: all); False if llama.cpp could not."""
+        return bool(_lib().llama_memory_seq_rm(self.mem, slot, start, -1))
+
+    def close(self) -> None:
+        """Free the batch buffer, the context and the model (unusable afterwards)."""
+        lib = _lib()
+        lib.llama_batch_free(self.batch)
+        lib.llama_free(self.ctx)
+        lib.llama_model_free(self.model)
+
+
+# -- the runner ------------------------------------------------------------------------------------------
 class LlamaCppRunner(SlotRunner):
     """Runs a GGUF model through llama.cpp over many sequences (see the module docstring).
 
@@ -125,13 +218,10 @@ class LlamaCppRunner(SlotRunner):
         invariant: bool = True,
         patched: bool | None = None,
     ) -> None:
-        lib = _lib()
         self.invariant = invariant
         self.patched = _patched() if patched is None else patched and _patched()
-        if invariant:  # before ggml's first matmul in this process, which reads them once
-            os.environ.setdefault("GGML_CPU_TILED_MM", "0")
-            if self.patched:
-                os.environ.setdefault("GGML_CPU_BATCH_INVARIANT", "1")
+        if invariant:
+            _set_invariant_kernels(self.patched)
         # a stock build stays invariant only with small micro-batches, no lone query, no repacked weights
         self._careful = invariant and not self.patched
         self.kernels = "off" if not invariant else "patched" if self.patched else "careful"
@@ -140,34 +230,14 @@ class LlamaCppRunner(SlotRunner):
         self.path = Path(path)
         if not self.path.is_file():
             raise FileNotFoundError(f"no GGUF file at {self.path}")
-        mparams = lib.llama_model_default_params()
-        mparams.n_gpu_layers = 0
-        mparams.use_extra_bufts = not self._careful  # repacked weights (module docstring)
-        self._model = lib.llama_model_load_from_file(str(self.path).encode(), mparams)
-        if not self._model:
-            raise ValueError(f"llama.cpp could not load {self.path}")
-        self._vocab = lib.llama_model_get_vocab(self._model)
-        self._n_vocab = int(lib.llama_vocab_n_tokens(self._vocab))
-        slots = max(1, min(slots, int(getattr(lib, "LLAMA_MAX_SEQ", 256))))
+        slots = max(1, min(slots, int(getattr(_lib(), "LLAMA_MAX_SEQ", 256))))
         self.threads = threads or len(os.sched_getaffinity(0))
-        cparams = lib.llama_context_default_params()
-        cparams.n_ctx = context
-        cparams.n_batch = cparams.n_ubatch = self.ubatch
-        cparams.n_seq_max = slots + 1  # and the scratch sequence
-        cparams.n_outputs_max = max(self.ubatch + 1, slots + 1)  # llama.cpp reserves an output per sequence
-        cparams.n_threads = cparams.n_threads_batch = self.threads
-        cparams.kv_unified = True
-        cparams.flash_attn_type = lib.LLAMA_FLASH_ATTN_TYPE_ENABLED
-        cparams.no_perf = True
-        self._ctx = lib.llama_init_from_model(self._model, cparams)
-        if not self._ctx:
-            lib.llama_model_free(self._model)
-            raise ValueError(f"llama.cpp could not create a context for {self.path} ({context} cells)")
-        self._mem = lib.llama_get_memory(self._ctx)
-        self.context = int(lib.llama_n_ctx(self._ctx))
-        max_positions = min(int(lib.llama_model_n_ctx_train(self._model)) or self.context, self.context)
-        super().__init__(name, slots, torch.device("cpu"), max_positions)
-        self._batch = lib.llama_batch_init(self.ubatch + 1, 0, 1)
+        self._llama: LlamaContext | None = LlamaContext(
+            self.path, slots, context, self.ubatch, self.threads, repack=not self._careful
+        )
+        self._n_vocab = self._llama.n_vocab
+        self.context = self._llama.context
+        super().__init__(name, slots, torch.device("cpu"), self._llama.max_positions)
         # positions llama.cpp holds per slot (>= len(seq.tokens) after a rollback, until the next feed)
         self._cached = [0] * (slots + 1)
         self._scratch = Sequence(slot=slots)  # pads a lone token (module docstring); never holds a cell
@@ -176,15 +246,19 @@ class LlamaCppRunner(SlotRunner):
     def vocab_size(self) -> int:
         return self._n_vocab
 
+    @property
+    def llama(self) -> LlamaContext:
+        if self._llama is None:
+            raise RuntimeError(f"{self.name}: the runner is closed")
+        return self._llama
+
     def describe(self) -> dict[str, Any]:
-        lib = _lib()
-        desc = ctypes.create_string_buffer(256)
-        lib.llama_model_desc(self._model, desc, len(desc))
+        desc, weight_bytes = self.llama.describe()
         return {
             "backend": "llama.cpp",
-            "dtype": desc.value.decode(errors="replace"),  # e.g. "qwen2 1.5B Q4_K - Medium"
+            "dtype": desc,  # e.g. "qwen2 1.5B Q4_K - Medium"
             "device": "cpu",
-            "weight_bytes": int(lib.llama_model_size(self._model)),
+            "weight_bytes": weight_bytes,
             "threads": self.threads,
             "batch_invariant": self.kernels,
             "context": self.context,
@@ -192,12 +266,9 @@ class LlamaCppRunner(SlotRunner):
 
     def close(self) -> None:
         """Free llama.cpp's context and model (the runner is unusable afterwards)."""
-        lib = _lib()
-        if getattr(self, "_ctx", None):
-            lib.llama_batch_free(self._batch)
-            lib.llama_free(self._ctx)
-            lib.llama_model_free(self._model)
-            self._ctx = self._model = None
+        if getattr(self, "_llama", None) is not None:
+            self.llama.close()
+            self._llama = None
 
     def __del__(self) -> None:
         try:
@@ -207,7 +278,7 @@ class LlamaCppRunner(SlotRunner):
 
     def _on_reclaim(self, slot: int) -> None:
         if self._cached[slot]:
-            _lib().llama_memory_seq_rm(self._mem, slot, -1, -1)
+            self.llama.remove(slot)
             self._cached[slot] = 0
 
     # -- the forward -----------------------------------------------------------------------------------
@@ -246,7 +317,7 @@ class LlamaCppRunner(SlotRunner):
         for i in stepped:
             outputs[i] = [tuple(t.cpu() for t in p) for p in picks[i]]
 
-    def _decode(self, rows: list[tuple[Any, list[int], int]]) -> list[torch.Tensor]:
+    def _decode(self, rows: list[tuple[Sequence, list[int], int]]) -> list[torch.Tensor]:
         """Feed (sequence, tokens, keep) rows in ``llama_decode`` calls of at most ``ubatch`` tokens; logits
         of the kept positions per row; the rows' tokens appended to their sequences. A failed call leaves
         every row's sequence as it was (the cells already written go at the next feed, ``_trim``)."""
@@ -270,22 +341,17 @@ class LlamaCppRunner(SlotRunner):
             j += keep
         return outputs
 
-    def _decode_batch(self, tokens: list[tuple[Any, int, bool]]) -> list[torch.Tensor]:
+    def _decode_batch(self, tokens: list[tuple[Sequence, int, bool]]) -> list[torch.Tensor]:
         """One ``llama_decode`` of (sequence, token, wants logits) entries, in order; each sequence's tokens
         go at its next positions. Returns the flagged entries' logits [vocab] each."""
-        lib, b = _lib(), self._batch
         if len(tokens) == 1 and self._careful:
             tokens = tokens + [(self._scratch, 0, False)]
-        for j, (seq, token, wants) in enumerate(tokens):
-            b.token[j] = token
-            b.pos[j] = len(seq.tokens)
-            b.n_seq_id[j] = 1
-            b.seq_id[j][0] = seq.slot
-            b.logits[j] = wants
+        entries: list[Entry] = []
+        for seq, token, wants in tokens:
+            entries.append((seq.slot, len(seq.tokens), token, wants))
             seq.tokens.append(token)
             self._cached[seq.slot] = len(seq.tokens)
-        b.n_tokens = len(tokens)
-        status = lib.llama_decode(self._ctx, b)
+        status = self.llama.decode(entries)
         if tokens[-1][0] is self._scratch:
             tokens.pop()
             self.rollback(self._scratch, 0)
@@ -298,15 +364,11 @@ class LlamaCppRunner(SlotRunner):
                 )
             raise RuntimeError(f"{self.name}: llama_decode failed with status {status}")
         n_out = sum(1 for _, _, wants in tokens if wants)
-        if not n_out:
-            return []
-        ptr = lib.llama_get_logits(self._ctx)  # [n_out, vocab], in the batch's order of flagged tokens
-        logits = np.ctypeslib.as_array(ptr, shape=(n_out, self._n_vocab))
-        return list(torch.from_numpy(logits.copy()).unbind(0))
+        return self.llama.logits(n_out) if n_out else []
 
-    def _trim(self, seq) -> None:
+    def _trim(self, seq: Sequence) -> None:
         """Remove the cells past ``seq``'s length (left by a rollback) before it is fed again."""
         if self._cached[seq.slot] > len(seq.tokens):
-            if not _lib().llama_memory_seq_rm(self._mem, seq.slot, len(seq.tokens), -1):
+            if not self.llama.remove(seq.slot, len(seq.tokens)):
                 raise RuntimeError(f"{self.name}: llama.cpp could not remove positions of slot {seq.slot}")
             self._cached[seq.slot] = len(seq.tokens)
