@@ -98,11 +98,11 @@ def check_grpc(device: str) -> bool:
     from tiny import perturbed, tiny_model, tiny_tokenizer
 
     from client import SpecDecClient
-    from drafter_service.engine import DrafterEngine
     from drafter_service.server import start as start_drafter
+    from drafter_service.sessions import DrafterEngine
     from specdec.config import DrafterConfig, VerifierConfig
-    from verifier_service.engine import VerifierEngine
     from verifier_service.server import start as start_verifier
+    from verifier_service.verifier import VerifierEngine
 
     target = tiny_model("qwen2").to(device)
     drafter = perturbed(tiny_model("qwen2"), 0.1).to(device)
@@ -295,11 +295,11 @@ def measure_e2e(
     from tiny import tiny_tokenizer
 
     from client import SpecDecClient
-    from drafter_service.engine import DrafterEngine
     from drafter_service.server import start as start_drafter
+    from drafter_service.sessions import DrafterEngine
     from specdec.config import DrafterConfig, VerifierConfig
-    from verifier_service.engine import VerifierEngine
     from verifier_service.server import start as start_verifier
+    from verifier_service.verifier import VerifierEngine
 
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     vocab = len(tiny_tokenizer())

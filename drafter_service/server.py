@@ -10,7 +10,7 @@ from specdec.rpc import make_server, map_errors, run_service
 from specdec.security import ServerSecurity
 from specdec.v1 import specdec_pb2_grpc as pb_grpc
 
-from .engine import DrafterEngine
+from .sessions import DrafterEngine
 
 log = logging.getLogger(__name__)
 

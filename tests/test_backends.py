@@ -7,16 +7,16 @@ import torch
 from tiny import save_tiny_gguf, tiny_tokenizer
 
 from client import SpecDecClient
-from drafter_service.engine import DrafterEngine
 from drafter_service.server import start as start_drafter
+from drafter_service.sessions import DrafterEngine
 from specdec.config import DrafterConfig, VerifierConfig
 from specdec_core.runtime.backends import llamacpp
 from specdec_core.runtime.backends.torch_eager import ModelRunner
 from specdec_core.runtime.backends.torch_static import Buckets, StaticRunner
 from specdec_core.runtime.factory import choose_backend
 from specdec_core.runtime.interface import Row, Runner
-from verifier_service.engine import VerifierEngine
 from verifier_service.server import start as start_verifier
+from verifier_service.verifier import VerifierEngine
 
 needs_llamacpp = pytest.mark.skipif(not llamacpp.available(), reason="llama-cpp-python is not installed")
 PROMPT = "def add(a, b):\n"

@@ -11,8 +11,8 @@ from test_services import Pair
 from tiny import hf_greedy, perturbed, tiny_model, tiny_tokenizer
 
 from client import SpecDecClient
-from drafter_service.engine import DrafterEngine
 from drafter_service.server import start as start_drafter
+from drafter_service.sessions import DrafterEngine
 from specdec.config import DrafterConfig, VerifierConfig
 from specdec.rpc import channel
 from specdec.v1 import specdec_pb2 as pb

@@ -19,8 +19,8 @@ from test_services import Pair
 from tiny import hf_greedy, perturbed, tiny_model, tiny_tokenizer
 
 from client import SpecDecClient
-from drafter_service.engine import DrafterEngine
 from drafter_service.server import start as start_drafter
+from drafter_service.sessions import DrafterEngine
 from specdec import logs
 from specdec.config import DrafterConfig, VerifierConfig
 

@@ -202,13 +202,13 @@ def test_a_drafter_service_serves_prompt_lookup(models):
     and counts its rounds as lookup rounds."""
     import grpc
 
-    from drafter_service.engine import DrafterEngine
     from drafter_service.server import start as start_drafter
+    from drafter_service.sessions import DrafterEngine
     from specdec.config import DrafterConfig
     from specdec.v1 import specdec_pb2 as pb
     from specdec.v1 import specdec_pb2_grpc as pb_grpc
-    from verifier_service.engine import VerifierEngine
     from verifier_service.server import start as start_verifier
+    from verifier_service.verifier import VerifierEngine
 
     target, _ = models
     d_cfg = DrafterConfig(port=0, host="127.0.0.1", source="ngram", ngram_min=1, ngram_max=3)

@@ -85,11 +85,11 @@ def test_four_concurrent_generations_over_grpc_equal_target_greedy(pair):
     import threading
 
     from client import SpecDecClient
-    from drafter_service.engine import DrafterEngine
     from drafter_service.server import start as start_drafter
+    from drafter_service.sessions import DrafterEngine
     from specdec.config import DrafterConfig, VerifierConfig
-    from verifier_service.engine import VerifierEngine
     from verifier_service.server import start as start_verifier
+    from verifier_service.verifier import VerifierEngine
 
     target, drafter, tok = pair
     d_engine = DrafterEngine(DrafterConfig(model="qwen-0.5b", quantization="int8"), drafter, tok)

@@ -9,15 +9,15 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tiny import hf_greedy, perturbed, tiny_model, tiny_tokenizer
 
 from client import SpecDecClient
-from drafter_service.engine import DrafterEngine
 from drafter_service.server import start as start_drafter
+from drafter_service.sessions import DrafterEngine
 from specdec.config import DrafterConfig, VerifierConfig
 from specdec.rpc import make_server
 from specdec.security import ClientSecurity, is_loopback
 from specdec.v1 import specdec_pb2 as pb
 from specdec.v1 import specdec_pb2_grpc as pb_grpc
-from verifier_service.engine import VerifierEngine
 from verifier_service.server import start as start_verifier
+from verifier_service.verifier import VerifierEngine
 
 PROMPT = "def add(a, b):\n"
 TOKEN = "tok-7f3a9c1e5b"

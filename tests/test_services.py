@@ -10,8 +10,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tiny import hf_greedy, perturbed, tiny_model, tiny_tokenizer
 
 from client import SpecDecClient
-from drafter_service.engine import DrafterEngine
 from drafter_service.server import start as start_drafter
+from drafter_service.sessions import DrafterEngine
 from specdec.config import DrafterConfig, VerifierConfig
 from specdec.rpc import channel
 from specdec.v1 import specdec_pb2 as pb
@@ -19,8 +19,8 @@ from specdec.v1 import specdec_pb2_grpc as pb_grpc
 from specdec_core.runtime.backends.torch_eager import ModelRunner
 from specdec_core.sampling import SamplingParams
 from specdec_core.target import TargetSession
-from verifier_service.engine import VerifierEngine
 from verifier_service.server import start as start_verifier
+from verifier_service.verifier import VerifierEngine
 
 PROMPT = "def add(a, b):\n"
 PROMPT_IDS = tiny_tokenizer()(PROMPT)["input_ids"]

@@ -12,7 +12,8 @@ from specdec.v1 import specdec_pb2 as pb
 from specdec.v1 import specdec_pb2_grpc as pb_grpc
 from specdec_core.runtime.admission import Cancellation
 
-from .engine import GenerateArgs, VerifierEngine
+from .generation import GenerateArgs
+from .verifier import VerifierEngine
 
 log = logging.getLogger(__name__)
 
