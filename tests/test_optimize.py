@@ -224,3 +224,15 @@ def test_the_batch_prices_the_starts_of_every_session_that_would_draft():
     cheap = Load(peers=(short,) * 7, forward_s=roofline_forward, start_tokens=20, remaining=60)
     assert policy.next_length(cheap) > 0
     assert policy.peer().start_tokens == 0  # drafting: its drafter has caught up
+
+
+def test_a_free_source_measured_only_by_observation_reports_itself_to_its_peers():
+    """A lookup policy can stop learning from observed rounds alone (it never drafted): its peer entry
+    and its debug description must not divide by its zero drafted tokens."""
+    policy = AdaptiveDraftLength(k_max=16)
+    for _ in range(4):
+        policy.observe(judged=3, num_accepted=2, block=1, verify_s=0.1)
+    policy.update(0, 0, 0.1)  # a plain round: a verify cost, no drafted token
+    assert not policy.learning
+    assert policy.peer().t_draft == 0.0
+    assert "t_draft 0 ms" in policy.describe(Load())

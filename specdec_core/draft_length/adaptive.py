@@ -124,7 +124,7 @@ class AdaptiveDraftLength(DraftLengthPolicy):
         # one that has not chosen yet, or drafts, counts as adaptive
         m = self.measured
         fixed = 0 if self.last_k == 0 else None
-        t_draft = 0.0 if self.learning else m.draft_s / m.draft_tokens
+        t_draft = 0.0 if self.learning else m.t_draft()  # 0 too for a free source measured by observation
         return Peer(acceptance=m.acceptance(0), t_draft=t_draft, fixed=fixed, start_tokens=self.pending_start)
 
     # -- the drafter's start -----------------------------------------------------------------------------
@@ -173,7 +173,7 @@ class AdaptiveDraftLength(DraftLengthPolicy):
             f"plan k {plan.k} depth {plan.depth} ({plan.drafting} drafting) {plan.rate:.2f} tok/s vs plain "
             f"{plain.rate:.2f} (batch of {1 + (len(load.peers) if load else 0)}); acceptance "
             f"{m.acceptance(0):.2f}, t_draft {m.t_draft() * 1e3:.0f} ms, "
-            f"net {m.network_s / m.rounds * 1e3:.0f} ms"
+            f"net {m.t_network() * 1e3:.0f} ms"
         )
 
     # -- feedback ----------------------------------------------------------------------------------------
