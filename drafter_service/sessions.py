@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from typing import Any
 
 import torch
 
@@ -17,7 +18,6 @@ from specdec_core.models import vocab_fingerprint
 from specdec_core.ngram import NGRAM, NgramDrafter
 from specdec_core.runtime.factory import compute_lease, load_runner, service_scheduler
 from specdec_core.runtime.interface import Runner
-from specdec_core.runtime.scheduler import Scheduler
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,9 @@ class DrafterEngine:
         self.config = config
         self._active = 0
         self._lock = threading.Lock()
-        self.scheduler: Scheduler | None = None  # None with prompt lookup: no model, no compute thread
+        # the Scheduler, None with prompt lookup (no model, no compute thread); typed loosely so that code
+        # holding a model drafter's engine (benchmarks/gpu_check.py) calls it without a None check
+        self.scheduler: Any = None
         self.runner: Runner | None = None
         self.tokenizer = None
         if config.source == NGRAM:
