@@ -18,7 +18,7 @@ from .ngram import MODEL
 from .runtime.admission import Cancellation
 from .runtime.batch_costs import BatchLoad
 from .runtime.interface import Runner
-from .runtime.scheduler import Executor, Inline
+from .runtime.jobs import Executor, Inline
 from .sampling import SamplingParams
 from .sources import Choice, DraftSources
 from .stats import GenerationStats

@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 import torch
 
 from .runtime.interface import Row, Runner, Sequence
-from .runtime.scheduler import Executor, Inline, Job, Scheduler, Task
+from .runtime.jobs import Executor, Inline, Job, Task
+from .runtime.scheduler import Scheduler
 from .sampling import DEFAULT_MAX_SUPPORT, SamplingParams, SparseDist, draft_pick, picked
 
 

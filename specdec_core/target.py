@@ -8,9 +8,9 @@ from concurrent.futures import CancelledError
 import torch
 
 from .drafting import DraftBlock
-from .runtime.admission import GenerationCancelled
+from .errors import GenerationCancelled
 from .runtime.interface import Row, Runner, Sequence
-from .runtime.scheduler import Executor, Inline, Job, Task
+from .runtime.jobs import Executor, Inline, Job, Task
 from .sampling import SamplingParams, logits_to_probs, make_generator, position_noise, race
 from .verification import verify_coupled, verify_greedy, verify_sampled
 

@@ -10,10 +10,12 @@ import torch
 from tiny import FAMILIES, tiny_model
 
 from specdec_core.draft_length import AdaptiveDraftLength, FixedDraftLength
-from specdec_core.runtime.admission import Admission, Cancellation, GenerationCancelled, QueueFull
+from specdec_core.errors import GenerationCancelled, QueueFull
+from specdec_core.runtime.admission import Admission, Cancellation
 from specdec_core.runtime.backends.torch_eager import ModelRunner, Row
 from specdec_core.runtime.batch_costs import BatchLoad, ForwardCosts, isotonic
-from specdec_core.runtime.scheduler import Scheduler, drive
+from specdec_core.runtime.jobs import drive
+from specdec_core.runtime.scheduler import Scheduler
 
 ATOL = dict(atol=1e-4, rtol=1e-4)
 

@@ -15,7 +15,7 @@ from specdec.config import VerifierConfig
 from specdec.rpc import LimitExceeded, SessionNotFound
 from specdec_core.drafting import DraftBlock
 from specdec_core.runtime.interface import Runner
-from specdec_core.runtime.scheduler import Executor
+from specdec_core.runtime.jobs import Executor
 from specdec_core.sampling import SamplingParams
 from specdec_core.target import TargetSession
 from specdec_core.verification import Verdict

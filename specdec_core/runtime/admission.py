@@ -11,7 +11,7 @@ from contextlib import contextmanager
 # defined outside the runtime so the wire layer maps them to status codes without importing it
 from ..errors import GenerationCancelled, QueueFull
 
-__all__ = ["Admission", "Cancellation", "GenerationCancelled", "QueueFull"]
+__all__ = ["Admission", "Cancellation"]
 
 
 class Cancellation:

@@ -41,9 +41,9 @@ import torch
 
 from .batching import Batcher, Feed, by_runner, rows_to_feed
 from .interface import Row, Runner, Sequence
-from .jobs import Executor, Inline, Job, OnForward, Task, drive
+from .jobs import Job, OnForward, Task, drive
 
-__all__ = ["Executor", "Inbox", "Inline", "Job", "OnForward", "Scheduler", "Task", "Tasks", "drive"]
+__all__ = ["Inbox", "Scheduler", "Tasks"]
 
 T = TypeVar("T")
 
