@@ -67,6 +67,10 @@ class CommonConfig:
     backend: str = "auto"
     # llama.cpp backend: KV cells shared by all sequences (0: 16384), the sum of their contexts
     kv_cells: int = 0
+    # finished sequences keep their KV for later prompts that start the same way, up to this many tokens
+    # (specdec_core/runtime/prefix_cache.py): -1 picks from memory (half the llama.cpp cells; 16384 on
+    # torch, whose retained entries only ever hold slots no live sequence needs); 0 turns it off
+    prefix_cache_tokens: int = -1
     static_shapes: str = "auto"
     cuda_graphs: bool = True
     kv_capacity: int = 2048

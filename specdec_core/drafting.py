@@ -141,8 +141,11 @@ class ModelDrafter(Drafter):
         lookahead: bool = False,
         executor: Executor | None = None,
         one_call: bool | None = None,
+        cache_salt: str = "",
     ) -> None:
         self.runner = runner
+        self.cache_salt = cache_salt  # whose cached prefixes its context may start from (prefix_cache.py)
+        self.cached_tokens = 0  # context positions taken from the runner's prefix cache at starts
         self.one_call = runner.device.type == "cuda" if one_call is None else one_call
         self.max_support = max_support
         self.lookahead = lookahead
@@ -180,10 +183,12 @@ class ModelDrafter(Drafter):
             self.runner.release(self._seq)
         self.context, self._params = context, params
         self._seed = params.seed if params.seed is not None else int(torch.randint(0, 2**62, (1,)).item())
-        self._seq = self.runner.new_sequence()
+        self._seq = self.runner.new_sequence(self.cache_salt)
         self._drafted, self._ready, self._ahead = [], [], []
-        if len(context) > 1:
-            yield Row(self._seq, context[:-1], keep=0)
+        cached = self.runner.reuse_prefix(self._seq, context[:-1], keep=0) if len(context) > 1 else 0
+        self.cached_tokens += cached
+        if len(context) - 1 > cached:
+            yield Row(self._seq, context[cached:-1], keep=0)
 
     def _pick(self, logits: torch.Tensor, position: int) -> tuple[torch.Tensor, ...]:
         """The token at ``position`` from its logits [vocab], on the device (``sampling.draft_pick``)."""

@@ -21,7 +21,8 @@ class TargetSession:
     Invariant between rounds: the cache covers ``context[:-1]``; the last committed token is pending
     and is fed together with the next drafted block, so a round is exactly one forward pass (a session
     that was not prefilled feeds its whole context with its first block). Every forward is a job of
-    ``executor`` (the verifier's scheduler batches the rows of all sessions).
+    ``executor`` (the verifier's scheduler batches the rows of all sessions). The first forward takes what
+    it can of the context from the runner's prefix cache, under ``cache_salt`` (``cached_tokens``).
     """
 
     def __init__(
@@ -30,6 +31,7 @@ class TargetSession:
         context: list[int],
         params: SamplingParams,
         executor: Executor | None = None,
+        cache_salt: str = "",
     ) -> None:
         if not context:
             raise ValueError("a generation needs at least one prompt token")
@@ -41,6 +43,8 @@ class TargetSession:
         self.seq: Sequence | None = None
         self.passes = 0
         self.tokens_processed = 0
+        self.cache_salt = cache_salt
+        self.cached_tokens = 0  # context positions taken from the prefix cache instead of computed
         self.cancelled = False
         self._task: Task | None = None
 
@@ -76,11 +80,10 @@ class TargetSession:
         return self._run(self._prefill_job(emit_first))
 
     def _prefill_job(self, emit_first: bool) -> Job:
-        self.seq = self.runner.new_sequence()
-        feed = self.context if emit_first else self.context[:-1]
+        seq, feed = self._first_feed(self.context if emit_first else self.context[:-1], keep=int(emit_first))
         if not feed:
             return None
-        logits = yield Row(self.seq, feed, keep=1 if emit_first else 0)  # [1 | 0, vocab]
+        logits = yield Row(seq, feed, keep=1 if emit_first else 0)  # [1 | 0, vocab]
         self.passes += 1
         self.tokens_processed += len(feed)
         if not emit_first:
@@ -88,6 +91,15 @@ class TargetSession:
         token = int(self._pick(logits[0], len(self.context), check=True))
         self.context.append(token)
         return token
+
+    def _first_feed(self, tokens: list[int], keep: int) -> tuple[Sequence, list[int]]:
+        """Open the session's sequence for a first forward of ``tokens`` (logits of the last ``keep``): the
+        sequence, and the part of ``tokens`` the forward must compute, past the prefix the runner's cache
+        already holds."""
+        seq = self.seq = self.runner.new_sequence(self.cache_salt)
+        cached = self.runner.reuse_prefix(seq, tokens, keep) if tokens else 0
+        self.cached_tokens += cached
+        return seq, tokens[cached:]
 
     @property
     def _rejection_rule(self) -> bool:
@@ -106,12 +118,11 @@ class TargetSession:
 
     def _decode_job(self, steps: int) -> Job:
         if self.seq is None:
-            self.seq = self.runner.new_sequence()
-        feed = self.context[len(self.seq) :]
+            seq, feed = self._first_feed(self.context, keep=1)
+        else:
+            seq, feed = self.seq, self.context[len(self.seq) :]
         position = len(self.context)  # the first new token's
-        picks = yield Row(
-            self.seq, feed, keep=1, steps=steps, pick=lambda lg, i: (self._pick(lg, position + i),)
-        )
+        picks = yield Row(seq, feed, keep=1, steps=steps, pick=lambda lg, i: (self._pick(lg, position + i),))
         tokens = [int(p[0]) for p in picks]
         self.passes += steps
         self.tokens_processed += len(feed) + steps - 1
@@ -141,11 +152,12 @@ class TargetSession:
         return self._run(self._verify_job(draft_tokens, block, want_logprobs))
 
     def _verify_job(self, draft_tokens: list[int], block: DraftBlock | None, want_logprobs: bool) -> Job:
-        if self.seq is None:  # not prefilled: the context goes into this forward
-            self.seq = self.runner.new_sequence()
         k = len(draft_tokens)
-        feed = self.context[len(self.seq) :] + draft_tokens
-        logits = yield Row(self.seq, feed, keep=k + 1)  # [k + 1, vocab]
+        if self.seq is None:  # not prefilled: the context goes into this forward
+            seq, feed = self._first_feed(self.context + draft_tokens, keep=k + 1)
+        else:
+            seq, feed = self.seq, self.context[len(self.seq) :] + draft_tokens
+        logits = yield Row(seq, feed, keep=k + 1)  # [k + 1, vocab]
         self.passes += 1
         self.tokens_processed += len(feed)
         drafted = torch.tensor(draft_tokens, dtype=torch.long)  # [k]
@@ -167,7 +179,7 @@ class TargetSession:
             )  # [k, vocab]
             verdict = verify_sampled(drafted, draft_probs, target_probs, self.generator)
         n = verdict.num_accepted
-        self.runner.rollback(self.seq, len(self.context) + n)
+        self.runner.rollback(seq, len(self.context) + n)
         emitted = draft_tokens[:n] + [verdict.next_token]
         self.context.extend(emitted)
         logprobs = None

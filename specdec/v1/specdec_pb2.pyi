@@ -57,7 +57,7 @@ class ChatMessages(_message.Message):
     def __init__(self, messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("text", "token_ids", "messages", "chat", "sampling", "stop", "num_draft_tokens", "adaptive_draft", "no_draft", "drafter", "request_id")
+    __slots__ = ("text", "token_ids", "messages", "chat", "sampling", "stop", "num_draft_tokens", "adaptive_draft", "no_draft", "drafter", "request_id", "tenant")
     TEXT_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     MESSAGES_FIELD_NUMBER: _ClassVar[int]
@@ -69,6 +69,7 @@ class GenerateRequest(_message.Message):
     NO_DRAFT_FIELD_NUMBER: _ClassVar[int]
     DRAFTER_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    TENANT_FIELD_NUMBER: _ClassVar[int]
     text: str
     token_ids: TokenIds
     messages: ChatMessages
@@ -80,7 +81,8 @@ class GenerateRequest(_message.Message):
     no_draft: bool
     drafter: str
     request_id: str
-    def __init__(self, text: _Optional[str] = ..., token_ids: _Optional[_Union[TokenIds, _Mapping]] = ..., messages: _Optional[_Union[ChatMessages, _Mapping]] = ..., chat: _Optional[bool] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., stop: _Optional[_Union[StopConditions, _Mapping]] = ..., num_draft_tokens: _Optional[int] = ..., adaptive_draft: _Optional[bool] = ..., no_draft: _Optional[bool] = ..., drafter: _Optional[str] = ..., request_id: _Optional[str] = ...) -> None: ...
+    tenant: str
+    def __init__(self, text: _Optional[str] = ..., token_ids: _Optional[_Union[TokenIds, _Mapping]] = ..., messages: _Optional[_Union[ChatMessages, _Mapping]] = ..., chat: _Optional[bool] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., stop: _Optional[_Union[StopConditions, _Mapping]] = ..., num_draft_tokens: _Optional[int] = ..., adaptive_draft: _Optional[bool] = ..., no_draft: _Optional[bool] = ..., drafter: _Optional[str] = ..., request_id: _Optional[str] = ..., tenant: _Optional[str] = ...) -> None: ...
 
 class SourceStats(_message.Message):
     __slots__ = ("rounds", "drafted", "accepted")
@@ -107,7 +109,7 @@ class GenerateResponse(_message.Message):
     def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., text: _Optional[str] = ..., finish_reason: _Optional[str] = ..., stats: _Optional[_Union[GenerationStats, _Mapping]] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class GenerationStats(_message.Message):
-    __slots__ = ("rounds", "drafted", "accepted", "acceptance_rate", "accepted_per_position", "target_passes", "draft_s", "verify_s", "network_s", "tokens_per_s", "new_tokens", "wall_s", "mean_draft_length", "drafter_failures", "target_tokens", "prefill_s", "first_token_s", "plain_rounds", "drafter_source", "lookup_copying")
+    __slots__ = ("rounds", "drafted", "accepted", "acceptance_rate", "accepted_per_position", "target_passes", "draft_s", "verify_s", "network_s", "tokens_per_s", "new_tokens", "wall_s", "mean_draft_length", "drafter_failures", "target_tokens", "prefill_s", "first_token_s", "plain_rounds", "drafter_source", "lookup_copying", "cached_tokens")
     class DrafterSourceEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -135,6 +137,7 @@ class GenerationStats(_message.Message):
     PLAIN_ROUNDS_FIELD_NUMBER: _ClassVar[int]
     DRAFTER_SOURCE_FIELD_NUMBER: _ClassVar[int]
     LOOKUP_COPYING_FIELD_NUMBER: _ClassVar[int]
+    CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     rounds: int
     drafted: int
     accepted: int
@@ -155,7 +158,8 @@ class GenerationStats(_message.Message):
     plain_rounds: int
     drafter_source: _containers.MessageMap[str, SourceStats]
     lookup_copying: SourceStats
-    def __init__(self, rounds: _Optional[int] = ..., drafted: _Optional[int] = ..., accepted: _Optional[int] = ..., acceptance_rate: _Optional[float] = ..., accepted_per_position: _Optional[_Iterable[float]] = ..., target_passes: _Optional[int] = ..., draft_s: _Optional[float] = ..., verify_s: _Optional[float] = ..., network_s: _Optional[float] = ..., tokens_per_s: _Optional[float] = ..., new_tokens: _Optional[int] = ..., wall_s: _Optional[float] = ..., mean_draft_length: _Optional[float] = ..., drafter_failures: _Optional[int] = ..., target_tokens: _Optional[int] = ..., prefill_s: _Optional[float] = ..., first_token_s: _Optional[float] = ..., plain_rounds: _Optional[int] = ..., drafter_source: _Optional[_Mapping[str, SourceStats]] = ..., lookup_copying: _Optional[_Union[SourceStats, _Mapping]] = ...) -> None: ...
+    cached_tokens: int
+    def __init__(self, rounds: _Optional[int] = ..., drafted: _Optional[int] = ..., accepted: _Optional[int] = ..., acceptance_rate: _Optional[float] = ..., accepted_per_position: _Optional[_Iterable[float]] = ..., target_passes: _Optional[int] = ..., draft_s: _Optional[float] = ..., verify_s: _Optional[float] = ..., network_s: _Optional[float] = ..., tokens_per_s: _Optional[float] = ..., new_tokens: _Optional[int] = ..., wall_s: _Optional[float] = ..., mean_draft_length: _Optional[float] = ..., drafter_failures: _Optional[int] = ..., target_tokens: _Optional[int] = ..., prefill_s: _Optional[float] = ..., first_token_s: _Optional[float] = ..., plain_rounds: _Optional[int] = ..., drafter_source: _Optional[_Mapping[str, SourceStats]] = ..., lookup_copying: _Optional[_Union[SourceStats, _Mapping]] = ..., cached_tokens: _Optional[int] = ...) -> None: ...
 
 class VerifyRequest(_message.Message):
     __slots__ = ("session_id", "tokens", "reset", "sampling", "draft_tokens", "draft_dists", "return_logprobs")
@@ -206,16 +210,18 @@ class DraftRequest(_message.Message):
     def __init__(self, start: _Optional[_Union[DraftStart, _Mapping]] = ..., step: _Optional[_Union[DraftStep, _Mapping]] = ...) -> None: ...
 
 class DraftStart(_message.Message):
-    __slots__ = ("request_id", "context", "sampling", "max_support")
+    __slots__ = ("request_id", "context", "sampling", "max_support", "cache_salt")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     CONTEXT_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     MAX_SUPPORT_FIELD_NUMBER: _ClassVar[int]
+    CACHE_SALT_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     context: _containers.RepeatedScalarFieldContainer[int]
     sampling: SamplingParams
     max_support: int
-    def __init__(self, request_id: _Optional[str] = ..., context: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., max_support: _Optional[int] = ...) -> None: ...
+    cache_salt: str
+    def __init__(self, request_id: _Optional[str] = ..., context: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., max_support: _Optional[int] = ..., cache_salt: _Optional[str] = ...) -> None: ...
 
 class DraftStep(_message.Message):
     __slots__ = ("has_verdict", "num_accepted", "next_token", "num_draft_tokens", "stop_below", "acceptance_by_confidence", "committed")
@@ -254,7 +260,7 @@ class InfoRequest(_message.Message):
     def __init__(self, include_vocab: _Optional[bool] = ...) -> None: ...
 
 class InfoResponse(_message.Message):
-    __slots__ = ("model", "vocab_fingerprint", "vocab_size", "device", "dtype", "vocab", "eos_token_id", "host_id", "cpus", "active_sequences", "kv_tokens", "sessions", "running", "waiting", "drafter_source")
+    __slots__ = ("model", "vocab_fingerprint", "vocab_size", "device", "dtype", "vocab", "eos_token_id", "host_id", "cpus", "active_sequences", "kv_tokens", "sessions", "running", "waiting", "drafter_source", "prefix_cache_tokens")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     VOCAB_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -270,6 +276,7 @@ class InfoResponse(_message.Message):
     RUNNING_FIELD_NUMBER: _ClassVar[int]
     WAITING_FIELD_NUMBER: _ClassVar[int]
     DRAFTER_SOURCE_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_CACHE_TOKENS_FIELD_NUMBER: _ClassVar[int]
     model: str
     vocab_fingerprint: str
     vocab_size: int
@@ -285,4 +292,5 @@ class InfoResponse(_message.Message):
     running: int
     waiting: int
     drafter_source: str
-    def __init__(self, model: _Optional[str] = ..., vocab_fingerprint: _Optional[str] = ..., vocab_size: _Optional[int] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., vocab: _Optional[_Iterable[str]] = ..., eos_token_id: _Optional[int] = ..., host_id: _Optional[str] = ..., cpus: _Optional[_Iterable[int]] = ..., active_sequences: _Optional[int] = ..., kv_tokens: _Optional[int] = ..., sessions: _Optional[int] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., drafter_source: _Optional[str] = ...) -> None: ...
+    prefix_cache_tokens: int
+    def __init__(self, model: _Optional[str] = ..., vocab_fingerprint: _Optional[str] = ..., vocab_size: _Optional[int] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., vocab: _Optional[_Iterable[str]] = ..., eos_token_id: _Optional[int] = ..., host_id: _Optional[str] = ..., cpus: _Optional[_Iterable[int]] = ..., active_sequences: _Optional[int] = ..., kv_tokens: _Optional[int] = ..., sessions: _Optional[int] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., drafter_source: _Optional[str] = ..., prefix_cache_tokens: _Optional[int] = ...) -> None: ...

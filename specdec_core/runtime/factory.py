@@ -130,6 +130,7 @@ def _load_llamacpp(config, role: str, max_sequences: int, threads: int) -> Loade
         threads=threads,
         # losslessness needs the target's numerics fixed, not the drafter's
         invariant=role == "verifier" and getattr(config, "batch_invariant", True),
+        prefix_cache_tokens=_prefix_budget(config, (config.kv_cells or DEFAULT_CONTEXT) // 2),
     )
     tokenizer = models.load_tokenizer(config.model)
     log.info("%s: llama.cpp, %s", config.model, runner.describe())
@@ -160,5 +161,15 @@ def _load_torch(config, role: str, max_sequences: int, threads: int, model, toke
         config.max_batch_rows,
         config.prefill_chunk,
         config.kv_capacity,
+        _prefix_budget(config, TORCH_PREFIX_TOKENS),
     )
     return Loaded(runner, tokenizer, "torch", note)
+
+
+TORCH_PREFIX_TOKENS = 16384  # the torch runners' default: a cached prefix only holds a slot nobody needs
+
+
+def _prefix_budget(config, auto: int) -> int:
+    """Tokens the prefix cache may hold: the config's, or ``auto`` for -1 (the default)."""
+    budget = getattr(config, "prefix_cache_tokens", -1)
+    return auto if budget < 0 else budget

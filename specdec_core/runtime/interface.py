@@ -23,14 +23,20 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
+from .prefix_cache import PrefixCache
+
 
 @dataclass(eq=False)
 class Sequence:
-    """One sequence's slot in the runner's KV cache and the token ids it caches (``len(tokens)``)."""
+    """One sequence's slot in the runner's KV cache and the token ids it caches (``len(tokens)``).
+
+    ``salt``: whose prefixes it may reuse, and who may reuse its own (``prefix_cache.py``).
+    """
 
     slot: int
     tokens: list[int] = field(default_factory=list)
-    release: Callable[[], object] | None = field(default=None, repr=False)  # gives the slot back once
+    release: Any = field(default=None, repr=False)  # the finalizer that gives the slot back once
+    salt: str = ""
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -81,9 +87,11 @@ class Runner(Protocol):
     @property
     def kv_tokens_held(self) -> int: ...
 
-    def new_sequence(self) -> Sequence: ...
+    def new_sequence(self, salt: str = "") -> Sequence: ...
 
     def release(self, seq: Sequence) -> None: ...
+
+    def reuse_prefix(self, seq: Sequence, tokens: list[int], keep: int = 1) -> int: ...
 
     def forward(self, rows: list[Row]) -> list: ...
 
@@ -99,7 +107,9 @@ class Runner(Protocol):
 class SlotRunner:
     """Slots, counters and single-sequence helpers shared by the backends (subclasses: ``forward``)."""
 
-    def __init__(self, name: str, slots: int, device: torch.device, max_positions: int) -> None:
+    def __init__(
+        self, name: str, slots: int, device: torch.device, max_positions: int, prefix_cache_tokens: int = 0
+    ) -> None:
         self.name = name
         self.device = device
         self.max_positions = max_positions
@@ -111,28 +121,70 @@ class SlotRunner:
         self.tokens_processed = 0
         self.forward_passes = 0
         self.rows_processed = 0
+        self.prefix = PrefixCache(prefix_cache_tokens)
 
     # -- sequences -------------------------------------------------------------------------------------
-    def new_sequence(self) -> Sequence:
-        """A fresh sequence with its own slot (freed when the sequence is garbage collected or released)."""
+    def new_sequence(self, salt: str = "") -> Sequence:
+        """A fresh sequence with its own slot (freed when the sequence is garbage collected or released);
+        a cached prefix's slot is given up first if every slot is taken (compute thread)."""
         with self._lock:
             self._reclaim()
             if not self._free:
+                self._take_back(self.prefix.evict())
+            if not self._free:
                 self._free = self._grow()
-            seq = Sequence(slot=heapq.heappop(self._free))
+            seq = Sequence(slot=heapq.heappop(self._free), salt=salt)
             self._live[seq.slot] = seq
         seq.release = weakref.finalize(seq, self._release_slot, seq.slot)
         return seq
+
+    def reuse_prefix(self, seq: Sequence, tokens: list[int], keep: int = 1) -> int:
+        """Before a new sequence's first forward: take the longest cached prefix of ``tokens`` (never the
+        last ``keep`` of them, whose logits the forward computes) from the prefix cache into ``seq``'s slot
+        without a forward. Returns how many of ``tokens`` are now cached; the caller feeds the rest (maybe
+        nothing, for ``keep`` 0)."""
+        if not self.prefix.enabled or len(seq.tokens):
+            return 0
+        found = self.prefix.match(tokens, seq.salt, len(tokens) - keep)
+        if found.entry is None:
+            return 0
+        self._copy_prefix(found.entry.slot, seq.slot, found.length)
+        seq.tokens = list(tokens[: found.length])
+        return found.length
+
+    def _copy_prefix(self, src: int, dst: int, length: int) -> None:
+        """Put the KV of slot ``src``'s first ``length`` positions in the (empty) slot ``dst``."""
+        raise NotImplementedError(f"{self.name}: this backend keeps no prefix cache")
+
+    def clear_prefix_cache(self) -> None:
+        """Forget every cached prefix (their slots are freed at the next forward)."""
+        slots = self.prefix.clear()
+        with self._lock:
+            self._released.extend(slots)
+
+    def _take_back(self, slot: int | None) -> None:
+        """An evicted entry's slot becomes free (under the lock, on the compute thread)."""
+        if slot is not None:
+            self._on_reclaim(slot)
+            heapq.heappush(self._free, slot)
 
     def _grow(self) -> list[int]:
         """Every slot is taken (under the lock): make room, return the new free slots (or raise)."""
         raise RuntimeError(f"{self.name}: all {self.slots} sequence slots are in use")
 
     def release(self, seq: Sequence) -> None:
-        """Give ``seq``'s slot back (idempotent); ``seq`` must not be used afterwards."""
-        if seq.release is not None:
-            seq.release()  # a finalizer runs once: garbage collection will not free the slot again
+        """Give ``seq``'s slot back (idempotent); ``seq`` must not be used afterwards. With a prefix cache
+        the slot stays cached for later sequences that start with the same tokens (``prefix_cache.py``)."""
+        if seq.release is not None and seq.release.detach() is not None:  # a finalizer runs once
+            self._retain_slot(seq.slot, seq.tokens, seq.salt)
         seq.slot, seq.tokens = -1, []
+
+    def _retain_slot(self, slot: int, tokens: list[int], salt: str) -> None:
+        with self._lock:
+            self._live.pop(slot, None)
+            for dropped in self.prefix.retain(slot, tokens, salt):
+                if dropped not in self._released and dropped not in self._free:
+                    self._released.append(dropped)
 
     def _release_slot(self, slot: int) -> None:
         with self._lock:
@@ -153,7 +205,7 @@ class SlotRunner:
     @property
     def active_sequences(self) -> int:
         with self._lock:
-            return self.slots - len(self._free) - len(self._released)
+            return self.slots - len(self._free) - len(self._released) - len(self.prefix)
 
     @property
     def kv_tokens_held(self) -> int:

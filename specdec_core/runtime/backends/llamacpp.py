@@ -185,6 +185,11 @@ class LlamaContext:
         logits = np.ctypeslib.as_array(ptr, shape=(n_out, self.n_vocab))
         return list(torch.from_numpy(logits.copy()).unbind(0))
 
+    def share(self, src: int, dst: int, length: int) -> None:
+        """Let slot ``dst`` hold slot ``src``'s first ``length`` positions: the same cells, tagged with both
+        (no copy; a later removal from either slot leaves the other's tag)."""
+        _lib().llama_memory_seq_cp(self.mem, src, dst, 0, length)
+
     def remove(self, slot: int, start: int = -1) -> bool:
         """Drop ``slot``'s cells from position ``start`` on (-1: all); False if llama.cpp could not."""
         return bool(_lib().llama_memory_seq_rm(self.mem, slot, start, -1))
@@ -217,6 +222,7 @@ class LlamaCppRunner(SlotRunner):
         threads: int = 0,
         invariant: bool = True,
         patched: bool | None = None,
+        prefix_cache_tokens: int = 0,
     ) -> None:
         self.invariant = invariant
         self.patched = _patched() if patched is None else patched and _patched()
@@ -237,7 +243,7 @@ class LlamaCppRunner(SlotRunner):
         )
         self._n_vocab = self._llama.n_vocab
         self.context = self._llama.context
-        super().__init__(name, slots, torch.device("cpu"), self._llama.max_positions)
+        super().__init__(name, slots, torch.device("cpu"), self._llama.max_positions, prefix_cache_tokens)
         # positions llama.cpp holds per slot (>= len(seq.tokens) after a rollback, until the next feed)
         self._cached = [0] * (slots + 1)
         self._scratch = Sequence(slot=slots)  # pads a lone token (module docstring); never holds a cell
@@ -281,6 +287,17 @@ class LlamaCppRunner(SlotRunner):
             self.llama.remove(slot)
             self._cached[slot] = 0
 
+    def _copy_prefix(self, src: int, dst: int, length: int) -> None:
+        self.llama.share(src, dst, length)
+        self._cached[dst] = length
+
+    def _make_room(self, tokens: int) -> None:
+        """Give up cached prefixes, oldest first, while the live sequences' next ``tokens`` might not fit in
+        the cells beside them (the cells a cached prefix shares with a live sequence count twice here)."""
+        while len(self.prefix) and self.kv_tokens_held + self.prefix.tokens + tokens > self.context:
+            with self._lock:
+                self._take_back(self.prefix.evict())
+
     # -- the forward -----------------------------------------------------------------------------------
     def forward(self, rows: list[Row]) -> list:
         """One forward over ``rows`` (distinct sequences); float32 logits [keep, vocab] per row, and for a
@@ -323,6 +340,7 @@ class LlamaCppRunner(SlotRunner):
         every row's sequence as it was (the cells already written go at the next feed, ``_trim``)."""
         for seq, _, _ in rows:
             self._trim(seq)
+        self._make_room(sum(len(tokens) for _, tokens, _ in rows))
         before = [len(seq.tokens) for seq, _, _ in rows]
         flat = [
             (seq, t, pos >= len(tokens) - keep) for seq, tokens, keep in rows for pos, t in enumerate(tokens)

@@ -32,7 +32,12 @@ class ModelRunner(SlotRunner):
     """
 
     def __init__(
-        self, model: PreTrainedModel, name: str = "model", slots: int = 4, capacity: int = 256
+        self,
+        model: PreTrainedModel,
+        name: str = "model",
+        slots: int = 4,
+        capacity: int = 256,
+        prefix_cache_tokens: int = 0,
     ) -> None:
         device = next(model.parameters()).device
         max_positions = int(
@@ -40,7 +45,7 @@ class ModelRunner(SlotRunner):
             or getattr(model.config, "n_positions", 0)
             or 0
         )
-        super().__init__(name, slots, device, max_positions)
+        super().__init__(name, slots, device, max_positions, prefix_cache_tokens)
         self.model = model.eval()
         self.base = model.base_model
         self.head = model.get_output_embeddings()
@@ -57,6 +62,10 @@ class ModelRunner(SlotRunner):
     def describe(self) -> dict[str, Any]:
         weights = next(self.model.parameters())
         return {"backend": "torch", "dtype": str(weights.dtype), "device": str(self.device)}
+
+    @torch.inference_mode()
+    def _copy_prefix(self, src: int, dst: int, length: int) -> None:
+        self.kv.copy_slot(src, dst, length)
 
     def _grow(self) -> list[int]:
         """Every slot is taken: double them (under the lock)."""

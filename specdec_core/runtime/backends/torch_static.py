@@ -64,9 +64,16 @@ class StaticRunner(ModelRunner):
         buckets: Buckets | None = None,
         max_sequences: int = 32,
         graphs: bool = False,
+        prefix_cache_tokens: int = 0,
     ) -> None:
         self.buckets = buckets or Buckets()
-        super().__init__(model, name, slots=max_sequences + 1, capacity=self.buckets.capacity)
+        super().__init__(
+            model,
+            name,
+            slots=max_sequences + 1,
+            capacity=self.buckets.capacity,
+            prefix_cache_tokens=prefix_cache_tokens,
+        )
         self.scratch = max_sequences  # the last slot: padding writes here
         self._free.remove(self.scratch)
         self.max_positions = min(self.max_positions or self.buckets.capacity, self.buckets.capacity)
@@ -204,6 +211,7 @@ def make_runner(
     max_rows: int = 32,
     max_width: int = 128,
     capacity: int = 2048,
+    prefix_cache_tokens: int = 0,
 ) -> ModelRunner:
     """The runner a service uses. ``static``: "on", "off" or "auto" (static shapes on CUDA devices only:
     on CPU they attend over the whole capacity and run slower). With static shapes on CUDA, ``graphs``
@@ -213,7 +221,7 @@ def make_runner(
         raise ValueError(f"static shapes must be auto, on or off, got {static!r}")
     device = next(model.parameters()).device
     if static == "off" or (static == "auto" and device.type != "cuda"):
-        return ModelRunner(model, name=name)
+        return ModelRunner(model, name=name, prefix_cache_tokens=prefix_cache_tokens)
     limit = int(getattr(model.config, "max_position_embeddings", 0) or capacity)
     buckets = Buckets(
         rows=_powers(max_rows),
@@ -221,12 +229,12 @@ def make_runner(
         capacity=min(capacity, limit),
     )
     try:
-        return StaticRunner(model, name, buckets, max_sequences, graphs=graphs)
+        return StaticRunner(model, name, buckets, max_sequences, graphs, prefix_cache_tokens)
     except Exception:  # a model or device the capture does not support: still serve, eagerly
         log.exception("%s: static shapes / CUDA graphs failed at start-up; running the dynamic runner", name)
         if device.type == "cuda":
             torch.cuda.empty_cache()
-        return ModelRunner(model, name=name)
+        return ModelRunner(model, name=name, prefix_cache_tokens=prefix_cache_tokens)
 
 
 def _powers(n: int) -> tuple[int, ...]:
