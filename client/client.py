@@ -143,6 +143,7 @@ class SpecDecClient:
         stop: tuple[str, ...] = (),
         ignore_eos: bool = False,
         request_id: str = "",
+        tenant: str = "",
         timeout: float | None = None,
     ) -> Iterator[StreamPiece]:
         """Stream pieces of the generation as the verifier accepts them; the last one has the stats.
@@ -162,6 +163,7 @@ class SpecDecClient:
             no_draft=no_draft,
             drafter=self.drafter if not no_draft else "",
             request_id=request_id or uuid.uuid4().hex[:12],
+            tenant=tenant,
         )
         if isinstance(prompt, str):
             request.text = prompt

@@ -103,6 +103,9 @@ def generation_kwargs(body: dict, chat: bool, default_max_tokens: int | None) ->
     seed = body.get("seed")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
         raise APIError(400, "seed must be an integer >= 0", param="seed")
+    user = body.get("user") or ""  # OpenAI's end-user id: the tenant whose cached prefixes it may reuse
+    if not isinstance(user, str) or len(user) > 128:
+        raise APIError(400, "user must be a string of at most 128 characters", param="user")
     return {
         "max_new_tokens": max_tokens or 0,  # 0: the verifier's default budget
         "temperature": _number(body, "temperature", 1.0, float, 0.0, 2.0),
@@ -113,6 +116,7 @@ def generation_kwargs(body: dict, chat: bool, default_max_tokens: int | None) ->
         "ignore_eos": bool(body.get("ignore_eos", False)),
         "num_draft_tokens": _number(body, "num_draft_tokens", 0, int, 0),
         "no_draft": bool(body.get("no_draft", False)),
+        "tenant": user,
     }
 
 
@@ -204,7 +208,7 @@ class OpenAIFrontend:
             "created": int(time.time()),
             "model": model,
             "choices": [{"index": 0, "text": out["text"], "logprobs": None, "finish_reason": out["finish"]}],
-            "usage": _usage(out["prompt_tokens"], out["completion_tokens"]),
+            "usage": _usage(out["prompt_tokens"], out["completion_tokens"], out["stats"]),
         }
 
     def chat(self, body: dict) -> dict:
@@ -224,7 +228,7 @@ class OpenAIFrontend:
                     "finish_reason": out["finish"],
                 }
             ],
-            "usage": _usage(out["prompt_tokens"], out["completion_tokens"]),
+            "usage": _usage(out["prompt_tokens"], out["completion_tokens"], out["stats"]),
         }
 
     def stream(self, body: dict, chat: bool) -> Iterator[str]:
@@ -246,7 +250,7 @@ class OpenAIFrontend:
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         created, kind = int(time.time()), "chat.completion.chunk" if chat else "text_completion"
         prompt_tokens = len(first.prompt_token_ids) if first else 0
-        completion_tokens = 0
+        completion_tokens, stats = 0, None
 
         def event(text: str | None, finish: str | None, role: bool = False) -> str:
             if chat:
@@ -268,6 +272,7 @@ class OpenAIFrontend:
             rest = iter(pieces)
             while piece is not None:
                 completion_tokens += len(piece.token_ids)
+                stats = piece.stats or stats
                 finish = _FINISH.get(piece.finish_reason or "", piece.finish_reason)
                 if piece.text or finish:
                     yield event(piece.text, finish)
@@ -278,16 +283,18 @@ class OpenAIFrontend:
             pieces.close()  # a client gone mid-stream: cancel the generation on the verifier
         if include_usage:
             usage = {"id": rid, "object": kind, "created": created, "model": model, "choices": [],
-                     "usage": _usage(prompt_tokens, completion_tokens)}  # fmt: skip
+                     "usage": _usage(prompt_tokens, completion_tokens, stats)}  # fmt: skip
             yield f"data: {json.dumps(usage)}\n\n"
         yield "data: [DONE]\n\n"
 
 
-def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
+def _usage(prompt_tokens: int, completion_tokens: int, stats: dict | None = None) -> dict:
+    """OpenAI's usage; ``prompt_tokens_details.cached_tokens``: prompt tokens the prefix cache held."""
     return {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": int((stats or {}).get("cached_tokens", 0))},
     }
 
 

@@ -9,6 +9,7 @@ from specdec.config import DrafterConfig
 from specdec.rpc import make_server, map_errors, run_service
 from specdec.security import ServerSecurity
 from specdec.v1 import specdec_pb2_grpc as pb_grpc
+from specdec_core.drafting import ModelDrafter
 
 from .sessions import DrafterEngine
 
@@ -33,6 +34,8 @@ class DrafterServicer(pb_grpc.DrafterServicer):
                     request_id = req.start.request_id
                     if req.start.max_support:
                         drafter.max_support = min(req.start.max_support, self.engine.config.max_support)
+                    if isinstance(drafter, ModelDrafter):  # prefixes shared within the verifier's salt only
+                        drafter.cache_salt = req.start.cache_salt
                     drafter.start(list(req.start.context), convert.sampling_from_pb(req.start.sampling))
                     log.info(
                         "[%s] draft session started, context %d tokens", request_id, len(req.start.context)

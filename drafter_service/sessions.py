@@ -83,6 +83,7 @@ class DrafterEngine:
             sessions=lambda: runner.active_sequences,
             kv_tokens=lambda: runner.kv_tokens_held,
         )
+        self.metrics.track_prefix_cache(runner.prefix)
 
     def _init_lookup(self) -> None:
         self.metrics = ServiceMetrics("drafter", self.config.model_name or NGRAM)

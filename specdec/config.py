@@ -117,6 +117,9 @@ class VerifierConfig(CommonConfig):
     # start remote drafters' prefill while the target prefills: auto (unless the drafter shares this
     # host's CPU cores, from its Info) | on | off
     overlap_prefill: str = "auto"
+    # whose cached prompt prefixes a request may reuse: tenant (requests of the same GenerateRequest.tenant,
+    # salted by this process; a hit shows in the time to first token) | shared (every request's)
+    prefix_cache_scope: str = "tenant"
     # a drafter round trip later than this is a failed round (the generation goes on without drafts and
     # health-checks the drafter with backoff); a round that (re)starts the drafter's stream, with its prefill,
     # gets the second

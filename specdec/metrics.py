@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 log = logging.getLogger(__name__)
 
@@ -149,6 +150,11 @@ class ServiceMetrics:
             if fn is not None:
                 gauge.labels(self.model_name).set_function(fn)
 
+    def track_prefix_cache(self, cache) -> None:
+        """vLLM's prefix-cache counters, in tokens (looked up, found), and the tokens the cache holds, read
+        from ``cache`` (``runtime/prefix_cache.PrefixCache``) at scrape time."""
+        self.registry.register(_PrefixCacheCollector(self.model_name, cache))
+
     def drafted(self, tokens: int) -> None:
         """The drafter returned a block of ``tokens`` tokens."""
         self.draft_steps.labels(self.model_name).inc()
@@ -209,3 +215,24 @@ class GenerationMetrics:
             m.draft_length.labels(name).observe(k)
         for seconds in stats.round_trips:
             m.round_trip.labels(name).observe(seconds)
+
+
+class _PrefixCacheCollector:
+    """The prefix cache's own counters as Prometheus metrics (it counts; the collector reads)."""
+
+    def __init__(self, model_name: str, cache) -> None:
+        self.model_name, self.cache = model_name, cache
+
+    def collect(self):
+        for name, doc, value in (
+            ("vllm:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", self.cache.queries),
+            ("vllm:prefix_cache_hits", "Prompt tokens found in the prefix cache.", self.cache.hits),
+        ):
+            counter = CounterMetricFamily(name, doc, labels=["model_name"])
+            counter.add_metric([self.model_name], value)
+            yield counter
+        held = GaugeMetricFamily(
+            "specdec_prefix_cache_tokens", "Tokens the prefix cache holds.", labels=["model_name"]
+        )
+        held.add_metric([self.model_name], self.cache.tokens)
+        yield held

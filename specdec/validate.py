@@ -106,6 +106,7 @@ def check_generate(req: pb.GenerateRequest, limits: Limits) -> None:
             "num_draft_tokens", f"must be >= 0 (0: the verifier's default), got {req.num_draft_tokens}"
         )
     _check_id_string("request_id", req.request_id, limits)
+    _check_id_string("tenant", req.tenant, limits)
 
 
 def check_context_fits(prompt_tokens: int, max_new_tokens: int, limits: Limits) -> None:
@@ -180,6 +181,7 @@ def check_draft_request(req: pb.DraftRequest, limits: Limits) -> None:
         check_ids("start.context", start.context, limits.vocab_size)
         check_sampling("start.sampling", start.sampling)
         _check_id_string("start.request_id", start.request_id, limits)
+        _check_id_string("start.cache_salt", start.cache_salt, limits)
     elif kind == "step":
         step = req.step
         if not 0 <= step.num_draft_tokens <= limits.max_draft_tokens:

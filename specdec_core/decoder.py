@@ -75,6 +75,7 @@ class SpeculativeDecoder:
         cancel: Cancellation | None = None,
         overlap_prefill: bool | None = None,
         ngram_length: DraftLengthPolicy | None = None,
+        cache_salt: str = "",
     ) -> Iterator[Chunk]:
         """Yield emitted tokens round by round until a stop condition; fills ``stats`` as it goes.
 
@@ -83,8 +84,8 @@ class SpeculativeDecoder:
         fails, or where the policy drafts nothing) a round is a plain decoding step. ``cancel`` abandons the
         generation from another thread; ``overlap_prefill`` overrides the decoder's setting. With a
         ``HybridDrafter`` each round drafts from the source ``DraftSources`` picks, ``ngram_length``
-        (default: adaptive) sizing the lookup's blocks and ``draft_length`` the model's.
-        """
+        (default: adaptive) sizing the lookup's blocks and ``draft_length`` the model's; ``cache_salt``: whose
+        cached prefixes the target may reuse."""
         stats = stats if stats is not None else GenerationStats()
         policy = draft_length or FixedDraftLength(4)
         sources = DraftSources(drafter, policy, ngram_length)
@@ -92,7 +93,7 @@ class SpeculativeDecoder:
         overlap = self.overlap_prefill if overlap_prefill is None else overlap_prefill
         gen = _Generation(
             t_start=time.perf_counter(),
-            session=TargetSession(self.target, prompt_ids, params, self.executor),
+            session=TargetSession(self.target, prompt_ids, params, self.executor, cache_salt),
             stopper=Stopper(stop, self.tokenizer),
             stats=stats,
             link=DrafterLink(drafter, stats),
@@ -135,6 +136,7 @@ class SpeculativeDecoder:
         first = gen.session.prefill(emit_first=True)
         assert first is not None
         gen.stats.prefill_s = gen.stats.first_token_s = time.perf_counter() - t0
+        gen.stats.cached_tokens = gen.session.cached_tokens
         gen.stats.target_passes, gen.stats.target_tokens = gen.session.passes, gen.session.tokens_processed
         return gen.emit([first])
 

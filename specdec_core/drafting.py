@@ -114,24 +114,21 @@ LOOKAHEAD_CHUNK = 2  # steps per runner call of a one-call drafter's lookahead (
 
 
 class ModelDrafter(Drafter):
-    """Drafts with a local small model, keeping its KV cache across rounds and rolling it back.
+    """Drafts with a local small model, keeping its KV cache across rounds and rolling it back; a start
+    takes what it can of the context from the runner's prefix cache, under ``cache_salt``.
 
     Every forward is a job of ``executor`` (a service's scheduler batches the draft steps of all its
-    streams: one forward per drafted position; in-process use drives them right here). With
-    ``lookahead`` the drafter keeps drafting while the verifier works: after returning a block it assumes
-    the whole block will be accepted, guesses the verifier's bonus token and drafts the next block as a
-    background job of the scheduler (a drafter with lookahead and no scheduler starts its own). If the
-    verdict confirms the guess, the next block is already there; otherwise the speculative tokens are
-    rolled back. Each drafted position draws from randomness keyed by (seed, position), so the drafts do
-    not depend on how far the lookahead got; a seeded generation races the same noise as its target
-    (``sampling.race``: the coupled rule).
+    streams; in-process use drives them right here). With ``lookahead`` the drafter keeps drafting while
+    the verifier works: it assumes the whole block will be accepted, guesses the bonus token and drafts the
+    next block as a background job (a drafter with lookahead and no scheduler starts its own); a verdict
+    that refutes the guess rolls those tokens back. Each drafted position draws from randomness keyed by
+    (seed, position), so the drafts do not depend on how far the lookahead got; a seeded generation races
+    the same noise as its target (``sampling.race``: the coupled rule).
 
-    ``one_call`` drafts a whole block in one call of the runner (a stepped row: each token picked on the
-    device and fed back without the host reading it, one wait at the end), the default on a GPU, where
-    every wait empties the launch queue. An early stop (``EarlyStop``) then cuts the block after it is
-    drafted, so the positions past the cut are computed for nothing: on a CPU, where waiting costs
-    nothing, the drafter steps one forward at a time and stops as soon as it should. Both make the same
-    drafts (``sampling.draft_pick``).
+    ``one_call`` drafts a whole block in one call of the runner (a stepped row: each pick fed back on the
+    device, one wait at the end), the GPU default; an early stop (``EarlyStop``) then cuts the block after
+    it is drafted. On a CPU the drafter steps one forward at a time and stops as soon as it should. Both
+    make the same drafts (``sampling.draft_pick``).
     """
 
     def __init__(
@@ -144,8 +141,7 @@ class ModelDrafter(Drafter):
         cache_salt: str = "",
     ) -> None:
         self.runner = runner
-        self.cache_salt = cache_salt  # whose cached prefixes its context may start from (prefix_cache.py)
-        self.cached_tokens = 0  # context positions taken from the runner's prefix cache at starts
+        self.cache_salt = cache_salt
         self.one_call = runner.device.type == "cuda" if one_call is None else one_call
         self.max_support = max_support
         self.lookahead = lookahead
@@ -186,7 +182,6 @@ class ModelDrafter(Drafter):
         self._seq = self.runner.new_sequence(self.cache_salt)
         self._drafted, self._ready, self._ahead = [], [], []
         cached = self.runner.reuse_prefix(self._seq, context[:-1], keep=0) if len(context) > 1 else 0
-        self.cached_tokens += cached
         if len(context) - 1 > cached:
             yield Row(self._seq, context[cached:-1], keep=0)
 

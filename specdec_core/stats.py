@@ -16,6 +16,7 @@ class GenerationStats:
     drafted_per_position: list[int] = field(default_factory=list)  # [i]: rounds drafting position i+1
     target_passes: int = 0
     target_tokens: int = 0  # positions the target processed (prefill included)
+    cached_tokens: int = 0  # prompt positions the target took from its prefix cache instead
     draft_s: float = 0.0
     verify_s: float = 0.0
     prefill_s: float = 0.0  # the target's prompt prefill (the drafter's counts as drafting)
@@ -68,6 +69,7 @@ class GenerationStats:
             "mean_accepted_per_round": self.accepted / self.rounds if self.rounds else 0.0,
             "target_passes": self.target_passes,
             "target_tokens": self.target_tokens,
+            "cached_tokens": self.cached_tokens,
             "draft_s": self.draft_s,
             "verify_s": self.verify_s,
             "prefill_s": self.prefill_s,

@@ -400,3 +400,31 @@ def test_a_fresh_venv_with_the_client_alone_generates(pair, tmp_path):
     )  # fmt: skip
     assert cli.returncode == 0, cli.stderr
     assert len(json.loads(cli.stdout)["token_ids"]) == 6
+
+
+def test_openai_user_is_the_prefix_cache_tenant_and_usage_reports_cached_tokens(openai_server):
+    """A chat turn resends the conversation: the same ``user`` finds it cached (OpenAI's
+    ``prompt_tokens_details.cached_tokens``), another user does not, streamed or not."""
+    api = openai_client(openai_server)
+    messages = [
+        {"role": "system", "content": "You write code. " * 12},
+        {"role": "user", "content": "def add(a, b):"},
+    ]
+    kw = {"model": "tiny-target", "max_tokens": 8, "temperature": 0}
+    first = api.chat.completions.create(messages=messages, user="alice", **kw)
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    turn = messages + [
+        {"role": "assistant", "content": first.choices[0].message.content},
+        {"role": "user", "content": "and sub?"},
+    ]
+    again = api.chat.completions.create(messages=turn, user="alice", **kw)
+    assert again.usage.prompt_tokens_details.cached_tokens > 40  # the system prompt, at least
+    other = api.chat.completions.create(messages=turn, user="bob", **kw)
+    assert other.usage.prompt_tokens_details.cached_tokens == 0
+    assert other.choices[0].message.content == again.choices[0].message.content
+    streamed = list(
+        api.chat.completions.create(
+            messages=turn, user="bob", stream=True, stream_options={"include_usage": True}, **kw
+        )
+    )
+    assert streamed[-1].usage.prompt_tokens_details.cached_tokens > 40

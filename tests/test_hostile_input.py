@@ -72,6 +72,7 @@ GENERATE_CASES = {
     "huge stop string": (gen(stop=pb.StopConditions(max_new_tokens=4, stop=["a" * 300])), "stop.stop[0]"),
     "draft length past the cap": (gen(num_draft_tokens=65), "num_draft_tokens"),
     "huge request id": (gen(request_id="r" * 200), "request_id"),
+    "huge tenant": (gen(tenant="t" * 200), "tenant"),
 }
 
 
@@ -215,6 +216,7 @@ DRAFT_CASES = {
     "empty context": ([start(context=())], "start.context"),
     "context past the vocabulary": ([start(context=(1, VOCAB))], "start.context[1]"),
     "bad sampling": ([start(sampling=pb.SamplingParams(temperature=-2))], "start.sampling.temperature"),
+    "huge cache salt": ([start(cache_salt="s" * 200)], "start.cache_salt"),
     "draft length past the cap": ([start(), step(num_draft_tokens=1000)], "step.num_draft_tokens"),
     "stop_below outside [0, 1]": ([start(), step(num_draft_tokens=2, stop_below=2.0)], "step.stop_below"),
     "more accepted than drafted": (

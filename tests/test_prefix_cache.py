@@ -145,3 +145,57 @@ def test_a_sequence_shorter_than_a_block_or_with_no_cache_is_freed():
     assert cache.retain(4, IDS[:40], "") == [] and len(cache) == 1
     assert cache.match(IDS[:40], "", limit=39).length == 39
     assert cache.clear() == [4] and cache.tokens == 0
+
+
+# -- through both services ---------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def services():
+    from tiny import perturbed, tiny_model, tiny_tokenizer
+
+    from drafter_service.server import start as start_drafter
+    from drafter_service.sessions import DrafterEngine
+    from specdec.config import DrafterConfig, VerifierConfig
+    from verifier_service.server import start as start_verifier
+    from verifier_service.verifier import VerifierEngine
+
+    target = tiny_model("qwen2", seed=0)
+    d_engine = DrafterEngine(
+        DrafterConfig(model="tiny-drafter", quantization="none"), perturbed(target, 0.1), tiny_tokenizer()
+    )
+    d_server, d_port, _ = start_drafter(
+        DrafterConfig(port=0, host="127.0.0.1", model="tiny-drafter"), d_engine
+    )
+    v_cfg = VerifierConfig(
+        port=0, host="127.0.0.1", model="tiny-target", fast_verify="off", drafters=(f"127.0.0.1:{d_port}",)
+    )
+    v_engine = VerifierEngine(v_cfg, target, tiny_tokenizer())
+    v_server, v_port, _ = start_verifier(v_cfg, v_engine)
+    yield target, f"127.0.0.1:{v_port}", v_engine, d_engine
+    v_server.stop(0)
+    d_server.stop(0)
+    v_engine.close()
+    d_engine.close()
+
+
+def test_a_second_turn_reuses_the_first_ones_prefix_on_both_roles_and_tenants_never_share(services):
+    from tiny import hf_greedy
+
+    from client import SpecDecClient
+
+    target, address, v_engine, d_engine = services
+    history = IDS[:60]
+    with SpecDecClient(address) as c:
+        first = c.generate(history, max_new_tokens=12, ignore_eos=True, num_draft_tokens=3, tenant="a")
+        turn = history + first.token_ids + IDS[60:70]
+        again = c.generate(turn, max_new_tokens=12, ignore_eos=True, num_draft_tokens=3, tenant="a")
+        other = c.generate(turn, max_new_tokens=12, ignore_eos=True, num_draft_tokens=3, tenant="b")
+        plain = c.generate(turn, max_new_tokens=12, ignore_eos=True, no_draft=True, tenant="c")
+    assert first.stats["cached_tokens"] == 0
+    # the first generation's sequence held its prompt and every generated token but the last
+    assert again.stats["cached_tokens"] == len(history) + len(first.token_ids) - 1
+    assert other.stats["cached_tokens"] == 0 and plain.stats["cached_tokens"] == 0
+    assert again.token_ids == other.token_ids == plain.token_ids == hf_greedy(target, turn, 12)
+    assert v_engine.runner.prefix.hits == again.stats["cached_tokens"]
+    assert d_engine.runner.prefix.hits > 0  # the drafter started from its own cached context, same tenant

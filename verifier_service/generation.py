@@ -34,6 +34,7 @@ class GenerateArgs:
     no_draft: bool = False
     drafter: str = ""
     request_id: str = ""
+    tenant: str = ""  # whose cached prefixes the request may reuse (GenerateRequest.tenant)
 
 
 @dataclass
@@ -112,5 +113,7 @@ def log_finished(request_id: str, prompt_tokens: int, plan: DraftPlan, stats: Ge
             "network_s": round(stats.network_s, 4),
             "tokens_per_s": round(stats.tokens_per_s, 3),
             "drafter_failures": stats.drafter_failures,
+            "cached_tokens": stats.cached_tokens,  # prompt positions from the target's prefix cache
+            "prefix_cache_hit_rate": round(stats.cached_tokens / max(prompt_tokens, 1), 4),
         },
     )

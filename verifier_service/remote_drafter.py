@@ -53,6 +53,7 @@ class RemoteDrafter(Drafter):
         self.stub_for = stub_for
         self.request_id = request_id
         self.max_support = max_support
+        self.cache_salt = ""  # the drafter's prefix cache salt (the generation's tenant, hashed)
         self.step_timeout_s = step_timeout_s
         self.start_timeout_s = start_timeout_s
         # blocks are checked against them: a drafter sending garbage is a failed drafter
@@ -180,6 +181,7 @@ class RemoteDrafter(Drafter):
             context=self.context,
             sampling=convert.sampling_to_pb(self.params),
             max_support=self.max_support,
+            cache_salt=self.cache_salt,
         )
         outbox.put(pb.DraftRequest(start=start))
         call = self.stub_for(address).Draft(iter(outbox.get, None), timeout=None, wait_for_ready=False)

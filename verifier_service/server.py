@@ -35,6 +35,7 @@ def generate_args_from_pb(req: pb.GenerateRequest) -> GenerateArgs:
         no_draft=req.no_draft,
         drafter=req.drafter,
         request_id=req.request_id,
+        tenant=req.tenant,
     )
 
 

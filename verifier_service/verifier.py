@@ -3,7 +3,9 @@ rpc uses (the decoder and admission queue for Generate, the session store for Ve
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
 import uuid
 from collections.abc import Iterator
 
@@ -76,6 +78,11 @@ class VerifierEngine:
         self.drafters = DrafterPool(
             config, self.tokenizer, self.fingerprint, str(self.runner.device), self.limits
         )
+        if config.prefix_cache_scope not in ("tenant", "shared"):
+            raise ValueError(
+                f"prefix cache scope must be tenant or shared, got {config.prefix_cache_scope!r}"
+            )
+        self._salt_key = os.urandom(32)  # this process's prefix-cache salts (cache_salt)
         self.length_memory = LengthMemory()  # adaptive sessions start from the last one's measurements
         self.metrics.track(
             running=lambda: self.admission.running,
@@ -83,6 +90,7 @@ class VerifierEngine:
             sessions=lambda: self.runner.active_sequences,
             kv_tokens=lambda: self.runner.kv_tokens_held,
         )
+        self.metrics.track_prefix_cache(self.runner.prefix)
 
     def close(self) -> None:
         self.scheduler.close()
@@ -97,6 +105,10 @@ class VerifierEngine:
         stop = stop_criteria(args, max_new, self.tokenizer.eos_token_id)
         plan = self._plan_drafting(args, request_id)
         stats = GenerationStats()
+        salt = self.cache_salt(args.tenant)
+        for drafter in (plan.drafter, getattr(plan.drafter, "model", None)):  # a hybrid's model drafter too
+            if hasattr(drafter, "cache_salt"):
+                setattr(drafter, "cache_salt", salt)  # noqa: B010 - only remote and model drafters have one
         observed = self.metrics.generation(len(prompt_ids))
         log_started(request_id, len(prompt_ids), max_new, plan, self.admission)
         try:
@@ -104,13 +116,21 @@ class VerifierEngine:
                 self.admission.slot(cancel),
                 self.sessions.reserve(f"generate:{request_id}", len(prompt_ids) + max_new + 16),
             ):
-                yield from self._stream(prompt_ids, args, stop, plan, stats, cancel, observed)
+                yield from self._stream(prompt_ids, args, stop, plan, stats, cancel, observed, salt)
         finally:
             if plan.drafter is not None:
                 plan.drafter.close()  # idempotent: the decoder closed it unless the generation never started
         if plan.drafter is not None:
             self.length_memory.remember(plan.memory_key, plan.policy)
         log_finished(request_id, len(prompt_ids), plan, stats)
+
+    def cache_salt(self, tenant: str) -> str:
+        """The prefix caches' salt for ``tenant`` (both roles'): a keyed hash, so a client cannot choose
+        another tenant's salt without its name, nor read a name from a salt; one for all under the
+        ``shared`` scope."""
+        if self.config.prefix_cache_scope == "shared":
+            return ""
+        return hashlib.blake2b(tenant.encode(), key=self._salt_key, digest_size=16).hexdigest()
 
     def prompt_ids(self, args: GenerateArgs) -> list[int]:
         if args.prompt_ids:
@@ -170,6 +190,7 @@ class VerifierEngine:
         stats: GenerationStats,
         cancel: Cancellation,
         observed: GenerationMetrics,
+        cache_salt: str,
     ) -> Iterator[GenerateEvent]:
         """The decoder's chunks as events: their text decoded incrementally, the prompt's ids on the first,
         the stats on the last."""
@@ -183,6 +204,7 @@ class VerifierEngine:
             stats,
             cancel,
             overlap_prefill=plan.overlap_prefill,
+            cache_salt=cache_salt,
         )
         for i, chunk in enumerate(chunks):
             done = chunk.finish_reason is not None

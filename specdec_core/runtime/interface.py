@@ -77,6 +77,7 @@ class Runner(Protocol):
     tokens_processed: int
     forward_passes: int
     rows_processed: int
+    prefix: PrefixCache  # finished sequences' KV kept for later ones (budget 0: none)
 
     @property
     def vocab_size(self) -> int: ...  # logits' last dimension
