@@ -266,9 +266,13 @@ class _Generation:
 
     @property
     def drafter_behind(self) -> int:
-        """Context the drafter must take in before its next block (a hybrid's: its model drafter's)."""
+        """Context the drafter must take in before its next block (a hybrid's: its model drafter's); a
+        drafter with a prefix cache is taken to hold what the target's cache held (the same tenant's
+        earlier contexts reach both)."""
         if not self.started:
-            return len(self.session.context)
+            drafter = self.link.drafter
+            cached = self.session.cached_tokens if drafter is not None and drafter.caches_prefixes else 0
+            return len(self.session.context) - cached
         if self.sources.hybrid is not None:
             return self.sources.hybrid.model_pending
         return len(self.unsent)

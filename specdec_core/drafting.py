@@ -82,6 +82,8 @@ class Drafter(ABC):
     # what its blocks come from, for the stats' per-source breakdown and the length policy's bounds:
     # "model" (a language model) or "ngram" (prompt lookup, free to draft)
     source: str = "model"
+    # a start takes the context's cached prefix from a prefix cache (the planner prices only the rest)
+    caches_prefixes: bool = False
 
     @abstractmethod
     def start(self, context: list[int], params: SamplingParams) -> None:
@@ -140,8 +142,8 @@ class ModelDrafter(Drafter):
         one_call: bool | None = None,
         cache_salt: str = "",
     ) -> None:
-        self.runner = runner
-        self.cache_salt = cache_salt
+        self.runner, self.cache_salt = runner, cache_salt
+        self.caches_prefixes = runner.prefix.enabled
         self.one_call = runner.device.type == "cuda" if one_call is None else one_call
         self.max_support = max_support
         self.lookahead = lookahead

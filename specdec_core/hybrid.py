@@ -44,6 +44,10 @@ class HybridDrafter(Drafter):
         drafting time): the whole text until it first drafts, then what lookup and plain rounds committed."""
         return self._model_behind if self._model_started else len(self.ngram.index.tokens)
 
+    @property
+    def caches_prefixes(self) -> bool:  # type: ignore[override]
+        return self.model.caches_prefixes
+
     def use(self, source: str) -> None:
         """Draft the next block from ``source`` (NGRAM: only where the lookup has a match)."""
         self._next = source

@@ -68,6 +68,7 @@ class DrafterPool:
         self._channels: dict[str, grpc.Channel] = {}
         self._paired: dict[str, bool] = {}  # drafter address -> shares this process's compute
         self._sources: dict[str, str] = {}  # drafter address -> what it drafts with (its Info)
+        self._caching: dict[str, bool] = {}  # drafter address -> it keeps a prefix cache (its Info)
         self._lock = threading.Lock()
         self._next_drafter = 0
 
@@ -129,6 +130,7 @@ class DrafterPool:
             limits=self.limits,
             healthy=self._healthy,
             source=self._sources.get(usable[0], "model"),
+            caches_prefixes=self._caching.get(usable[0], False),
         )
 
     def _rotated_defaults(self) -> list[str]:
@@ -190,4 +192,5 @@ class DrafterPool:
             "shares this host's compute" if shared else "own compute",
         )
         self._sources[address] = source
+        self._caching[address] = info.prefix_cache_tokens > 0
         self._paired[address] = shared

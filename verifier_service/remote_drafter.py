@@ -46,6 +46,7 @@ class RemoteDrafter(Drafter):
         limits: validate.Limits | None = None,
         healthy: Callable[[str], bool] | None = None,
         source: str = "model",
+        caches_prefixes: bool = False,
     ) -> None:
         if not addresses:
             raise ValueError("a remote drafter needs at least one address")
@@ -54,6 +55,7 @@ class RemoteDrafter(Drafter):
         self.request_id = request_id
         self.max_support = max_support
         self.cache_salt = ""  # the drafter's prefix cache salt (the generation's tenant, hashed)
+        self.caches_prefixes = caches_prefixes  # the drafter's Info: it keeps a prefix cache
         self.step_timeout_s = step_timeout_s
         self.start_timeout_s = start_timeout_s
         # blocks are checked against them: a drafter sending garbage is a failed drafter

@@ -1,0 +1,196 @@
+"""A multi-turn chat through the OpenAI API: time to first token per turn, prefix cache on and off, and
+llama-server on the same GGUF files (which keeps each slot's last prompt by default).
+
+Each turn resends the whole conversation and adds a user message pasting a different function of this
+repository (of similar size) with a question about it; the reply (greedy, streamed) joins the history.
+Every system answers with its own replies, as a chat does. Reported per turn: prompt tokens, cached
+tokens (specdec's ``usage.prompt_tokens_details``), time to first token, and the reply's tokens per
+second. Run: ``python -m benchmarks.chat_turns --out docs/results/chat_turns.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIGS = ("specdec", "specdec-no-draft", "specdec-stock", "specdec-no-cache", "llama")
+SOURCES = (  # functions of this repository of similar size (270-290 tokens each), pasted one per turn
+    ("specdec_core/runtime/admission.py", "slot"),
+    ("specdec_core/runtime/factory.py", "choose_backend"),
+    ("specdec_core/runtime/scheduler.py", "_forward"),
+    ("specdec_core/draft_length/probing.py", "interval"),
+    ("specdec_core/drafting.py", "_steps"),
+    ("specdec_core/decoder.py", "commit"),
+)
+
+
+def snippets() -> list[str]:
+    out = []
+    for path, name in SOURCES:
+        text = (ROOT / path).read_text()
+        node = next(
+            n
+            for n in ast.walk(ast.parse(text))
+            if isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef) and n.name == name
+        )
+        out.append("\n".join(text.splitlines()[node.lineno - 1 : node.end_lineno]))
+    return out
+
+
+def chat_turn(base: str, messages: list[dict], max_tokens: int, user: str, extra: dict | None = None) -> dict:
+    """One streamed chat request: its reply, time to first content, usage."""
+    with urllib.request.urlopen(base + "/v1/models", timeout=60) as resp:
+        model = json.loads(resp.read())["data"][0]["id"]
+    body = {
+        "model": model,
+        "messages": messages,
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "user": user,
+        **(extra or {}),
+    }
+    req = urllib.request.Request(
+        base + "/v1/chat/completions", json.dumps(body).encode(), {"Content-Type": "application/json"}
+    )
+    t0 = time.perf_counter()
+    first, text, usage = None, [], {}
+    with urllib.request.urlopen(req, timeout=1800) as resp:
+        for raw in resp:
+            line = raw.decode().strip()
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            event = json.loads(line[6:])
+            if event.get("usage"):
+                usage = event["usage"]
+            for choice in event.get("choices", []):
+                piece = (choice.get("delta") or {}).get("content") or ""
+                if piece and first is None:
+                    first = time.perf_counter() - t0
+                text.append(piece)
+    wall = time.perf_counter() - t0
+    completion = usage.get("completion_tokens", 0)
+    return {
+        "ttft_s": first if first is not None else wall,
+        "wall_s": wall,
+        "prompt_tokens": usage.get("prompt_tokens", 0),
+        "cached_tokens": (usage.get("prompt_tokens_details") or {}).get("cached_tokens"),
+        "completion_tokens": completion,
+        "decode_tok_s": (completion - 1) / (wall - first)
+        if first and wall > first and completion > 1
+        else 0.0,
+        "reply": "".join(text),
+    }
+
+
+def conversation(base: str, turns: int, max_tokens: int, user: str, extra: dict) -> list[dict]:
+    messages: list[dict] = [{"role": "system", "content": "You are a careful senior Python reviewer."}]
+    rows = []
+    for i, code in enumerate(snippets()[:turns]):
+        ask = "Explain what this function does" if i == 0 else "Now this one: what does it do"
+        messages.append({"role": "user", "content": f"{ask}, in two sentences?\n\n```python\n{code}\n```"})
+        row = chat_turn(base, messages, max_tokens, user, extra)
+        messages.append({"role": "assistant", "content": row["reply"]})
+        rows.append(row)
+        cached = row["cached_tokens"]
+        print(
+            f"    turn {i + 1}: prompt {row['prompt_tokens']:5d} tokens"
+            + (f" ({cached} cached)" if cached is not None else "")
+            + f", first token {row['ttft_s']:6.2f} s, reply {row['decode_tok_s']:5.2f} tok/s",
+            flush=True,
+        )
+    return rows
+
+
+def start(a, config: str, port: int, log) -> list:
+    from client.demo import llama_server_binary
+    from client.local import launch
+    from specdec_core import models
+
+    if config == "llama":  # one slot for the one conversation, the cells of specdec's default cache
+        server = a.llama_server or llama_server_binary() or "llama-server"
+        cmd = [server, "-m", str(models.gguf_path(a.target)), "-t", str(a.threads), "-np", "1", "-c", "16384"]
+        cmd += ["--port", str(port), "--host", "127.0.0.1", "--no-webui"]
+        return [subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)]
+    extra = ["--prefix-cache-tokens", "0"] if config == "specdec-no-cache" else []
+    kernels = ["--no-batch-invariant"] if config == "specdec-stock" else []  # llama.cpp's stock kernels
+    d = launch("drafter", a.drafter, args=extra, log_file=log)
+    v = launch("verifier", a.target, args=["--drafter", d.address, *extra, *kernels], log_file=log)
+    cmd = [
+        sys.executable,
+        "-m",
+        "client.cli",
+        "serve-openai",
+        "--verifier",
+        v.address,
+        "--drafter",
+        d.address,
+    ]
+    api = subprocess.Popen(
+        cmd + ["--port", str(port), "--host", "127.0.0.1"], stdout=log, stderr=subprocess.STDOUT, cwd=ROOT
+    )
+    return [d, v, api]
+
+
+def measure(a, config: str, log) -> list[dict]:
+    from client.local import free_port, wait_http
+
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    procs = start(a, config, port, log)
+    try:
+        wait_http(base + ("/health" if config == "llama" else "/v1/models"), procs[-1])
+        chat_turn(base, [{"role": "user", "content": "Say hi."}], 4, "warm-up")  # load, first-call costs
+        print(f"  {config}", flush=True)
+        extra = {"no_draft": True} if config == "specdec-no-draft" else {}
+        return conversation(base, a.turns, a.max_tokens, "bench", extra)
+    finally:
+        for p in procs:
+            if isinstance(p, subprocess.Popen):
+                p.terminate()
+                p.wait(30)
+            else:
+                p.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.chat_turns", description=__doc__)
+    p.add_argument("--target", default="qwen2.5-coder-1.5b-instruct")
+    p.add_argument("--drafter", default="qwen2.5-coder-0.5b-instruct")
+    p.add_argument("--turns", type=int, default=6)
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="llama-server -t")
+    p.add_argument(
+        "--llama-server", default="", help="a llama-server binary (default: as the peer benchmark)"
+    )
+    p.add_argument("--configs", default=",".join(CONFIGS))
+    p.add_argument("--out", default="bench-results/chat_turns.json")
+    a = p.parse_args(argv)
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    results: dict = {"args": vars(a), "cpus": len(os.sched_getaffinity(0)), "configs": {}}
+    with open(out.with_suffix(".log"), "w") as log:
+        for config in a.configs.split(","):
+            results["configs"][config] = measure(a, config, log)
+            out.write_text(json.dumps(results, indent=1))
+    print("\nturn  " + "  ".join(f"{c:>18s}" for c in results["configs"]))
+    for i in range(a.turns):
+        cells = [
+            f"{rows[i]['ttft_s']:8.2f} s ({rows[i]['prompt_tokens']:4d})"
+            for rows in results["configs"].values()
+        ]
+        print(f"{i + 1:4d}  " + "  ".join(f"{c:>18s}" for c in cells))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
