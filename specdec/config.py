@@ -120,6 +120,9 @@ class VerifierConfig(CommonConfig):
     # whose cached prompt prefixes a request may reuse: tenant (requests of the same GenerateRequest.tenant,
     # salted by this process; a hit shows in the time to first token) | shared (every request's)
     prefix_cache_scope: str = "tenant"
+    # finished generations' prompts and outputs kept for the "ngram" and "hybrid" drafters' lookup to draft
+    # from (specdec_core/suffix_index.py), scoped as the prefix cache is; 0: the current request's text only
+    lookup_index_tokens: int = 200000
     # a drafter round trip later than this is a failed round (the generation goes on without drafts and
     # health-checks the drafter with backoff); a round that (re)starts the drafter's stream, with its prefill,
     # gets the second

@@ -23,6 +23,7 @@ import torch
 
 from .drafting import DraftBlock, Drafter, EarlyStop
 from .sampling import SamplingParams, SparseDist
+from .suffix_index import SuffixIndex
 
 NGRAM = "ngram"
 MODEL = "model"
@@ -79,13 +80,20 @@ class NgramIndex:
 
 
 class NgramDrafter(Drafter):
-    """Prompt-lookup drafting: no model, no network; one-hot draft distributions (module docstring)."""
+    """Prompt-lookup drafting: no model, no network; one-hot draft distributions (module docstring).
+
+    ``shared``: earlier generations' texts (``suffix_index.py``), searched under ``scope`` where the
+    current text has no match of its own.
+    """
 
     source: str = NGRAM
 
-    def __init__(self, min_ngram: int = 2, max_ngram: int = 4) -> None:
+    def __init__(
+        self, min_ngram: int = 2, max_ngram: int = 4, shared: SuffixIndex | None = None, scope: str = ""
+    ) -> None:
         self.min_ngram, self.max_ngram = min_ngram, max_ngram
         self.index = NgramIndex(min_ngram, max_ngram)
+        self.shared, self.scope = shared, scope
         self._drafted: list[int] = []
 
     def start(self, context: list[int], params: SamplingParams) -> None:
@@ -102,11 +110,20 @@ class NgramDrafter(Drafter):
 
     @property
     def has_match(self) -> bool:
-        return self.index.match() is not None
+        if self.index.match() is not None:
+            return True
+        return self.shared is not None and self.shared.has_match(self.scope, self.index.tokens)
+
+    def proposal(self, k: int) -> list[int]:
+        """What the lookup proposes now: the text's own continuation, else an earlier generation's."""
+        own = self.index.lookup(k)
+        if own or self.shared is None:
+            return own
+        return self.shared.propose(self.scope, self.index.tokens, k)
 
     def propose(self, k: int, stop: EarlyStop | None = None) -> DraftBlock:
         t0 = time.perf_counter()
-        self._drafted = self.index.lookup(k)
+        self._drafted = self.proposal(k)
         dists = [SparseDist(torch.tensor([t]), torch.tensor([1.0])) for t in self._drafted]
         return DraftBlock(tokens=list(self._drafted), dists=dists, draft_s=time.perf_counter() - t0)
 

@@ -71,7 +71,7 @@ class DraftSources:
 
     def proposal(self) -> list[int]:
         """What the lookup proposes now, drafted or not (none without a lookup)."""
-        return self.lookup.index.lookup(LOOKUP_K_MAX) if self.lookup is not None else []
+        return self.lookup.proposal(LOOKUP_K_MAX) if self.lookup is not None else []
 
     def observe(
         self, choice: Choice, proposal: list[int], drafted: int, committed: list[int], verify_s: float

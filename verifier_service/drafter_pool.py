@@ -23,6 +23,7 @@ from specdec_core.drafting import Drafter
 from specdec_core.hybrid import HybridDrafter
 from specdec_core.models import TokenizerMismatch, first_vocab_difference, vocab_by_id
 from specdec_core.ngram import NGRAM, NgramDrafter
+from specdec_core.suffix_index import SuffixIndex
 
 from .remote_drafter import RemoteDrafter
 
@@ -51,8 +52,15 @@ class DrafterPool:
     """
 
     def __init__(
-        self, config: VerifierConfig, tokenizer, fingerprint: str, device: str, limits: validate.Limits
+        self,
+        config: VerifierConfig,
+        tokenizer,
+        fingerprint: str,
+        device: str,
+        limits: validate.Limits,
+        shared: SuffixIndex | None = None,
     ) -> None:
+        self.shared = shared  # earlier generations' texts, for the in-process lookups
         self.config = config
         self.tokenizer = tokenizer
         self.fingerprint = fingerprint
@@ -77,7 +85,7 @@ class DrafterPool:
         names none, the service's default (the first of ``--drafter``, which may be one of those names)."""
         if not name and self.config.drafters and self.config.drafters[0] in IN_PROCESS:
             name = self.config.drafters[0]
-        lookup = lambda: NgramDrafter(self.config.ngram_min, self.config.ngram_max)  # noqa: E731
+        lookup = lambda: NgramDrafter(self.config.ngram_min, self.config.ngram_max, self.shared)  # noqa: E731
         if name == NGRAM:
             return lookup()
         if name == HYBRID:

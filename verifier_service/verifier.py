@@ -16,14 +16,15 @@ from specdec.config import VerifierConfig
 from specdec.metrics import GenerationMetrics, ServiceMetrics
 from specdec_core.decoder import SpeculativeDecoder
 from specdec_core.draft_length import DraftLengthPolicy, FixedDraftLength, LengthMemory
-from specdec_core.drafting import DraftBlock
+from specdec_core.drafting import DraftBlock, Drafter
 from specdec_core.models import vocab_fingerprint
-from specdec_core.ngram import LOOKUP_K_MAX, NGRAM
+from specdec_core.ngram import LOOKUP_K_MAX, NGRAM, NgramDrafter
 from specdec_core.runtime.admission import Admission, Cancellation
 from specdec_core.runtime.factory import compute_lease, load_runner, service_scheduler
 from specdec_core.sampling import SamplingParams
 from specdec_core.stats import GenerationStats
 from specdec_core.stopping import StopCriteria
+from specdec_core.suffix_index import SuffixIndex
 from specdec_core.text import IncrementalText, encode_messages, encode_prompt
 from specdec_core.verification import Verdict
 
@@ -75,14 +76,11 @@ class VerifierEngine:
         )
         self.admission = Admission(config.max_running, config.max_waiting)
         self.sessions = SessionStore(config, self.runner, self.scheduler)
+        self.suffix_index = SuffixIndex(config.lookup_index_tokens, config.ngram_min, config.ngram_max)
         self.drafters = DrafterPool(
-            config, self.tokenizer, self.fingerprint, str(self.runner.device), self.limits
+            config, self.tokenizer, self.fingerprint, str(self.runner.device), self.limits, self.suffix_index
         )
-        if config.prefix_cache_scope not in ("tenant", "shared"):
-            raise ValueError(
-                f"prefix cache scope must be tenant or shared, got {config.prefix_cache_scope!r}"
-            )
-        self._salt_key = os.urandom(32)  # this process's prefix-cache salts (cache_salt)
+        self._salts = TenantSalts(config.prefix_cache_scope)
         self.length_memory = LengthMemory()  # adaptive sessions start from the last one's measurements
         self.metrics.track(
             running=lambda: self.admission.running,
@@ -105,10 +103,9 @@ class VerifierEngine:
         stop = stop_criteria(args, max_new, self.tokenizer.eos_token_id)
         plan = self._plan_drafting(args, request_id)
         stats = GenerationStats()
-        salt = self.cache_salt(args.tenant)
-        for drafter in (plan.drafter, getattr(plan.drafter, "model", None)):  # a hybrid's model drafter too
-            if hasattr(drafter, "cache_salt"):
-                setattr(drafter, "cache_salt", salt)  # noqa: B010 - only remote and model drafters have one
+        salt = self._salts.salt(args.tenant)
+        _scope_drafters(plan.drafter, salt)
+        emitted: list[int] = []
         observed = self.metrics.generation(len(prompt_ids))
         log_started(request_id, len(prompt_ids), max_new, plan, self.admission)
         try:
@@ -116,21 +113,16 @@ class VerifierEngine:
                 self.admission.slot(cancel),
                 self.sessions.reserve(f"generate:{request_id}", len(prompt_ids) + max_new + 16),
             ):
-                yield from self._stream(prompt_ids, args, stop, plan, stats, cancel, observed, salt)
+                for event in self._stream(prompt_ids, args, stop, plan, stats, cancel, observed, salt):
+                    emitted.extend(event.token_ids)
+                    yield event
+            self.suffix_index.add(salt, prompt_ids + emitted)  # for later requests' lookups, this tenant's
         finally:
             if plan.drafter is not None:
                 plan.drafter.close()  # idempotent: the decoder closed it unless the generation never started
         if plan.drafter is not None:
             self.length_memory.remember(plan.memory_key, plan.policy)
         log_finished(request_id, len(prompt_ids), plan, stats)
-
-    def cache_salt(self, tenant: str) -> str:
-        """The prefix caches' salt for ``tenant`` (both roles'): a keyed hash, so a client cannot choose
-        another tenant's salt without its name, nor read a name from a salt; one for all under the
-        ``shared`` scope."""
-        if self.config.prefix_cache_scope == "shared":
-            return ""
-        return hashlib.blake2b(tenant.encode(), key=self._salt_key, digest_size=16).hexdigest()
 
     def prompt_ids(self, args: GenerateArgs) -> list[int]:
         if args.prompt_ids:
@@ -233,3 +225,30 @@ class VerifierEngine:
 
     def close_session(self, session_id: str) -> None:
         self.sessions.remove(session_id)
+
+
+def _scope_drafters(drafter: Drafter | None, salt: str) -> None:
+    """Tell a generation's drafters (a hybrid's two parts too) its tenant's salt: whose cached prefixes a
+    model drafter may reuse, whose earlier texts a lookup may draft from."""
+    for part in (drafter, getattr(drafter, "model", None), getattr(drafter, "ngram", None)):
+        if isinstance(part, NgramDrafter):
+            part.scope = salt
+        elif hasattr(part, "cache_salt"):
+            setattr(part, "cache_salt", salt)  # noqa: B010 - remote and model drafters have one
+
+
+class TenantSalts:
+    """The salt of a tenant's cached prefixes (both roles') and earlier texts: a keyed hash under this
+    process's secret, so a client can neither choose another tenant's salt without its name nor read a
+    name from a salt; one salt for everyone under the ``shared`` scope."""
+
+    def __init__(self, scope: str) -> None:
+        if scope not in ("tenant", "shared"):
+            raise ValueError(f"prefix cache scope must be tenant or shared, got {scope!r}")
+        self.scope = scope
+        self._key = os.urandom(32)
+
+    def salt(self, tenant: str) -> str:
+        if self.scope == "shared":
+            return ""
+        return hashlib.blake2b(tenant.encode(), key=self._key, digest_size=16).hexdigest()

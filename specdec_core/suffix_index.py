@@ -1,0 +1,123 @@
+"""Drafts from earlier generations: a bounded index of finished texts that prompt lookup turns to when the
+current text has no match of its own (suffix decoding: Arctic Inference, vLLM).
+
+Agents and structured-output clients repeat themselves across requests: the same JSON shape, the same
+tool call, the same boilerplate around different values. ``SuffixIndex`` keeps the prompts and outputs of
+finished generations, each under a *scope* (the tenant's salt: one tenant's text never shapes another's
+drafts, as acceptance timing would tell what the other sent), and maps every n-gram of them
+(``min_ngram <= n <= max_ngram``) to where it occurred. A proposal matches the longest n-gram ending the
+current text, then walks forward through all its occurrences at once: each step takes the next token most
+of them agree on (frequency-weighted, as a suffix tree's counts weigh its branches) and keeps only the
+occurrences that continue with it, stopping where no continuation holds ``MIN_SHARE`` of them.
+
+The index holds at most ``budget`` tokens; the least recently used texts (added or proposed from) go
+first. Thread-safe: generations finish and propose from many threads.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter, OrderedDict
+from dataclasses import dataclass
+
+MIN_SHARE = 0.34  # a drafted token must continue at least this share of the occurrences still matching
+MAX_OCCURRENCES = 64  # occurrences kept per n-gram (the most recent)
+
+
+@dataclass(eq=False)
+class _Text:
+    scope: str
+    tokens: list[int]
+
+
+class SuffixIndex:
+    """Finished texts by scope, and the n-grams that lead into them (module docstring)."""
+
+    def __init__(self, budget: int, min_ngram: int = 2, max_ngram: int = 4) -> None:
+        if not 1 <= min_ngram <= max_ngram:
+            raise ValueError("need 1 <= min_ngram <= max_ngram")
+        self.budget = budget
+        self.min_ngram, self.max_ngram = min_ngram, max_ngram
+        self._texts: OrderedDict[int, _Text] = OrderedDict()  # id -> text, least recently used first
+        self._table: dict[tuple[str, tuple[int, ...]], list[tuple[int, int]]] = {}  # -> [(text id, end)]
+        self._next_id = 0
+        self._lock = threading.Lock()
+        self.tokens = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.budget > 0
+
+    def __len__(self) -> int:
+        return len(self._texts)
+
+    def add(self, scope: str, tokens: list[int]) -> None:
+        """Index a finished text (prompt and output) under ``scope``; older texts go past the budget."""
+        if not self.enabled or len(tokens) <= self.min_ngram or len(tokens) > self.budget:
+            return
+        text = _Text(scope, list(tokens))
+        with self._lock:
+            tid, self._next_id = self._next_id, self._next_id + 1
+            self._texts[tid] = text
+            self.tokens += len(text.tokens)
+            for key, end in self._ngrams(text):
+                occurrences = self._table.setdefault(key, [])
+                occurrences.append((tid, end))
+                del occurrences[:-MAX_OCCURRENCES]
+            while self.tokens > self.budget:
+                self._drop(next(iter(self._texts)))
+
+    def propose(self, scope: str, context: list[int], k: int) -> list[int]:
+        """Up to ``k`` tokens continuing ``context`` the way earlier texts of ``scope`` continued its last
+        n-gram (none without a match)."""
+        with self._lock:
+            active = self._match(scope, context)
+            out: list[int] = []
+            while active and len(out) < k:
+                step = len(out) + 1
+                nexts = [(t, e) for t, e in active if e + step < len(self._texts[t].tokens)]
+                if not nexts:
+                    break
+                counts = Counter(self._texts[t].tokens[e + step] for t, e in reversed(nexts))  # newest first
+                token, count = counts.most_common(1)[0]
+                if count < MIN_SHARE * len(active):
+                    break
+                out.append(token)
+                active = [(t, e) for t, e in nexts if self._texts[t].tokens[e + step] == token]
+            for tid in {t for t, _ in active}:
+                self._texts.move_to_end(tid)  # proposed from: recently used
+            return out
+
+    def has_match(self, scope: str, context: list[int]) -> bool:
+        with self._lock:
+            return bool(self._match(scope, context))
+
+    def _match(self, scope: str, context: list[int]) -> list[tuple[int, int]]:
+        """Occurrences of the longest n-gram ending ``context`` in ``scope``'s texts (under the lock)."""
+        if not self._texts:
+            return []
+        for n in range(min(self.max_ngram, len(context)), self.min_ngram - 1, -1):
+            occurrences = self._table.get((scope, tuple(context[-n:])))
+            if occurrences:
+                return list(occurrences)
+        return []
+
+    def _ngrams(self, text: _Text):
+        """((scope, n-gram), end) of every n-gram of ``text`` that a token follows."""
+        tokens = text.tokens
+        for end in range(len(tokens) - 1):
+            for n in range(self.min_ngram, self.max_ngram + 1):
+                if end - n + 1 >= 0:
+                    yield (text.scope, tuple(tokens[end - n + 1 : end + 1])), end
+
+    def _drop(self, tid: int) -> None:
+        """Forget text ``tid`` and its occurrences (under the lock)."""
+        text = self._texts.pop(tid)
+        self.tokens -= len(text.tokens)
+        for key, _ in self._ngrams(text):
+            occurrences = self._table.get(key)
+            if occurrences is None:
+                continue
+            occurrences[:] = [(t, e) for t, e in occurrences if t != tid]
+            if not occurrences:
+                del self._table[key]
