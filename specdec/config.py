@@ -123,6 +123,9 @@ class VerifierConfig(CommonConfig):
     # finished generations' prompts and outputs kept for the "ngram" and "hybrid" drafters' lookup to draft
     # from (specdec_core/suffix_index.py), scoped as the prefix cache is; 0: the current request's text only
     lookup_index_tokens: int = 200000
+    # stream tokens in messages of exactly this many (the last one excepted) instead of one message per
+    # round, whose size tells a network observer how many drafts it accepted ("Whisper Leak"); 0: per round
+    stream_chunk_tokens: int = 0
     # a drafter round trip later than this is a failed round (the generation goes on without drafts and
     # health-checks the drafter with backoff); a round that (re)starts the drafter's stream, with its prefill,
     # gets the second

@@ -268,3 +268,27 @@ def test_lookahead_drafter_service_is_lossless_and_each_model_runs_on_one_thread
         p.stop()
         for h in hooks:
             h.remove()
+
+
+def test_fixed_size_stream_messages_hide_each_rounds_acceptance(models):
+    """``--stream-chunk-tokens 4``: every message but the last carries exactly 4 tokens, and together
+    they are the generation a per-round stream sends."""
+    target, drafter = models
+    chunked = Pair(target, drafter)
+    chunked.v_server.stop(0)
+    chunked.v_engine.close()
+    chunked.v_cfg = VerifierConfig(**{**chunked.v_cfg.__dict__, "stream_chunk_tokens": 4})
+    chunked.start_verifier(0)  # the same drafter, the chunked stream
+    try:
+        with SpecDecClient(chunked.verifier_addr) as c:
+            kw = {"max_new_tokens": 18, "ignore_eos": True, "num_draft_tokens": 3}
+            pieces = list(c.stream(PROMPT, **kw))
+            whole = c.generate(PROMPT, **kw)
+    finally:
+        chunked.stop()
+    assert [len(p.token_ids) for p in pieces] == [4, 4, 4, 4, 2]
+    assert [t for p in pieces for t in p.token_ids] == whole.token_ids == hf_greedy(target, PROMPT_IDS, 18)
+    assert "".join(p.text for p in pieces) == whole.text
+    assert pieces[0].prompt_token_ids == PROMPT_IDS and pieces[-1].finish_reason == "length"
+    assert pieces[-1].stats and not any(p.stats for p in pieces[:-1])
+    assert whole.stats["drafted"] > 0

@@ -117,3 +117,18 @@ def log_finished(request_id: str, prompt_tokens: int, plan: DraftPlan, stats: Ge
             "prefix_cache_hit_rate": round(stats.cached_tokens / max(prompt_tokens, 1), 4),
         },
     )
+
+
+def cut_groups(buffered: list[int], size: int, done: bool) -> list[list[int]]:
+    """The token groups to stream now, taken from ``buffered`` (what stays is sent later). ``size`` 0: all
+    of it, one message per round; else messages of exactly ``size`` tokens, and the rest at the end, so
+    message sizes do not tell a network observer how many drafts each round accepted."""
+    if not size:
+        groups = [buffered[:]]
+    else:
+        whole = len(buffered) // size * size
+        groups = [buffered[i : i + size] for i in range(0, whole, size)]
+        if done and (len(buffered) > whole or not groups):
+            groups.append(buffered[whole:])
+    del buffered[: sum(len(g) for g in groups)]
+    return groups

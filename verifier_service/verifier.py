@@ -29,7 +29,15 @@ from specdec_core.text import IncrementalText, encode_messages, encode_prompt
 from specdec_core.verification import Verdict
 
 from .drafter_pool import DrafterPool, drafter_name
-from .generation import DraftPlan, GenerateArgs, GenerateEvent, log_finished, log_started, stop_criteria
+from .generation import (
+    DraftPlan,
+    GenerateArgs,
+    GenerateEvent,
+    cut_groups,
+    log_finished,
+    log_started,
+    stop_criteria,
+)
 from .sessions import SessionStore
 
 log = logging.getLogger(__name__)
@@ -185,7 +193,7 @@ class VerifierEngine:
         cache_salt: str,
     ) -> Iterator[GenerateEvent]:
         """The decoder's chunks as events: their text decoded incrementally, the prompt's ids on the first,
-        the stats on the last."""
+        the stats on the last; regrouped into ``stream_chunk_tokens`` tokens each when set."""
         text = IncrementalText(self.tokenizer, args.stop_strings)
         chunks = self.decoder.generate(
             prompt_ids,
@@ -198,18 +206,25 @@ class VerifierEngine:
             overlap_prefill=plan.overlap_prefill,
             cache_salt=cache_salt,
         )
-        for i, chunk in enumerate(chunks):
+        buffered: list[int] = []
+        first = True
+        for chunk in chunks:
             done = chunk.finish_reason is not None
             observed.tokens(len(chunk.token_ids))
             if done:
                 observed.finished(stats, chunk.finish_reason or "")
-            yield GenerateEvent(
-                chunk.token_ids,
-                text.add(chunk.token_ids, final=done),
-                chunk.finish_reason,
-                stats if done else None,
-                prompt_ids if i == 0 else [],
-            )
+            buffered.extend(chunk.token_ids)
+            groups = cut_groups(buffered, self.config.stream_chunk_tokens, done)
+            for j, ids in enumerate(groups):
+                last = done and j == len(groups) - 1
+                yield GenerateEvent(
+                    ids,
+                    text.add(ids, final=last),
+                    chunk.finish_reason if last else None,
+                    stats if last else None,
+                    prompt_ids if first else [],
+                )
+                first = False
 
     # -- Verify ---------------------------------------------------------------------------------------
     def verify(
