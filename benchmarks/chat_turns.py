@@ -14,11 +14,12 @@ import argparse
 import ast
 import json
 import os
-import subprocess
 import sys
 import time
 import urllib.request
 from pathlib import Path
+
+from . import servers
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = ("specdec", "specdec-no-draft", "specdec-stock", "specdec-no-cache", "llama")
@@ -112,54 +113,29 @@ def conversation(base: str, turns: int, max_tokens: int, user: str, extra: dict)
 
 
 def start(a, config: str, port: int, log) -> list:
-    from client.demo import llama_server_binary
-    from client.local import launch
-    from specdec_core import models
-
     if config == "llama":  # one slot for the one conversation, the cells of specdec's default cache
-        server = a.llama_server or llama_server_binary() or "llama-server"
-        cmd = [server, "-m", str(models.gguf_path(a.target)), "-t", str(a.threads), "-np", "1", "-c", "16384"]
-        cmd += ["--port", str(port), "--host", "127.0.0.1", "--no-webui"]
-        return [subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)]
+        return [
+            servers.start_llama(a.target, port, log, a.threads, ["-np", "1", "-c", "16384"], a.llama_server)
+        ]
     extra = ["--prefix-cache-tokens", "0"] if config == "specdec-no-cache" else []
     kernels = ["--no-batch-invariant"] if config == "specdec-stock" else []  # llama.cpp's stock kernels
-    d = launch("drafter", a.drafter, args=extra, log_file=log)
-    v = launch("verifier", a.target, args=["--drafter", d.address, *extra, *kernels], log_file=log)
-    cmd = [
-        sys.executable,
-        "-m",
-        "client.cli",
-        "serve-openai",
-        "--verifier",
-        v.address,
-        "--drafter",
-        d.address,
-    ]
-    api = subprocess.Popen(
-        cmd + ["--port", str(port), "--host", "127.0.0.1"], stdout=log, stderr=subprocess.STDOUT, cwd=ROOT
-    )
-    return [d, v, api]
+    return servers.start_specdec(a.target, a.drafter, port, log, [*extra, *kernels], extra)
 
 
 def measure(a, config: str, log) -> list[dict]:
-    from client.local import free_port, wait_http
+    from client.local import free_port
 
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     procs = start(a, config, port, log)
     try:
-        wait_http(base + ("/health" if config == "llama" else "/v1/models"), procs[-1])
+        servers.wait_ready(base, procs)
         chat_turn(base, [{"role": "user", "content": "Say hi."}], 4, "warm-up")  # load, first-call costs
         print(f"  {config}", flush=True)
         extra = {"no_draft": True} if config == "specdec-no-draft" else {}
         return conversation(base, a.turns, a.max_tokens, "bench", extra)
     finally:
-        for p in procs:
-            if isinstance(p, subprocess.Popen):
-                p.terminate()
-                p.wait(30)
-            else:
-                p.stop()
+        servers.stop(procs)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,14 +15,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import threading
 import time
 import urllib.request
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from . import servers
+
 # specdec-stock*: the verifier on llama.cpp's stock kernels (--no-batch-invariant)
 CONFIGS = ("llama", "llama-draft", "specdec", "specdec-no-draft", "specdec-stock", "specdec-stock-no-draft")
 
@@ -82,66 +82,25 @@ def run_clients(base: str, prompts: list[str], clients: int, max_new: int, extra
     }
 
 
-def start_llama(a, port: int, draft: bool, log) -> subprocess.Popen:
-    from client.demo import llama_server_binary
-    from specdec_core import models
-
-    server = (
-        a.llama_server
-        or llama_server_binary()
-        or subprocess.run(
-            ["bash", str(ROOT / "scripts" / "build_llama_server.sh")],
-            check=True,
-            capture_output=True,
-            text=True,
-        )
-        .stdout.strip()
-        .splitlines()[-1]
-    )
-    cmd = [server, "-m", str(models.gguf_path(a.target)), "-t", str(a.threads), "-np", "8", "-c", "16384"]
-    cmd += ["--port", str(port), "--host", "127.0.0.1", "--no-webui"]
-    if draft:
-        cmd += ["-md", str(models.gguf_path(a.drafter)), "--spec-draft-n-max", str(a.llama_draft_max)]
-    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-
-
-def start_specdec(a, port: int, log, verifier_args: list[str]) -> list:
-    """Drafter and verifier services (defaults) and serve-openai over them: [(process or service), ...]."""
-    from client.local import launch
-
-    d = launch("drafter", a.drafter, log_file=log)
-    v = launch("verifier", a.target, args=["--drafter", d.address, *verifier_args], log_file=log)
-    cmd = [
-        sys.executable,
-        "-m",
-        "client.cli",
-        "serve-openai",
-        "--verifier",
-        v.address,
-        "--drafter",
-        d.address,
-    ]
-    cmd += ["--port", str(port), "--host", "127.0.0.1"]
-    api = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
-    return [d, v, api]
-
-
 def measure(a, config: str, prompts: list[str], levels: list[int], log) -> dict:
-    from client.local import free_port, wait_http
+    from client.local import free_port
+    from specdec_core import models
 
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     procs: list
     if config.startswith("llama"):
-        procs = [start_llama(a, port, config == "llama-draft", log)]
-        wait_http(base + "/health", procs[0])
+        draft = ["-md", str(models.gguf_path(a.drafter)), "--spec-draft-n-max", str(a.llama_draft_max)]
+        args = ["-np", "8", "-c", "16384", *(draft if config == "llama-draft" else [])]
+        procs = [servers.start_llama(a.target, port, log, a.threads, args, a.llama_server)]
         pids = {"llama-server": procs[0].pid}
     else:
-        procs = start_specdec(a, port, log, ["--no-batch-invariant"] if "stock" in config else [])
-        wait_http(base + "/v1/models", procs[2])
+        kernels = ["--no-batch-invariant"] if "stock" in config else []
+        procs = servers.start_specdec(a.target, a.drafter, port, log, kernels)
         pids = {"drafter": procs[0].proc.pid, "verifier": procs[1].proc.pid}
     extra = {"no_draft": True} if config.endswith("no-draft") else {}
     try:
+        servers.wait_ready(base, procs)
         rows = {}
         run_clients(base, prompts[:1], 1, 8, extra)  # warm-up
         rss_idle = {k: rss_mb(p) for k, p in pids.items()}
@@ -150,12 +109,7 @@ def measure(a, config: str, prompts: list[str], levels: list[int], log) -> dict:
             print(f"  {config:18s} {n} clients: {rows[n]['tok_s']:6.2f} tok/s", flush=True)
         rss = {k: rss_mb(p) for k, p in pids.items()}
     finally:
-        for p in procs:
-            if isinstance(p, subprocess.Popen):
-                p.terminate()
-                p.wait(30)
-            else:
-                p.stop()
+        servers.stop(procs)
     return {"levels": rows, "rss_mb_idle": rss_idle, "rss_mb": rss}
 
 
