@@ -82,8 +82,8 @@ class NgramIndex:
 class NgramDrafter(Drafter):
     """Prompt-lookup drafting: no model, no network; one-hot draft distributions (module docstring).
 
-    ``shared``: earlier generations' texts (``suffix_index.py``), searched under ``scope`` where the
-    current text has no match of its own.
+    ``shared``: earlier generations' texts (``suffix_index.py``), searched under ``scope``; they draft
+    where they match a longer n-gram of the text's end than the text itself does.
     """
 
     source: str = NGRAM
@@ -115,11 +115,14 @@ class NgramDrafter(Drafter):
         return self.shared is not None and self.shared.has_match(self.scope, self.index.tokens)
 
     def proposal(self, k: int) -> list[int]:
-        """What the lookup proposes now: the text's own continuation, else an earlier generation's."""
-        own = self.index.lookup(k)
-        if own or self.shared is None:
-            return own
-        return self.shared.propose(self.scope, self.index.tokens, k)
+        """What the lookup proposes now: an earlier generation's continuation where it matches a longer
+        n-gram of the text's end than the text itself does (the same JSON keys, not a value that also
+        occurs in the prompt), else the text's own."""
+        if self.shared is not None:
+            found = self.index.match()
+            if self.shared.match_length(self.scope, self.index.tokens) > (found[0] if found else 0):
+                return self.shared.propose(self.scope, self.index.tokens, k)
+        return self.index.lookup(k)
 
     def propose(self, k: int, stop: EarlyStop | None = None) -> DraftBlock:
         t0 = time.perf_counter()

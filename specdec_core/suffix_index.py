@@ -89,18 +89,25 @@ class SuffixIndex:
             return out
 
     def has_match(self, scope: str, context: list[int]) -> bool:
+        return self.match_length(scope, context) > 0
+
+    def match_length(self, scope: str, context: list[int]) -> int:
+        """The length of the longest n-gram ending ``context`` that ``scope``'s texts hold (0: none)."""
         with self._lock:
-            return bool(self._match(scope, context))
+            return self._longest(scope, context)[0]
 
     def _match(self, scope: str, context: list[int]) -> list[tuple[int, int]]:
         """Occurrences of the longest n-gram ending ``context`` in ``scope``'s texts (under the lock)."""
+        return self._longest(scope, context)[1]
+
+    def _longest(self, scope: str, context: list[int]) -> tuple[int, list[tuple[int, int]]]:
         if not self._texts:
-            return []
+            return 0, []
         for n in range(min(self.max_ngram, len(context)), self.min_ngram - 1, -1):
             occurrences = self._table.get((scope, tuple(context[-n:])))
             if occurrences:
-                return list(occurrences)
-        return []
+                return n, list(occurrences)
+        return 0, []
 
     def _ngrams(self, text: _Text):
         """((scope, n-gram), end) of every n-gram of ``text`` that a token follows."""

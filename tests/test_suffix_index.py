@@ -50,7 +50,7 @@ def test_scopes_never_share():
     assert not index.has_match("tenant-b", [10, 11]) and index.has_match("tenant-a", [10, 11])
 
 
-def test_the_lookup_prefers_its_own_text_then_earlier_ones():
+def test_the_lookup_takes_the_longer_match_its_own_text_first():
     index = SuffixIndex(budget=1000)
     index.add("t", JSON_A)
     lookup = NgramDrafter(shared=index, scope="t")
@@ -58,6 +58,10 @@ def test_the_lookup_prefers_its_own_text_then_earlier_ones():
     assert lookup.has_match and lookup.proposal(3) == [12, 13, 50]  # from the earlier text
     lookup.extend([12, 13, 77, 90, 91])  # now its own text repeats (90, 91): its own continuation wins
     assert lookup.proposal(2) == [10, 11]
+    # a value that also occurs earlier (12, 13 below) matches 2 tokens of its own text; the earlier
+    # generation matches 3 (11, 12, 13): its continuation drafts
+    lookup.start([12, 13, 5, 6, 11, 12, 13], SamplingParams())
+    assert lookup.proposal(3) == [50, 14, 15]
     assert NgramDrafter(shared=index, scope="other").proposal(3) == []
 
 
