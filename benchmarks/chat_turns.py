@@ -15,8 +15,6 @@ import ast
 import json
 import os
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 from . import servers
@@ -48,48 +46,19 @@ def snippets() -> list[str]:
 
 def chat_turn(base: str, messages: list[dict], max_tokens: int, user: str, extra: dict | None = None) -> dict:
     """One streamed chat request: its reply, time to first content, usage."""
-    with urllib.request.urlopen(base + "/v1/models", timeout=60) as resp:
-        model = json.loads(resp.read())["data"][0]["id"]
-    body = {
-        "model": model,
-        "messages": messages,
-        "max_tokens": max_tokens,
-        "temperature": 0,
-        "stream": True,
-        "stream_options": {"include_usage": True},
-        "user": user,
-        **(extra or {}),
-    }
-    req = urllib.request.Request(
-        base + "/v1/chat/completions", json.dumps(body).encode(), {"Content-Type": "application/json"}
-    )
-    t0 = time.perf_counter()
-    first, text, usage = None, [], {}
-    with urllib.request.urlopen(req, timeout=1800) as resp:
-        for raw in resp:
-            line = raw.decode().strip()
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            event = json.loads(line[6:])
-            if event.get("usage"):
-                usage = event["usage"]
-            for choice in event.get("choices", []):
-                piece = (choice.get("delta") or {}).get("content") or ""
-                if piece and first is None:
-                    first = time.perf_counter() - t0
-                text.append(piece)
-    wall = time.perf_counter() - t0
+    body = {"model": servers.served_model(base), "messages": messages, "max_tokens": max_tokens, "temperature": 0,
+            "user": user, **(extra or {})}  # fmt: skip
+    out = servers.stream_chat(base, body)
+    usage, first, wall = out["usage"], out["ttft_s"], out["wall_s"]
     completion = usage.get("completion_tokens", 0)
     return {
-        "ttft_s": first if first is not None else wall,
+        "ttft_s": first,
         "wall_s": wall,
         "prompt_tokens": usage.get("prompt_tokens", 0),
         "cached_tokens": (usage.get("prompt_tokens_details") or {}).get("cached_tokens"),
         "completion_tokens": completion,
-        "decode_tok_s": (completion - 1) / (wall - first)
-        if first and wall > first and completion > 1
-        else 0.0,
-        "reply": "".join(text),
+        "decode_tok_s": (completion - 1) / (wall - first) if wall > first and completion > 1 else 0.0,
+        "reply": out["text"],
     }
 
 

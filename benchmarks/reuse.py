@@ -22,7 +22,6 @@ import statistics
 import sys
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 from . import servers
@@ -60,31 +59,13 @@ def system_prompt() -> str:
 
 def chat(base: str, model: str, messages: list[dict], max_tokens: int, extra: dict) -> dict:
     """One streamed chat request: time to first content, completion tokens, wall time."""
-    body = {"model": model, "messages": messages, "max_tokens": max_tokens, "temperature": 0, "stream": True,
-            "stream_options": {"include_usage": True}, **extra}  # fmt: skip
-    req = urllib.request.Request(
-        base + "/v1/chat/completions", json.dumps(body).encode(), {"Content-Type": "application/json"}
-    )
-    t0 = time.perf_counter()
-    first, text = None, []
-    usage: dict = {}
-    with urllib.request.urlopen(req, timeout=1800) as resp:
-        for raw in resp:
-            line = raw.decode().strip()
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            event = json.loads(line[6:])
-            usage = event.get("usage") or usage
-            for choice in event.get("choices", []):
-                piece = (choice.get("delta") or {}).get("content") or ""
-                if piece and first is None:
-                    first = time.perf_counter() - t0
-                text.append(piece)
-    wall = time.perf_counter() - t0
-    return {"ttft_s": first or wall, "wall_s": wall, "tokens": usage.get("completion_tokens", 0),
+    body = {"model": model, "messages": messages, "max_tokens": max_tokens, "temperature": 0, **extra}
+    out = servers.stream_chat(base, body)
+    usage = out["usage"]
+    return {"ttft_s": out["ttft_s"], "wall_s": out["wall_s"], "tokens": usage.get("completion_tokens", 0),
             "prompt_tokens": usage.get("prompt_tokens", 0),
             "cached_tokens": (usage.get("prompt_tokens_details") or {}).get("cached_tokens"),
-            "text": "".join(text)}  # fmt: skip
+            "text": out["text"]}  # fmt: skip
 
 
 def shared_prompt(base: str, model: str, extra: dict) -> dict:
@@ -137,8 +118,7 @@ def measure(a, config: str, log) -> dict:
     procs = start(a, config, port, log)
     try:
         servers.wait_ready(base, procs)
-        with urllib.request.urlopen(base + "/v1/models", timeout=60) as resp:
-            model = json.loads(resp.read())["data"][0]["id"]
+        model = servers.served_model(base)
         print(f"  {config}", flush=True)
         run = shared_prompt if a.workload == "shared-prompt" else json_requests
         return run(base, model, {})

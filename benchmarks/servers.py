@@ -3,8 +3,11 @@ and ``specdec serve-openai``) and llama.cpp's llama-server on the same GGUF file
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -71,3 +74,40 @@ def stop(procs: list) -> None:
             p.wait(30)
         else:
             p.stop()
+
+
+def stream_chat(base: str, body: dict) -> dict:
+    """One streamed ``/v1/chat/completions`` request (``body`` without ``stream``): seconds to the first
+    content, wall seconds, the final usage, the reply's text."""
+    body = {**body, "stream": True, "stream_options": {"include_usage": True}}
+    req = urllib.request.Request(
+        base + "/v1/chat/completions", json.dumps(body).encode(), {"Content-Type": "application/json"}
+    )
+    t0 = time.perf_counter()
+    first, text = None, []
+    usage: dict = {}
+    with urllib.request.urlopen(req, timeout=1800) as resp:
+        for raw in resp:
+            line = raw.decode().strip()
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            event = json.loads(line[6:])
+            usage = event.get("usage") or usage
+            for choice in event.get("choices", []):
+                piece = (choice.get("delta") or {}).get("content") or ""
+                if piece and first is None:
+                    first = time.perf_counter() - t0
+                text.append(piece)
+    wall = time.perf_counter() - t0
+    return {
+        "ttft_s": first if first is not None else wall,
+        "wall_s": wall,
+        "usage": usage,
+        "text": "".join(text),
+    }
+
+
+def served_model(base: str) -> str:
+    """The model name an OpenAI-compatible server serves (the first of /v1/models)."""
+    with urllib.request.urlopen(base + "/v1/models", timeout=60) as resp:
+        return json.loads(resp.read())["data"][0]["id"]

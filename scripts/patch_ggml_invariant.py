@@ -75,17 +75,23 @@ EDITS = {
 }
 
 
-def main(root: str) -> int:
-    for rel, edits in EDITS.items():
+def apply(root: str, edits: dict[str, list[tuple[str, str]]], marker: str) -> None:
+    """Make ``edits`` (file -> (old, new) pairs, each old text found exactly once) under ``root``; a file
+    that already holds ``marker`` was patched before and is left alone. Fails loudly if the source moved."""
+    for rel, pairs in edits.items():
         path = Path(root) / rel
         text = path.read_text()
-        if "ggml_cpu_specdec" in text:
+        if marker in text:
             continue  # patched already
-        for old, new in edits:
+        for old, new in pairs:
             if text.count(old) != 1:
                 raise SystemExit(f"{rel}: expected one {old.strip()[:60]!r}, found {text.count(old)}")
             text = text.replace(old, new)
         path.write_text(text)
+
+
+def main(root: str) -> int:
+    apply(root, EDITS, "ggml_cpu_specdec")
     print(f"patched {root} for GGML_CPU_BATCH_INVARIANT")
     return 0
 

@@ -38,7 +38,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from patch_ggml_invariant import FLAG  # noqa: E402
+from patch_ggml_invariant import FLAG, apply  # noqa: E402
 
 GEMM_FLAG = """
 static bool ggml_cpu_specdec_invariant_gemm(void) {
@@ -169,18 +169,9 @@ EDITS = {
 
 
 def main(root: str) -> int:
-    for rel, edits in EDITS.items():
-        path = Path(root) / rel
-        text = path.read_text()
-        if "ggml_cpu_specdec_invariant_gemm" in text:
-            continue  # patched already
-        if rel.endswith("ggml-cpu/repack.cpp") and "ggml_cpu_specdec_invariant_flag" not in text:
-            raise SystemExit(f"{rel}: run patch_ggml_invariant.py first")
-        for old, new in edits:
-            if text.count(old) != 1:
-                raise SystemExit(f"{rel}: expected one {old.strip()[:60]!r}, found {text.count(old)}")
-            text = text.replace(old, new)
-        path.write_text(text)
+    if "ggml_cpu_specdec_invariant_flag" not in (Path(root) / "ggml/src/ggml-cpu/repack.cpp").read_text():
+        raise SystemExit("ggml/src/ggml-cpu/repack.cpp: run patch_ggml_invariant.py first")
+    apply(root, EDITS, "ggml_cpu_specdec_invariant_gemm")
     print(f"patched {root}: GGML_CPU_BATCH_INVARIANT GEMM for Q4_K/Q4_0 8x8 on AVX2")
     return 0
 
