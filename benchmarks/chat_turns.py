@@ -48,18 +48,11 @@ def chat_turn(base: str, messages: list[dict], max_tokens: int, user: str, extra
     """One streamed chat request: its reply, time to first content, usage."""
     body = {"model": servers.served_model(base), "messages": messages, "max_tokens": max_tokens, "temperature": 0,
             "user": user, **(extra or {})}  # fmt: skip
-    out = servers.stream_chat(base, body)
-    usage, first, wall = out["usage"], out["ttft_s"], out["wall_s"]
-    completion = usage.get("completion_tokens", 0)
-    return {
-        "ttft_s": first,
-        "wall_s": wall,
-        "prompt_tokens": usage.get("prompt_tokens", 0),
-        "cached_tokens": (usage.get("prompt_tokens_details") or {}).get("cached_tokens"),
-        "completion_tokens": completion,
-        "decode_tok_s": (completion - 1) / (wall - first) if wall > first and completion > 1 else 0.0,
-        "reply": out["text"],
-    }
+    row = servers.stream_chat(base, body)
+    first, wall, completion = row["ttft_s"], row["wall_s"], row["completion_tokens"]
+    row["decode_tok_s"] = (completion - 1) / (wall - first) if wall > first and completion > 1 else 0.0
+    row["reply"] = row.pop("text")
+    return row
 
 
 def conversation(base: str, turns: int, max_tokens: int, user: str, extra: dict) -> list[dict]:

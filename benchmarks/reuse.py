@@ -58,14 +58,9 @@ def system_prompt() -> str:
 
 
 def chat(base: str, model: str, messages: list[dict], max_tokens: int, extra: dict) -> dict:
-    """One streamed chat request: time to first content, completion tokens, wall time."""
+    """One streamed chat request (servers.stream_chat)."""
     body = {"model": model, "messages": messages, "max_tokens": max_tokens, "temperature": 0, **extra}
-    out = servers.stream_chat(base, body)
-    usage = out["usage"]
-    return {"ttft_s": out["ttft_s"], "wall_s": out["wall_s"], "tokens": usage.get("completion_tokens", 0),
-            "prompt_tokens": usage.get("prompt_tokens", 0),
-            "cached_tokens": (usage.get("prompt_tokens_details") or {}).get("cached_tokens"),
-            "text": out["text"]}  # fmt: skip
+    return servers.stream_chat(base, body)
 
 
 def shared_prompt(base: str, model: str, extra: dict) -> dict:
@@ -85,17 +80,20 @@ def shared_prompt(base: str, model: str, extra: dict) -> dict:
         t.join()
     wall = time.perf_counter() - t0
     return {"ttft_p50_s": statistics.median(r["ttft_s"] for r in rows),
-            "tok_s": sum(r["tokens"] for r in rows) / wall, "requests": rows}  # fmt: skip
+            "tok_s": sum(r["completion_tokens"] for r in rows) / wall, "requests": rows}  # fmt: skip
 
 
 def json_requests(base: str, model: str, extra: dict) -> dict:
     rows = []
     for bio in bios():
         rows.append(chat(base, model, [{"role": "user", "content": JSON_ASK.format(bio=bio)}], 96, extra))
-        print(f"    {len(rows):2d}: {rows[-1]['tokens']} tokens, {rows[-1]['tokens'] / rows[-1]['wall_s']:.2f} tok/s",
+        print(f"    {len(rows):2d}: {rows[-1]['completion_tokens']} tokens, {rows[-1]['completion_tokens'] / rows[-1]['wall_s']:.2f} tok/s",
               flush=True)  # fmt: skip
     later = rows[1:]
-    return {"tok_s_2_16": sum(r["tokens"] for r in later) / sum(r["wall_s"] for r in later), "requests": rows}
+    return {
+        "tok_s_2_16": sum(r["completion_tokens"] for r in later) / sum(r["wall_s"] for r in later),
+        "requests": rows,
+    }
 
 
 def start(a, config: str, port: int, log) -> list:

@@ -78,7 +78,7 @@ def stop(procs: list) -> None:
 
 def stream_chat(base: str, body: dict) -> dict:
     """One streamed ``/v1/chat/completions`` request (``body`` without ``stream``): seconds to the first
-    content, wall seconds, the final usage, the reply's text."""
+    content, wall seconds, the usage's prompt, cached and completion tokens, the reply's text."""
     body = {**body, "stream": True, "stream_options": {"include_usage": True}}
     req = urllib.request.Request(
         base + "/v1/chat/completions", json.dumps(body).encode(), {"Content-Type": "application/json"}
@@ -102,7 +102,9 @@ def stream_chat(base: str, body: dict) -> dict:
     return {
         "ttft_s": first if first is not None else wall,
         "wall_s": wall,
-        "usage": usage,
+        "prompt_tokens": usage.get("prompt_tokens", 0),
+        "cached_tokens": (usage.get("prompt_tokens_details") or {}).get("cached_tokens"),
+        "completion_tokens": usage.get("completion_tokens", 0),
         "text": "".join(text),
     }
 

@@ -100,8 +100,7 @@ def info_to_pb(model_name, runner, tokenizer, fingerprint, include_vocab) -> pb.
     msg.cpus.extend(placement.cpus())
     msg.active_sequences = runner.active_sequences
     msg.kv_tokens = runner.kv_tokens_held
-    prefix = getattr(runner, "prefix", None)  # a runner's prefix cache (SlotRunner)
-    msg.prefix_cache_tokens = prefix.budget if prefix is not None else 0
+    msg.prefix_cache_tokens = runner.prefix.budget
     if include_vocab:
         msg.vocab.extend(vocab_by_id(tokenizer))
     return msg

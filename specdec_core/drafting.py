@@ -84,6 +84,8 @@ class Drafter(ABC):
     source: str = "model"
     # a start takes the context's cached prefix from a prefix cache (the planner prices only the rest)
     caches_prefixes: bool = False
+    # the tenant's salt (set before ``start``): whose cached prefixes and earlier texts it may draft from
+    cache_salt: str = ""
 
     @abstractmethod
     def start(self, context: list[int], params: SamplingParams) -> None:

@@ -34,6 +34,7 @@ class HybridDrafter(Drafter):
         self._model_behind = 0  # committed tokens the started model drafter was only told of (extend)
 
     def start(self, context: list[int], params: SamplingParams) -> None:
+        self.ngram.cache_salt = self.model.cache_salt = self.cache_salt
         self.ngram.start(context, params)
         self._params = params
         self._last, self._model_started, self._model_behind = None, False, 0

@@ -82,18 +82,18 @@ class NgramIndex:
 class NgramDrafter(Drafter):
     """Prompt-lookup drafting: no model, no network; one-hot draft distributions (module docstring).
 
-    ``shared``: earlier generations' texts (``suffix_index.py``), searched under ``scope``; they draft
+    ``shared``: earlier generations' texts (``suffix_index.py``), searched under ``cache_salt``; they draft
     where they match a longer n-gram of the text's end than the text itself does.
     """
 
     source: str = NGRAM
 
     def __init__(
-        self, min_ngram: int = 2, max_ngram: int = 4, shared: SuffixIndex | None = None, scope: str = ""
+        self, min_ngram: int = 2, max_ngram: int = 4, shared: SuffixIndex | None = None, cache_salt: str = ""
     ) -> None:
         self.min_ngram, self.max_ngram = min_ngram, max_ngram
         self.index = NgramIndex(min_ngram, max_ngram)
-        self.shared, self.scope = shared, scope
+        self.shared, self.cache_salt = shared, cache_salt
         self._drafted: list[int] = []
 
     def start(self, context: list[int], params: SamplingParams) -> None:
@@ -112,7 +112,7 @@ class NgramDrafter(Drafter):
     def has_match(self) -> bool:
         if self.index.match() is not None:
             return True
-        return self.shared is not None and self.shared.has_match(self.scope, self.index.tokens)
+        return self.shared is not None and self.shared.has_match(self.cache_salt, self.index.tokens)
 
     def proposal(self, k: int) -> list[int]:
         """What the lookup proposes now: an earlier generation's continuation where it matches a longer
@@ -120,8 +120,8 @@ class NgramDrafter(Drafter):
         occurs in the prompt), else the text's own."""
         if self.shared is not None:
             found = self.index.match()
-            if self.shared.match_length(self.scope, self.index.tokens) > (found[0] if found else 0):
-                return self.shared.propose(self.scope, self.index.tokens, k)
+            if self.shared.match_length(self.cache_salt, self.index.tokens) > (found[0] if found else 0):
+                return self.shared.propose(self.cache_salt, self.index.tokens, k)
         return self.index.lookup(k)
 
     def propose(self, k: int, stop: EarlyStop | None = None) -> DraftBlock:

@@ -71,7 +71,7 @@ class SuffixIndex:
         """Up to ``k`` tokens continuing ``context`` the way earlier texts of ``scope`` continued its last
         n-gram (none without a match)."""
         with self._lock:
-            active = self._match(scope, context)
+            active = self._longest(scope, context)[1]
             out: list[int] = []
             while active and len(out) < k:
                 step = len(out) + 1
@@ -96,11 +96,9 @@ class SuffixIndex:
         with self._lock:
             return self._longest(scope, context)[0]
 
-    def _match(self, scope: str, context: list[int]) -> list[tuple[int, int]]:
-        """Occurrences of the longest n-gram ending ``context`` in ``scope``'s texts (under the lock)."""
-        return self._longest(scope, context)[1]
-
     def _longest(self, scope: str, context: list[int]) -> tuple[int, list[tuple[int, int]]]:
+        """The length of the longest n-gram ending ``context`` in ``scope``'s texts, and its occurrences
+        (under the lock)."""
         if not self._texts:
             return 0, []
         for n in range(min(self.max_ngram, len(context)), self.min_ngram - 1, -1):

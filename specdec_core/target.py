@@ -80,10 +80,11 @@ class TargetSession:
         return self._run(self._prefill_job(emit_first))
 
     def _prefill_job(self, emit_first: bool) -> Job:
-        seq, feed = self._first_feed(self.context if emit_first else self.context[:-1], keep=int(emit_first))
+        keep = int(emit_first)
+        seq, feed = self._first_feed(self.context if emit_first else self.context[:-1], keep)
         if not feed:
             return None
-        logits = yield Row(seq, feed, keep=1 if emit_first else 0)  # [1 | 0, vocab]
+        logits = yield Row(seq, feed, keep=keep)  # [keep, vocab]
         self.passes += 1
         self.tokens_processed += len(feed)
         if not emit_first:
@@ -97,7 +98,7 @@ class TargetSession:
         sequence, and the part of ``tokens`` the forward must compute, past the prefix the runner's cache
         already holds."""
         seq = self.seq = self.runner.new_sequence(self.cache_salt)
-        cached = self.runner.reuse_prefix(seq, tokens, keep) if tokens else 0
+        cached = self.runner.reuse_prefix(seq, tokens, keep)
         self.cached_tokens += cached
         return seq, tokens[cached:]
 

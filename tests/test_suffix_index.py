@@ -53,7 +53,7 @@ def test_scopes_never_share():
 def test_the_lookup_takes_the_longer_match_its_own_text_first():
     index = SuffixIndex(budget=1000)
     index.add("t", JSON_A)
-    lookup = NgramDrafter(shared=index, scope="t")
+    lookup = NgramDrafter(shared=index, cache_salt="t")
     lookup.start([90, 91, 10, 11], SamplingParams())
     assert lookup.has_match and lookup.proposal(3) == [12, 13, 50]  # from the earlier text
     lookup.extend([12, 13, 77, 90, 91])  # now its own text repeats (90, 91): its own continuation wins
@@ -62,7 +62,7 @@ def test_the_lookup_takes_the_longer_match_its_own_text_first():
     # generation matches 3 (11, 12, 13): its continuation drafts
     lookup.start([12, 13, 5, 6, 11, 12, 13], SamplingParams())
     assert lookup.proposal(3) == [50, 14, 15]
-    assert NgramDrafter(shared=index, scope="other").proposal(3) == []
+    assert NgramDrafter(shared=index, cache_salt="other").proposal(3) == []
 
 
 def test_through_the_verifier_a_tenant_drafts_from_its_earlier_request_only():

@@ -54,7 +54,6 @@ class RemoteDrafter(Drafter):
         self.stub_for = stub_for
         self.request_id = request_id
         self.max_support = max_support
-        self.cache_salt = ""  # the drafter's prefix cache salt (the generation's tenant, hashed)
         self.caches_prefixes = caches_prefixes  # the drafter's Info: it keeps a prefix cache
         self.step_timeout_s = step_timeout_s
         self.start_timeout_s = start_timeout_s

@@ -16,9 +16,9 @@ from specdec.config import VerifierConfig
 from specdec.metrics import GenerationMetrics, ServiceMetrics
 from specdec_core.decoder import SpeculativeDecoder
 from specdec_core.draft_length import DraftLengthPolicy, FixedDraftLength, LengthMemory
-from specdec_core.drafting import DraftBlock, Drafter
+from specdec_core.drafting import DraftBlock
 from specdec_core.models import vocab_fingerprint
-from specdec_core.ngram import LOOKUP_K_MAX, NGRAM, NgramDrafter
+from specdec_core.ngram import LOOKUP_K_MAX, NGRAM
 from specdec_core.runtime.admission import Admission, Cancellation
 from specdec_core.runtime.factory import compute_lease, load_runner, service_scheduler
 from specdec_core.sampling import SamplingParams
@@ -112,7 +112,8 @@ class VerifierEngine:
         plan = self._plan_drafting(args, request_id)
         stats = GenerationStats()
         salt = self._salts.salt(args.tenant)
-        _scope_drafters(plan.drafter, salt)
+        if plan.drafter is not None:
+            plan.drafter.cache_salt = salt
         emitted: list[int] = []
         observed = self.metrics.generation(len(prompt_ids))
         log_started(request_id, len(prompt_ids), max_new, plan, self.admission)
@@ -240,16 +241,6 @@ class VerifierEngine:
 
     def close_session(self, session_id: str) -> None:
         self.sessions.remove(session_id)
-
-
-def _scope_drafters(drafter: Drafter | None, salt: str) -> None:
-    """Tell a generation's drafters (a hybrid's two parts too) its tenant's salt: whose cached prefixes a
-    model drafter may reuse, whose earlier texts a lookup may draft from."""
-    for part in (drafter, getattr(drafter, "model", None), getattr(drafter, "ngram", None)):
-        if isinstance(part, NgramDrafter):
-            part.scope = salt
-        elif hasattr(part, "cache_salt"):
-            setattr(part, "cache_salt", salt)  # noqa: B010 - remote and model drafters have one
 
 
 class TenantSalts:

@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from .. import models
 from .batch_costs import BatchLoad
 from .interface import Runner
+from .jobs import OnForward
 from .lease import ComputeLease, cpu_lease
 from .scheduler import Scheduler
 
@@ -58,7 +58,7 @@ def service_scheduler(
     name: str,
     config,
     lease: ComputeLease | None = None,
-    on_forward: Callable[[list[int], float], None] | None = None,
+    on_forward: OnForward | None = None,
 ) -> tuple[Scheduler, BatchLoad]:
     """The compute thread of a service (``config``: a service config) and the forward costs it learns;
     ``lease``: held around each forward (``compute_lease``); ``on_forward`` sees every forward too."""
@@ -171,5 +171,5 @@ TORCH_PREFIX_TOKENS = 16384  # the torch runners' default: a cached prefix only 
 
 def _prefix_budget(config, auto: int) -> int:
     """Tokens the prefix cache may hold: the config's, or ``auto`` for -1 (the default)."""
-    budget = getattr(config, "prefix_cache_tokens", -1)
+    budget = config.prefix_cache_tokens
     return auto if budget < 0 else budget

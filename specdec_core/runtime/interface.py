@@ -35,7 +35,7 @@ class Sequence:
 
     slot: int
     tokens: list[int] = field(default_factory=list)
-    release: Any = field(default=None, repr=False)  # the finalizer that gives the slot back once
+    release: weakref.finalize | None = field(default=None, repr=False)  # gives the slot back once
     salt: str = ""
 
     def __len__(self) -> int:
@@ -157,14 +157,8 @@ class SlotRunner:
         """Put the KV of slot ``src``'s first ``length`` positions in the (empty) slot ``dst``."""
         raise NotImplementedError(f"{self.name}: this backend keeps no prefix cache")
 
-    def clear_prefix_cache(self) -> None:
-        """Forget every cached prefix (their slots are freed at the next forward)."""
-        slots = self.prefix.clear()
-        with self._lock:
-            self._released.extend(slots)
-
     def _take_back(self, slot: int | None) -> None:
-        """An evicted entry's slot becomes free (under the lock, on the compute thread)."""
+        """``slot`` (a released one, an evicted entry's) becomes free (under the lock, compute thread)."""
         if slot is not None:
             self._on_reclaim(slot)
             heapq.heappush(self._free, slot)
@@ -181,23 +175,26 @@ class SlotRunner:
         seq.slot, seq.tokens = -1, []
 
     def _retain_slot(self, slot: int, tokens: list[int], salt: str) -> None:
+        """``slot`` goes to the prefix cache, and what falls out of its budget (maybe ``slot``) is freed."""
         with self._lock:
             self._live.pop(slot, None)
             for dropped in self.prefix.retain(slot, tokens, salt):
-                if dropped not in self._released and dropped not in self._free:
-                    self._released.append(dropped)
+                self._free_later(dropped)
 
     def _release_slot(self, slot: int) -> None:
         with self._lock:
             self._live.pop(slot, None)
-            if slot not in self._released and slot not in self._free:
-                self._released.append(slot)
+            self._free_later(slot)
+
+    def _free_later(self, slot: int) -> None:
+        """``slot`` is freed at the next reclaim (under the lock; a slot freed already stays as it is)."""
+        if slot not in self._released and slot not in self._free:
+            self._released.append(slot)
 
     def _reclaim(self) -> None:
         """Released slots become free again (under the lock; a backend may clear their cache here)."""
         for slot in self._released:
-            self._on_reclaim(slot)
-            heapq.heappush(self._free, slot)
+            self._take_back(slot)
         self._released.clear()
 
     def _on_reclaim(self, slot: int) -> None:

@@ -159,10 +159,6 @@ class PrefixCache:
         self.tokens -= len(entry.tokens)
         return entry.slot
 
-    def holds(self, slot: int) -> bool:
-        with self._lock:
-            return slot in self._entries
-
 
 def _common(a: list[int], b: list[int], limit: int) -> int:
     n = 0

@@ -15,10 +15,11 @@ batch width and they round differently (docs/serving.md, "Batch invariance"), so
 (``invariant=True``) keeps to paths that compute each position alone:
 
 * **patched build** (``scripts/build_llamacpp.sh`` applies ``scripts/patch_ggml_invariant.py``; the
-  library then exports ``ggml_cpu_specdec_batch_invariant``): with ``GGML_CPU_BATCH_INVARIANT=1`` every
-  position of a repacked matmul goes through the GEMV kernel llama.cpp decodes one token with, and flash
-  attention takes its reference path (each query walks its own cells). A lone position runs the kernel
-  stock llama.cpp runs it with.
+  library then exports ``ggml_cpu_specdec_batch_invariant``): with ``GGML_CPU_BATCH_INVARIANT=1`` the
+  kernel a lone repacked position runs computes exactly what llama.cpp's 4-position GEMM computes for each
+  of its positions (``scripts/patch_ggml_invariant_gemm.py``; repacked types it does not cover run every
+  position through that one-position kernel), and flash attention takes its reference path (each query
+  walks its own cells).
 * **stock build** (a llama-cpp-python from elsewhere): no repacked weights (plain per-position dot
   products), flash attention in micro-batches of ``SMALL_UBATCH`` < 64 positions (its tiled kernel starts
   at 64 queries) and never a lone query (its KV is split across threads from 512 cells): a lone token is
