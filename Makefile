@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 TORCH ?= torch==2.13.0
 
-.PHONY: setup demo test test-slow check lint typecheck protos protos-check bench bench-quick fetch clean
+.PHONY: setup demo test test-slow check lint typecheck protos protos-check bench bench-quick fetch clean compose-up compose-down test-compose
 
 $(STAMP): pyproject.toml scripts/build_llamacpp.sh scripts/patch_ggml_invariant.py
 	$(PY) -m venv $(VENV)
@@ -50,6 +50,18 @@ bench-quick: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/specdec bench
+
+# The compose stack on this host's container engine (podman, or Docker where it runs): build the image, fill
+# the models volume, start it and wait for health (gRPC :50051, OpenAI :8000); down keeps the models volume.
+compose-up: $(STAMP)
+	bash scripts/compose.sh up
+
+compose-down:
+	bash scripts/compose.sh down
+
+# the stack brought up, used through its ports, its drafter killed and restarted, brought down (slow)
+test-compose: $(STAMP)
+	$(BIN)/python -m pytest -q -m slow -s tests/test_compose_stack.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache

@@ -147,8 +147,13 @@ def cmd_health(argv: list[str]) -> int:
     p = argparse.ArgumentParser("specdec health", description="Check a service's grpc.health.v1 status.")
     p.add_argument("--address", default="localhost:50051")
     p.add_argument("--service", default="", help="service name ('' = the whole server)")
+    p.add_argument(
+        "--http", default="", help="probe this HTTP URL instead (serve-openai's /health): 200 is healthy"
+    )
     p.add_argument("--timeout", type=float, default=3.0)
     a = p.parse_args(argv)
+    if a.http:
+        return _http_health(a.http, a.timeout)
     try:  # TLS settings from SPECDEC_TLS_CA / _CERT / _KEY / _SERVER_NAME, as for any client
         with ClientSecurity.from_env().channel(a.address) as ch:
             request = health_pb2.HealthCheckRequest(service=a.service)
@@ -158,6 +163,19 @@ def cmd_health(argv: list[str]) -> int:
         return 1
     print(health_pb2.HealthCheckResponse.ServingStatus.Name(status))
     return 0 if status == health_pb2.HealthCheckResponse.SERVING else 1
+
+
+def _http_health(url: str, timeout: float) -> int:
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r:
+            print(r.read().decode(errors="replace").strip() or r.status)
+            return 0
+    except (urllib.error.URLError, OSError) as exc:
+        print(f"specdec health: {url}: {exc}", file=sys.stderr)
+        return 1
 
 
 def cmd_models(argv: list[str]) -> int:

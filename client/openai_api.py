@@ -16,6 +16,7 @@ budget for chat.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import hmac
 import json
 import logging
@@ -175,6 +176,18 @@ class OpenAIFrontend:
                     raise APIError.from_rpc(SpecDecError.from_rpc(exc)) from None
                 self._model_name = info.model
             return self._model_name
+
+    def verifier_status(self) -> str:
+        """The verifier's grpc.health.v1 status on the frontend's channel (an rpc status name if it fails)."""
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        try:
+            reply = health_pb2_grpc.HealthStub(self.client._channel).Check(
+                health_pb2.HealthCheckRequest(), timeout=3
+            )
+        except grpc.RpcError as exc:
+            return exc.code().name
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
 
     def check_model(self, body: dict) -> str:
         name = self.model_name()
@@ -356,7 +369,10 @@ def create_app(frontend: OpenAIFrontend, api_key: str = ""):
 
     @app.get("/health")
     async def health():
-        return JSONResponse({"status": "ok"})
+        # as vLLM's: 200 while the engine (here, the verifier) serves, 503 otherwise
+        status = await asyncio.to_thread(frontend.verifier_status)
+        return JSONResponse({"status": "ok" if status == "SERVING" else status, "verifier": status},
+                            status_code=200 if status == "SERVING" else 503)  # fmt: skip
 
     return app
 

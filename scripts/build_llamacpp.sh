@@ -4,6 +4,7 @@
 # off unless GGML_CPU_BATCH_INVARIANT=1, which the verifier's runner sets), once, cached as a wheel under
 # $SPECDEC_HOME/wheels, then installed into the venv given (default .venv). A fresh 2-core machine compiles it in about 7 minutes; later setups reuse
 # the wheel. SPECDEC_LLAMACPP=0 skips it (the services then run every model on torch).
+# `build_llamacpp.sh --print-wheel` prints the cached wheel's path, if any, and builds nothing (scripts/compose.sh).
 set -euo pipefail
 VENV=${1:-.venv}
 VERSION=0.3.36
@@ -14,6 +15,10 @@ if [ "${SPECDEC_LLAMACPP:-1}" = "0" ]; then
     exit 0
 fi
 cache="${SPECDEC_HOME:-$HOME/.cache/specdec}/wheels/llama-cpp-$VERSION-$PATCH-$(uname -m)"
+if [ "$VENV" = "--print-wheel" ]; then
+    ls "$cache"/llama_cpp_python-"$VERSION"-*.whl 2>/dev/null | head -1
+    exit 0
+fi
 mkdir -p "$cache"
 wheel=$(ls "$cache"/llama_cpp_python-"$VERSION"-*.whl 2>/dev/null | head -1 || true)
 if [ -z "$wheel" ]; then

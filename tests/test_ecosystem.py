@@ -10,7 +10,9 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -190,26 +192,30 @@ def test_metrics_count_what_the_generations_report(pair):
 # -- the OpenAI-compatible API ----------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def openai_server(pair):
+@contextmanager
+def serving(app):
+    """Serve an ASGI app on a free loopback port in a thread; yield its base URL."""
     import uvicorn
 
-    from client.openai_api import OpenAIFrontend, create_app
-
-    frontend = OpenAIFrontend(pair.verifier_addr)
-    config = uvicorn.Config(
-        create_app(frontend, api_key="sk-test"), host="127.0.0.1", port=0, log_level="warning"
-    )
-    server = uvicorn.Server(config)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
     while not server.started and time.monotonic() < deadline:
         time.sleep(0.05)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    yield f"http://127.0.0.1:{port}/v1"
-    server.should_exit = True
-    thread.join(10)
+    try:
+        yield f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def openai_server(pair):
+    from client.openai_api import OpenAIFrontend, create_app
+
+    with serving(create_app(OpenAIFrontend(pair.verifier_addr), api_key="sk-test")) as url:
+        yield url + "/v1"
 
 
 def openai_client(base_url: str, key: str = "sk-test"):
@@ -428,3 +434,22 @@ def test_openai_user_is_the_prefix_cache_tenant_and_usage_reports_cached_tokens(
         )
     )
     assert streamed[-1].usage.prompt_tokens_details.cached_tokens > 40
+
+
+def test_openai_health_follows_the_verifier_and_the_cli_probes_it(openai_server):
+    """/health answers 200 while the verifier serves (no key needed: container probes have none), 503 when
+    the verifier cannot be reached; `specdec health --http` is the compose file's probe of it."""
+    from client.cli import main as cli
+    from client.local import free_port
+    from client.openai_api import OpenAIFrontend, create_app
+
+    health = openai_server.removesuffix("/v1") + "/health"
+    with urllib.request.urlopen(health, timeout=10) as r:
+        assert r.status == 200 and json.loads(r.read())["verifier"] == "SERVING"
+    assert cli(["health", "--http", health]) == 0
+    # a frontend whose verifier is down: unhealthy, and the probe says so
+    with serving(create_app(OpenAIFrontend(f"127.0.0.1:{free_port()}"))) as url:
+        with pytest.raises(urllib.error.HTTPError) as err:
+            urllib.request.urlopen(url + "/health", timeout=10)
+        assert err.value.code == 503 and json.loads(err.value.read())["verifier"] == "UNAVAILABLE"
+        assert cli(["health", "--http", url + "/health"]) == 1

