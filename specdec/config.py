@@ -126,6 +126,9 @@ class VerifierConfig(CommonConfig):
     # stream tokens in messages of exactly this many (the last one excepted) instead of one message per
     # round, whose size tells a network observer how many drafts it accepted ("Whisper Leak"); 0: per round
     stream_chunk_tokens: int = 0
+    # stream on a clock instead: every this many milliseconds, one message of what was decoded since the
+    # last (with --stream-chunk-tokens, whole chunks of it), so message times do not mark rounds; 0: off
+    stream_quantum_ms: int = 0
     # a drafter round trip later than this is a failed round (the generation goes on without drafts and
     # health-checks the drafter with backoff); a round that (re)starts the drafter's stream, with its prefill,
     # gets the second

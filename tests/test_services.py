@@ -16,8 +16,10 @@ from specdec.config import DrafterConfig, VerifierConfig
 from specdec.rpc import channel
 from specdec.v1 import specdec_pb2 as pb
 from specdec.v1 import specdec_pb2_grpc as pb_grpc
+from specdec_core.runtime.admission import Cancellation
 from specdec_core.runtime.backends.torch_eager import ModelRunner
 from specdec_core.sampling import SamplingParams
+from specdec_core.stopping import Chunk
 from specdec_core.target import TargetSession
 from verifier_service.server import start as start_verifier
 from verifier_service.verifier import VerifierEngine
@@ -292,3 +294,84 @@ def test_fixed_size_stream_messages_hide_each_rounds_acceptance(models):
     assert pieces[0].prompt_token_ids == PROMPT_IDS and pieces[-1].finish_reason == "length"
     assert pieces[-1].stats and not any(p.stats for p in pieces[:-1])
     assert whole.stats["drafted"] > 0
+
+
+# -- streaming on a time quantum ----------------------------------------------------------------------
+
+
+def _timed_chunks(schedule, error=None):
+    """Chunks of one token each at the given offsets (seconds from the first call); the last one finishes
+    the generation, unless ``error`` is raised after it."""
+    start = time.monotonic()
+    for i, at in enumerate(schedule):
+        time.sleep(max(0.0, start + at - time.monotonic()))
+        yield Chunk([i], "length" if i == len(schedule) - 1 and error is None else None)
+    if error is not None:
+        raise error
+
+
+def test_on_quantum_releases_tokens_on_the_clock_not_per_round():
+    from verifier_service.generation import on_quantum
+
+    q = 0.25
+    start = time.monotonic()
+    released = []
+    for chunk in on_quantum(_timed_chunks([0.0, 0.03, 0.06, 0.3, 0.33]), q, Cancellation()):
+        released.append((time.monotonic() - start, chunk.token_ids, chunk.finish_reason))
+    # rounds end at 0, 30, 60, 300, 330 ms; messages leave on ticks (250, 500 ms), the end included
+    assert [ids for _, ids, _ in released] == [[0, 1, 2], [3, 4]]
+    assert [f for _, _, f in released] == [None, "length"]
+    for (at, _, _), tick in zip(released, (q, 2 * q), strict=True):
+        assert tick - 0.01 <= at <= tick + 0.1, released
+
+
+def test_on_quantum_skips_empty_ticks_raises_the_decoders_error_and_cancels_when_left():
+    from verifier_service.generation import on_quantum
+
+    released = list(on_quantum(_timed_chunks([0.0, 0.45]), 0.1, Cancellation()))
+    assert [c.token_ids for c in released] == [[0], [1]]  # no message on the empty ticks between
+    with pytest.raises(RuntimeError, match="decoder broke"):
+        list(on_quantum(_timed_chunks([0.0], RuntimeError("decoder broke")), 0.05, Cancellation()))
+    cancel = Cancellation()
+    stopped = threading.Event()
+
+    def endless():
+        try:
+            i = 0
+            while not cancel.cancelled:
+                yield Chunk([i])
+                i += 1
+                time.sleep(0.01)
+        finally:
+            stopped.set()
+
+    stream = on_quantum(endless(), 0.05, cancel)
+    assert next(stream).token_ids
+    stream.close()  # the client went away
+    assert cancel.cancelled and stopped.wait(5)
+
+
+def test_quantum_stream_through_the_service_keeps_the_generation(models):
+    """``--stream-quantum-ms 200 --stream-chunk-tokens 2``: messages arrive on the clock, in whole chunks,
+    and together are the target's greedy generation."""
+    target, drafter = models
+    paced = Pair(target, drafter)
+    paced.v_server.stop(0)
+    paced.v_engine.close()
+    paced.v_cfg = VerifierConfig(
+        **{**paced.v_cfg.__dict__, "stream_quantum_ms": 200, "stream_chunk_tokens": 2}
+    )
+    paced.start_verifier(0)
+    try:
+        with SpecDecClient(paced.verifier_addr) as c:
+            kw = {"max_new_tokens": 15, "ignore_eos": True, "num_draft_tokens": 3}
+            start = time.monotonic()
+            pieces, times = [], []
+            for piece in c.stream(PROMPT, **kw):
+                pieces.append(piece)
+                times.append(time.monotonic() - start)
+    finally:
+        paced.stop()
+    assert [t for p in pieces for t in p.token_ids] == hf_greedy(target, PROMPT_IDS, 15)
+    assert all(len(p.token_ids) % 2 == 0 for p in pieces[:-1]) and pieces[-1].finish_reason == "length"
+    assert times[0] >= 0.19  # the first message waits for the first tick

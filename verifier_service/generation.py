@@ -4,15 +4,18 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Hashable
+import queue
+import threading
+import time
+from collections.abc import Hashable, Iterator
 from dataclasses import dataclass, field
 
 from specdec_core.draft_length import DraftLengthPolicy
 from specdec_core.drafting import Drafter
-from specdec_core.runtime.admission import Admission
+from specdec_core.runtime.admission import Admission, Cancellation
 from specdec_core.sampling import SamplingParams
 from specdec_core.stats import GenerationStats
-from specdec_core.stopping import StopCriteria
+from specdec_core.stopping import Chunk, StopCriteria
 
 log = logging.getLogger(__name__)
 
@@ -132,3 +135,55 @@ def cut_groups(buffered: list[int], size: int, done: bool) -> list[list[int]]:
             groups.append(buffered[whole:])
     del buffered[: sum(len(g) for g in groups)]
     return groups
+
+
+_END = object()
+
+
+def on_quantum(chunks: Iterator[Chunk], quantum_s: float, cancel: Cancellation) -> Iterator[Chunk]:
+    """``chunks`` released on a clock instead of as each round ends: every ``quantum_s`` seconds from the
+    start, one chunk of all the tokens decoded since the last (nothing on a tick with none), the last one
+    on the tick after the generation ends. Message times then say nothing of round boundaries. The
+    decoder runs in a thread of its own, pumping into a queue; leaving early cancels the generation."""
+    pending: queue.Queue = queue.Queue()
+
+    def pump() -> None:
+        try:
+            for chunk in chunks:
+                pending.put(chunk)
+        except BaseException as exc:  # noqa: BLE001 - raised again in the consumer's thread
+            pending.put(exc)
+        pending.put(_END)
+
+    thread = threading.Thread(target=pump, name="stream-quantum", daemon=True)
+    thread.start()
+    tick = time.monotonic() + quantum_s
+    ids: list[int] = []
+    finish: str | None = None
+    try:
+        while True:
+            item = None
+            wait = tick - time.monotonic()
+            if wait > 0 and finish is not None:
+                time.sleep(wait)  # the end, too, waits for its tick
+            elif wait > 0:
+                try:
+                    item = pending.get(timeout=wait)
+                except queue.Empty:
+                    pass
+            if item is None:  # a tick
+                if ids or finish is not None:
+                    yield Chunk(ids, finish)
+                    ids = []
+                if finish is not None:
+                    return
+                tick += quantum_s * max(1, int((time.monotonic() - tick) // quantum_s) + 1)
+            elif isinstance(item, BaseException):
+                raise item
+            elif item is not _END:
+                ids.extend(item.token_ids)
+                finish = item.finish_reason
+    finally:
+        if thread.is_alive():
+            cancel.cancel()  # the client left: the decoder stops at its next round
+            thread.join(timeout=30)

@@ -36,6 +36,7 @@ from .generation import (
     cut_groups,
     log_finished,
     log_started,
+    on_quantum,
     stop_criteria,
 )
 from .sessions import SessionStore
@@ -194,7 +195,8 @@ class VerifierEngine:
         cache_salt: str,
     ) -> Iterator[GenerateEvent]:
         """The decoder's chunks as events: their text decoded incrementally, the prompt's ids on the first,
-        the stats on the last; regrouped into ``stream_chunk_tokens`` tokens each when set."""
+        the stats on the last; released every ``stream_quantum_ms`` and regrouped into ``stream_chunk_tokens``
+        tokens each when set."""
         text = IncrementalText(self.tokenizer, args.stop_strings)
         chunks = self.decoder.generate(
             prompt_ids,
@@ -207,6 +209,8 @@ class VerifierEngine:
             overlap_prefill=plan.overlap_prefill,
             cache_salt=cache_salt,
         )
+        if self.config.stream_quantum_ms > 0:
+            chunks = on_quantum(chunks, self.config.stream_quantum_ms / 1000, cancel)
         buffered: list[int] = []
         first = True
         for chunk in chunks:
