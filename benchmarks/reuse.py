@@ -7,7 +7,9 @@
 * ``--workload json``: 16 requests in sequence, each asking for the same JSON shape about a different
   person: tokens per second over requests 2-16, specdec's prompt lookup (``drafter: "ngram"``) with the
   cross-request index (``--lookup-index-tokens``) and on the current request alone, specdec's default
-  drafter, and llama-server with its ``ngram-cache`` speculation.
+  drafter, and llama-server with its ``ngram-cache`` speculation. Interleaved: every system is up at
+  once (idle while another answers), and each request goes to each of them in turn, the order rotating
+  from one request to the next, so that this shared machine's drift weighs on all of them alike.
 
 Greedy; every system answers with its own outputs. Run:
 ``python -m benchmarks.reuse --workload json --out docs/results/reuse_json.json``.
@@ -83,16 +85,25 @@ def shared_prompt(base: str, model: str, extra: dict) -> dict:
             "tok_s": sum(r["completion_tokens"] for r in rows) / wall, "requests": rows}  # fmt: skip
 
 
-def json_requests(base: str, model: str, extra: dict) -> dict:
-    rows = []
-    for bio in bios():
-        rows.append(chat(base, model, [{"role": "user", "content": JSON_ASK.format(bio=bio)}], 96, extra))
-        print(f"    {len(rows):2d}: {rows[-1]['completion_tokens']} tokens, {rows[-1]['completion_tokens'] / rows[-1]['wall_s']:.2f} tok/s",
-              flush=True)  # fmt: skip
-    later = rows[1:]
+def json_requests(targets: dict[str, tuple[str, str]]) -> dict[str, dict]:
+    """The 16 requests, each sent to every config of ``targets`` (name -> (base URL, model)) in turn."""
+    names = list(targets)
+    rows: dict[str, list[dict]] = {name: [] for name in names}
+    for i, bio in enumerate(bios()):
+        for name in names[i % len(names) :] + names[: i % len(names)]:
+            base, model = targets[name]
+            ask = [{"role": "user", "content": JSON_ASK.format(bio=bio)}]
+            row = chat(base, model, ask, 96, {})
+            rows[name].append(row)
+            print(f"    {i + 1:2d} {name}: {row['completion_tokens']} tokens, "
+                  f"{row['completion_tokens'] / row['wall_s']:.2f} tok/s", flush=True)  # fmt: skip
     return {
-        "tok_s_2_16": sum(r["completion_tokens"] for r in later) / sum(r["wall_s"] for r in later),
-        "requests": rows,
+        name: {
+            "tok_s_2_16": sum(r["completion_tokens"] for r in got[1:]) / sum(r["wall_s"] for r in got[1:]),
+            "tok_s_9_16": sum(r["completion_tokens"] for r in got[8:]) / sum(r["wall_s"] for r in got[8:]),
+            "requests": got,
+        }  # fmt: skip
+        for name, got in rows.items()
     }
 
 
@@ -116,10 +127,26 @@ def measure(a, config: str, log) -> dict:
     procs = start(a, config, port, log)
     try:
         servers.wait_ready(base, procs)
-        model = servers.served_model(base)
         print(f"  {config}", flush=True)
-        run = shared_prompt if a.workload == "shared-prompt" else json_requests
-        return run(base, model, {})
+        return shared_prompt(base, servers.served_model(base), {})
+    finally:
+        servers.stop(procs)
+
+
+def measure_interleaved(a, configs: list[str], log) -> dict[str, dict]:
+    from client.local import free_port
+
+    procs: list = []
+    targets: dict[str, tuple[str, str]] = {}
+    try:
+        for config in configs:
+            port = free_port()
+            base = f"http://127.0.0.1:{port}"
+            started = start(a, config, port, log)
+            procs += started
+            servers.wait_ready(base, started)
+            targets[config] = (base, servers.served_model(base))
+        return json_requests(targets)
     finally:
         servers.stop(procs)
 
@@ -139,12 +166,16 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(a.out or f"bench-results/reuse_{a.workload}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     results: dict = {"args": vars(a), "cpus": len(os.sched_getaffinity(0)), "configs": {}}
+    configs = a.configs.split(",") if a.configs else list(WORKLOADS[a.workload])
     with open(out.with_suffix(".log"), "w") as log:
-        for config in a.configs.split(",") if a.configs else WORKLOADS[a.workload]:
-            row = results["configs"][config] = measure(a, config, log)
-            summary = {k: v for k, v in row.items() if k != "requests"}
-            print(f"  {config}: {summary}", flush=True)
+        if a.workload == "json":
+            results["configs"] = measure_interleaved(a, configs, log)
+        for config in configs if a.workload != "json" else []:
+            results["configs"][config] = measure(a, config, log)
             out.write_text(json.dumps(results, indent=1))
+    for config, row in results["configs"].items():
+        print(f"  {config}: { ({k: v for k, v in row.items() if k != 'requests'}) }", flush=True)
+    out.write_text(json.dumps(results, indent=1))
     return 0
 
 
