@@ -311,12 +311,12 @@ def _timed_chunks(schedule, error=None):
 
 
 def test_on_quantum_releases_tokens_on_the_clock_not_per_round():
-    from verifier_service.generation import on_quantum
+    from verifier_service.generation import decoupled
 
     q = 0.25
     start = time.monotonic()
     released = []
-    for chunk in on_quantum(_timed_chunks([0.0, 0.03, 0.06, 0.3, 0.33]), q, Cancellation()):
+    for chunk in decoupled(_timed_chunks([0.0, 0.03, 0.06, 0.3, 0.33]), q, Cancellation()):
         released.append((time.monotonic() - start, chunk.token_ids, chunk.finish_reason))
     # rounds end at 0, 30, 60, 300, 330 ms; messages leave on ticks (250, 500 ms), the end included
     assert [ids for _, ids, _ in released] == [[0, 1, 2], [3, 4]]
@@ -326,12 +326,12 @@ def test_on_quantum_releases_tokens_on_the_clock_not_per_round():
 
 
 def test_on_quantum_skips_empty_ticks_raises_the_decoders_error_and_cancels_when_left():
-    from verifier_service.generation import on_quantum
+    from verifier_service.generation import decoupled
 
-    released = list(on_quantum(_timed_chunks([0.0, 0.45]), 0.1, Cancellation()))
+    released = list(decoupled(_timed_chunks([0.0, 0.45]), 0.1, Cancellation()))
     assert [c.token_ids for c in released] == [[0], [1]]  # no message on the empty ticks between
     with pytest.raises(RuntimeError, match="decoder broke"):
-        list(on_quantum(_timed_chunks([0.0], RuntimeError("decoder broke")), 0.05, Cancellation()))
+        list(decoupled(_timed_chunks([0.0], RuntimeError("decoder broke")), 0.05, Cancellation()))
     cancel = Cancellation()
     stopped = threading.Event()
 
@@ -345,7 +345,7 @@ def test_on_quantum_skips_empty_ticks_raises_the_decoders_error_and_cancels_when
         finally:
             stopped.set()
 
-    stream = on_quantum(endless(), 0.05, cancel)
+    stream = decoupled(endless(), 0.05, cancel)
     assert next(stream).token_ids
     stream.close()  # the client went away
     assert cancel.cancelled and stopped.wait(5)

@@ -34,9 +34,9 @@ from .generation import (
     GenerateArgs,
     GenerateEvent,
     cut_groups,
+    decoupled,
     log_finished,
     log_started,
-    on_quantum,
     stop_criteria,
 )
 from .sessions import SessionStore
@@ -209,8 +209,7 @@ class VerifierEngine:
             overlap_prefill=plan.overlap_prefill,
             cache_salt=cache_salt,
         )
-        if self.config.stream_quantum_ms > 0:
-            chunks = on_quantum(chunks, self.config.stream_quantum_ms / 1000, cancel)
+        chunks = decoupled(chunks, self.config.stream_quantum_ms / 1000, cancel)
         buffered: list[int] = []
         first = True
         for chunk in chunks:
