@@ -207,6 +207,8 @@ def test_adaptive_policy_calibrates_confidence_and_stops_by_cost():
     assert policy.early_stop() is None  # nothing measured yet
     for _ in range(50):  # confident tokens are accepted, unsure ones rejected
         policy.update(3, 2, verify_s=0.5, draft_s=0.15, confidences=[0.95, 0.92, 0.15])
+    assert policy.next_length() == 0  # one plain round first: plain decoding priced by its own forward
+    policy.update(0, 0, verify_s=0.3)
     assert policy.next_length() == 8
     stop = policy.early_stop()
     table = stop.acceptance

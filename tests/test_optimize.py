@@ -236,3 +236,35 @@ def test_a_free_source_measured_only_by_observation_reports_itself_to_its_peers(
     assert not policy.learning
     assert policy.peer().t_draft == 0.0
     assert "t_draft 0 ms" in policy.describe(Load())
+
+
+def test_a_first_session_prices_plain_decoding_by_a_plain_round():
+    """On cores the drafter shares, drafted rounds' forwards carry the drafter's turns (150-260 ms here,
+    where one plain token takes 62 ms): a line through them alone prices a plain token at 140 ms, and a
+    drafter agreeing 80% of the time looks worth it for the whole first generation. One plain round,
+    asked once after learning, measures it; then the policy decodes plainly but for its probes."""
+
+    def drafted_forward(m: int) -> float:
+        return 0.14 + 0.015 * (m - 1)
+
+    policy = AdaptiveDraftLength(k_max=8)
+    chosen = []
+    for _ in range(40):
+        k = policy.next_length()
+        chosen.append(k)
+        accepted = int(0.8 * k)
+        forward = 0.062 if k == 0 else drafted_forward(k + 1)
+        policy.update(k, accepted, verify_s=forward, draft_s=0.039 * k)
+    assert chosen[:2] != [0, 0] and 0 in chosen[2:4]  # learning, then the plain round
+    assert chosen[10:].count(0) >= 25  # then plain: 16 tok/s against 9 drafting
+
+
+def test_the_plain_round_is_asked_once_and_not_when_a_prior_measured_it():
+    policy = AdaptiveDraftLength(k_max=8)
+    for _ in range(4):
+        policy.update(4, 3, verify_s=0.2, draft_s=0.04)
+    assert policy.next_length() == 0
+    policy.update(4, 3, verify_s=0.2, draft_s=0.04)  # the caller drafted anyway: not asked again
+    assert policy.next_length() > 0
+    policy.update(0, 0, verify_s=0.15)  # plain 6.7 tok/s, drafting 11: drafting pays
+    assert AdaptiveDraftLength(k_max=8, prior=policy).next_length() > 0  # block 1 came with the prior

@@ -38,6 +38,7 @@ class AdaptiveDraftLength(DraftLengthPolicy):
         self._plan_peers: tuple[int | None, ...] = ()
         self.last_k: int | None = None  # the length chosen for the round under way (None: none yet)
         self.pending_start: int | None = None  # context its drafter has not seen (None: not known yet)
+        self._plain_asked = False  # whether the one plain round that prices plain decoding was asked for
         if prior is not None:
             self.measured.start_from(prior.measured)
             self.probes.every = prior.probes.every
@@ -73,6 +74,13 @@ class AdaptiveDraftLength(DraftLengthPolicy):
     def _choose(self, load: Load | None) -> int:
         if self.learning:
             return self.k_max if self.measured.uses_confidence else self.k
+        if not self._plain_asked and 1 not in self.measured.verify_obs:
+            # one plain round, so that what drafting competes with is a measured forward: extrapolated from
+            # drafted rounds it is overpriced (their forwards carry the drafter's turns on shared cores, and
+            # a forward table knowing only wider forwards prices one token as its narrowest), and a first
+            # session would draft at a loss all along (docs/draft_length.md). It emits a token: free.
+            self._plain_asked = True
+            return 0
         peers = tuple(p.fixed for p in load.peers) if load else ()  # the batch's make-up
         if self._plan is None or self._plan_age >= PLAN_EVERY or peers != self._plan_peers:
             self._plan, self._plan_age, self._plan_peers = self.plan(load), 0, peers
