@@ -169,7 +169,9 @@ def decoupled(chunks: Iterator[Chunk], quantum_s: float, cancel: Cancellation) -
     finally:
         if not finished and thread.is_alive():
             cancel.cancel()  # the client left: the decoder stops at its next round
-        thread.join(timeout=30)
+        # wait for the decoder's own cleanup (its session, its drafter) before the caller goes on to close
+        # what the generation used, as when the loop ran in this thread
+        thread.join()
 
 
 def _as_they_come(pending: queue.Queue) -> Iterator[Chunk]:
