@@ -49,12 +49,13 @@ RUN if [ "${LLAMACPP}" != 1 ]; then \
         SPECDEC_HOME=/tmp/llamacpp bash scripts/build_llamacpp.sh /opt/venv && rm -rf /tmp/llamacpp /root/.cache; \
     fi
 
-# the dependencies of the servers and of the OpenAI frontend in a layer of their own, then the project:
-# a change to the code rebuilds only the last layer
-COPY pyproject.toml README.md ./
+# the dependencies of the servers and of the OpenAI frontend in a layer of their own (from pyproject.toml
+# alone), then the project: a change to the code or the README rebuilds only the last layers
+COPY pyproject.toml ./
 COPY deploy/requirements.py deploy/
 RUN python deploy/requirements.py server openai > /tmp/requirements.txt \
     && pip install --no-cache-dir -r /tmp/requirements.txt
+COPY README.md ./
 COPY protos protos
 COPY specdec specdec
 COPY specdec_core specdec_core
