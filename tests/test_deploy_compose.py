@@ -326,7 +326,9 @@ def test_gpu_override_puts_each_role_on_its_own_gpu(impl):
     gpu = services(compose_config(impl, (BASE, GPU)))
     assert set(gpu) == set(cpu)
     for name, s in gpu.items():
-        assert s.build_args == {"TORCH_INDEX": "https://download.pytorch.org/whl/cu128", "LLAMACPP": "0"}, name
+        assert s.build_args == {"TORCH_INDEX": "https://download.pytorch.org/whl/cu128", "LLAMACPP": "0"}, (
+            name
+        )
         assert s.image == "specdec:cu128" != cpu[name].image, name  # the CPU and CUDA images do not collide
         # (docker-compose v1 drops pull_policy from any merged config: it is not among the keys its merge
         # knows, compose/config/config.py ALLOWED_KEYS; v1 builds a missing image rather than pull it anyway)
