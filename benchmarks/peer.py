@@ -86,6 +86,10 @@ def measure(a, config: str, prompts: list[str], levels: list[int], log) -> dict:
     from client.local import free_port
     from specdec_core import models
 
+    extra = {"no_draft": True} if config.endswith("no-draft") else {}
+    if config.startswith("endpoint"):  # a stack already running (the compose stack's OpenAI port)
+        run_clients(a.endpoint, prompts[:1], 1, 8, extra)  # warm-up
+        return {"levels": measure_levels(a.endpoint, prompts, levels, extra, config, a.max_new)}
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     procs: list
@@ -98,10 +102,6 @@ def measure(a, config: str, prompts: list[str], levels: list[int], log) -> dict:
         kernels = ["--no-batch-invariant"] if "stock" in config else []
         procs = servers.start_specdec(a.target, a.drafter, port, log, kernels)
         pids = {"drafter": procs[0].proc.pid, "verifier": procs[1].proc.pid}
-    extra = {"no_draft": True} if config.endswith("no-draft") else {}
-    if config.startswith("endpoint"):  # a stack already running (the compose stack's OpenAI port)
-        run_clients(a.endpoint, prompts[:1], 1, 8, extra)  # warm-up
-        return {"levels": measure_levels(a.endpoint, prompts, levels, extra, config, a.max_new)}
     try:
         servers.wait_ready(base, procs)
         run_clients(base, prompts[:1], 1, 8, extra)  # warm-up
