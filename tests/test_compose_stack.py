@@ -15,6 +15,7 @@ reuse both.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -99,13 +100,25 @@ def test_openai_client_through_port_8000(stack):
         assert r.status == 200
 
 
+def scrape(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+        assert r.status == 200
+        return r.read().decode()
+
+
+def forwards(body: str) -> float:
+    found = re.search(r'^specdec_forwards_total\{model_name="[^"]+"\} (\S+)$', body, re.M)
+    assert found, body[:400]
+    return float(found.group(1))
+
+
 def test_both_metrics_ports_are_scraped(stack):
+    before = forwards(scrape(9400))
     specdec("--prompt", PROMPT, "--max-new-tokens", "8")
     for port, model in ((9400, TARGET), (9401, "qwen2.5-coder-0.5b-instruct")):
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
-            body = r.read().decode()
-        assert r.status == 200 and f'model_name="{model}"' in body, (port, body[:400])
-    assert "vllm:request_success_total" in body or "specdec_" in body
+        body = scrape(port)
+        assert f'model_name="{model}"' in body, (port, body[:400])
+    assert forwards(scrape(9400)) > before  # the verifier counted that generation's forwards
 
 
 def test_drafter_killed_mid_generation_then_restarted(stack):

@@ -310,7 +310,7 @@ def _timed_chunks(schedule, error=None):
         raise error
 
 
-def test_on_quantum_releases_tokens_on_the_clock_not_per_round():
+def test_a_quantum_stream_releases_tokens_on_the_clock_not_per_round():
     from verifier_service.generation import decoupled
 
     q = 0.25
@@ -325,11 +325,17 @@ def test_on_quantum_releases_tokens_on_the_clock_not_per_round():
         assert tick - 0.01 <= at <= tick + 0.1, released
 
 
-def test_on_quantum_skips_empty_ticks_raises_the_decoders_error_and_cancels_when_left():
+def test_a_quantum_stream_skips_empty_ticks_raises_the_decoders_error_and_cancels_when_left():
     from verifier_service.generation import decoupled
 
     released = list(decoupled(_timed_chunks([0.0, 0.45]), 0.1, Cancellation()))
     assert [c.token_ids for c in released] == [[0], [1]]  # no message on the empty ticks between
+    # a decoder that stops without a finishing chunk ends the stream on the next tick, with what it sent
+    unfinished = [Chunk([1]), Chunk([2])]
+    assert [(c.token_ids, c.finish_reason) for c in decoupled(iter(unfinished), 0.05, Cancellation())] == [
+        ([1, 2], None)
+    ]
+    assert [c.token_ids for c in decoupled(iter(unfinished), 0.0, Cancellation())] == [[1], [2]]
     with pytest.raises(RuntimeError, match="decoder broke"):
         list(decoupled(_timed_chunks([0.0], RuntimeError("decoder broke")), 0.05, Cancellation()))
     cancel = Cancellation()
