@@ -88,6 +88,34 @@ def test_one_token_at_a_time_equals_a_block(backend, gguf):
     torch.testing.assert_close(wide, narrow, **exact(backend))
 
 
+@pytest.mark.parametrize("backend", ["llamacpp", "llamacpp-stock"])
+def test_long_attention_ignores_width_and_where_the_cells_lie(backend, gguf):
+    """Past flash attention's tile sizes (64 queries, 64 cells; a lone query's KV split from 512 cells on a
+    stock build): a sequence whose cells lie interleaved with another's in the unified cache, fed in
+    ragged chunks of every width, gets the logits of the same text prefilled alone in one chunk and then
+    decoded one token at a time."""
+    if backend == "llamacpp" and not llamacpp._patched():
+        pytest.skip("needs the patched build (make setup)")
+    path, _, _, stock = gguf
+    runner = llamacpp.LlamaCppRunner(
+        stock if backend == "llamacpp-stock" else path, slots=4, context=2048, patched=backend == "llamacpp"
+    )
+    text = [3 + (i * 37) % 290 for i in range(600)]
+    other = [3 + (i * 11) % 290 for i in range(400)]
+    a, b = runner.new_sequence(), runner.new_sequence()
+    runner.prefill(b, other[:70])
+    done = 0
+    for width in (90, 1, 5, 130, 2, 70, 3, 200):  # a's chunks, each beside a few of b's tokens
+        fed = text[done : done + width]
+        got = runner.forward([Row(a, fed, keep=min(4, width)), Row(b, other[70 + done // 2 : 73 + done // 2])])
+        done += width
+    assert done == len(a) == 501
+    alone = runner.new_sequence()
+    runner.prefill(alone, text[:497])
+    steps = torch.cat([runner.extend(alone, [t]) for t in text[497:501]])
+    torch.testing.assert_close(got[0][-4:], steps, **exact(backend))
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_rollback_and_reused_slots(backend, gguf):
     runner = make(backend, gguf)

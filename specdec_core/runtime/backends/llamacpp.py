@@ -18,8 +18,9 @@ batch width and they round differently (docs/serving.md, "Batch invariance"), so
   library then exports ``ggml_cpu_specdec_batch_invariant``): with ``GGML_CPU_BATCH_INVARIANT=1`` the
   kernel a lone repacked position runs computes exactly what llama.cpp's 4-position GEMM computes for each
   of its positions (``scripts/patch_ggml_invariant_gemm.py``; repacked types it does not cover run every
-  position through that one-position kernel), and flash attention takes its reference path (each query
-  walks its own cells).
+  position through that one-position kernel), and flash attention gives every query the tiled kernel's
+  arithmetic with the tiles cut in the query's own visible cells (``scripts/patch_ggml_invariant_attn.py``),
+  so neither the width nor where a sequence's cells lie in the unified cache moves it.
 * **stock build** (a llama-cpp-python from elsewhere): no repacked weights (plain per-position dot
   products), flash attention in micro-batches of ``SMALL_UBATCH`` < 64 positions (its tiled kernel starts
   at 64 queries) and never a lone query (its KV is split across threads from 512 cells): a lone token is
