@@ -67,13 +67,18 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def llama_server_binary() -> str | None:
-    """llama.cpp's server where one is at hand: $LLAMA_SERVER, the one scripts/build_llama_server.sh built,
-    or on the PATH."""
+    """llama.cpp's server where one is at hand and runs (a build whose libraries are gone does not):
+    $LLAMA_SERVER, the one scripts/build_llama_server.sh built, or on the PATH."""
     import shutil
+    import subprocess
 
     built = models.cache_root() / "llama.cpp" / "bin" / "llama-server"
     for candidate in (os.environ.get("LLAMA_SERVER", ""), str(built), shutil.which("llama-server") or ""):
         if candidate and os.access(candidate, os.X_OK):
+            try:
+                subprocess.run([candidate, "--version"], capture_output=True, timeout=30, check=True)
+            except (OSError, subprocess.SubprocessError):
+                continue
             return candidate
     return None
 

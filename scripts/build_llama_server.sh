@@ -6,7 +6,7 @@
 set -euo pipefail
 VERSION=0.3.36
 home="${SPECDEC_HOME:-$HOME/.cache/specdec}/llama.cpp"
-if [ -x "$home/bin/llama-server" ]; then
+if [ -x "$home/bin/llama-server" ] && "$home/bin/llama-server" --version >/dev/null 2>&1; then
     echo "$home/bin/llama-server"
     exit 0
 fi
@@ -17,7 +17,9 @@ trap 'rm -rf "$work"' EXIT
 tar -xzf "$work"/llama_cpp_python-"$VERSION".tar.gz -C "$work"
 src="$work/llama_cpp_python-$VERSION/vendor/llama.cpp"
 # shellcheck disable=SC2046
+# the binaries find their libraries beside them ($ORIGIN), not in the build tree this script deletes
 cmake -S "$src" -B "$work/build" -DCMAKE_BUILD_TYPE=Release -DLLAMA_BUILD_TESTS=OFF -DLLAMA_OPENSSL=OFF \
+    -DCMAKE_BUILD_WITH_INSTALL_RPATH=ON '-DCMAKE_INSTALL_RPATH=$ORIGIN' \
     $(bash "$(dirname "$0")/ggml_flags.sh") >&2
 cmake --build "$work/build" -j "$(nproc)" --target llama-server llama-bench >&2
 mkdir -p "$home/bin"

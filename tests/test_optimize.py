@@ -119,6 +119,28 @@ def test_adaptive_length_finds_the_throughput_optimum(alpha, t_draft, slope):
     )
 
 
+# the 1.5B target's verify times on llama.cpp's invariant kernels, 2 cores (docs/serving.md, the verify
+# slope): positions go through the GEMM in groups of 4 and the rest one by one, so the cost climbs in steps
+LLAMACPP_STEPS = {1: 0.069, 2: 0.106, 3: 0.111, 4: 0.116, 5: 0.150, 6: 0.170, 7: 0.185, 8: 0.192, 9: 0.225}
+
+
+@pytest.mark.parametrize("alpha,t_draft", [(0.5, 0.0), (0.7, 0.0), (0.5, 0.002)])
+def test_adaptive_length_prices_a_stepped_verify_cost_by_size(alpha, t_draft):
+    """A lookup drafter (free drafts) over a verifier whose cost is a staircase, not a line: the policy
+    prices the block sizes it measured by their own times, so it finds the step's far edge (k = 3)."""
+
+    def verify_cost(m):
+        return LLAMACPP_STEPS[m]
+
+    policy = AdaptiveDraftLength(k_max=8)
+    simulate(policy, alpha, t_draft, verify_cost, rounds=400)
+    best = max(range(1, 9), key=lambda k: expected_rate(alpha, k, t_draft, verify_cost))
+    chosen = policy.next_length()
+    assert expected_rate(alpha, chosen, t_draft, verify_cost) >= 0.97 * expected_rate(
+        alpha, best, t_draft, verify_cost
+    )
+
+
 def roofline_forward(tokens: float) -> float:
     """A forward that reads the weights (0.3 s) and turns compute bound past 8 tokens (10 ms a token, as the
     1.5B target on the 2-core CPU)."""

@@ -16,6 +16,7 @@ from .base import expected_tokens, gains
 from .batch import Member
 
 VERIFY_SAMPLES = 16  # verify times kept per block size: the cost line follows recent load
+OWN_MEAN_SAMPLES = 3  # a block size measured this often is priced by its own times, not the line
 PRIOR_POSITIONS = 100  # a warm start counts as at most this many judged positions...
 PRIOR_ROUNDS = 8  # ...and this many rounds of measured costs
 PRIOR_STARTS = 2048  # ...and this many context tokens of measured drafter starts
@@ -92,9 +93,15 @@ class Measurements:
         return self._verify_line()[2] if self.verify_obs else 0.0
 
     def verify_cost(self, m: float) -> float:
-        """Seconds of a lone session's verify of ``m`` positions, on the line (1 s until measured)."""
+        """Seconds of a lone session's verify of ``m`` positions (1 s until measured): a block size measured
+        ``OWN_MEAN_SAMPLES`` times by its own mean, others on the line. Costs need not lie on a line:
+        llama.cpp's kernels take positions in groups of 4, so a verify of 4 costs about what one of 2 does
+        and one of 5 nearly what one of 8 does (docs/serving.md, the verify slope)."""
         if not self.verify_obs:
             return 1.0
+        own = self.verify_obs.get(int(m)) if float(m).is_integer() else None
+        if own is not None and len(own) >= OWN_MEAN_SAMPLES:
+            return sum(own) / len(own)
         mx, my, slope = self._verify_line()
         return max(my + slope * (m - mx), 1e-6)
 
