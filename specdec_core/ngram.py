@@ -94,6 +94,7 @@ class NgramDrafter(Drafter):
         self.min_ngram, self.max_ngram = min_ngram, max_ngram
         self.index = NgramIndex(min_ngram, max_ngram)
         self.shared, self.cache_salt = shared, cache_salt
+        self._prompt: frozenset[int] = frozenset()  # the tokens the prompt held (``SuffixIndex.propose``)
         self._drafted: list[int] = []
 
     def start(self, context: list[int], params: SamplingParams) -> None:
@@ -101,6 +102,7 @@ class NgramDrafter(Drafter):
             raise ValueError("a generation needs at least one context token")
         self.index = NgramIndex(self.min_ngram, self.max_ngram)
         self.index.extend(list(context))
+        self._prompt = frozenset(context)
         self._drafted = []
 
     @property
@@ -121,7 +123,7 @@ class NgramDrafter(Drafter):
         if self.shared is not None:
             found = self.index.match()
             if self.shared.match_length(self.cache_salt, self.index.tokens) > (found[0] if found else 0):
-                return self.shared.propose(self.cache_salt, self.index.tokens, k)
+                return self.shared.propose(self.cache_salt, self.index.tokens, k, self._prompt)
         return self.index.lookup(k)
 
     def propose(self, k: int, stop: EarlyStop | None = None) -> DraftBlock:

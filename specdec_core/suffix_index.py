@@ -10,6 +10,13 @@ current text, then walks forward through all its occurrences at once: each step 
 of them agree on (frequency-weighted, as a suffix tree's counts weigh its branches) and keeps only the
 occurrences that continue with it, stopping where no continuation holds ``MIN_SHARE`` of them.
 
+A text remembers which tokens its own prompt held. Structured output copies its values from its input
+(the name, the city): given the current request's prompt, a proposal stops before a token that every
+earlier text continuing with it had in its prompt and the current prompt lacks. The earlier request's
+value is not drafted into this one (it would be rejected, and on CPUs a rejected position still costs its
+share of the verify), while the keys and punctuation around it, which the prompts share or do not hold,
+are.
+
 The index holds at most ``budget`` tokens; the least recently used texts (added or proposed from) go
 first. Thread-safe: generations finish and propose from many threads.
 """
@@ -28,6 +35,7 @@ MAX_OCCURRENCES = 64  # occurrences kept per n-gram (the most recent)
 class _Text:
     scope: str
     tokens: list[int]
+    prompt: frozenset[int] = frozenset()  # the tokens its prompt held
 
 
 class SuffixIndex:
@@ -51,11 +59,12 @@ class SuffixIndex:
     def __len__(self) -> int:
         return len(self._texts)
 
-    def add(self, scope: str, tokens: list[int]) -> None:
-        """Index a finished text (prompt and output) under ``scope``; older texts go past the budget."""
+    def add(self, scope: str, tokens: list[int], prompt_len: int = 0) -> None:
+        """Index a finished text (prompt and output; its first ``prompt_len`` tokens the prompt) under
+        ``scope``; older texts go past the budget."""
         if not self.enabled or len(tokens) <= self.min_ngram or len(tokens) > self.budget:
             return
-        text = _Text(scope, list(tokens))
+        text = _Text(scope, list(tokens), frozenset(tokens[:prompt_len]))
         with self._lock:
             tid, self._next_id = self._next_id, self._next_id + 1
             self._texts[tid] = text
@@ -67,9 +76,12 @@ class SuffixIndex:
             while self.tokens > self.budget:
                 self._drop(next(iter(self._texts)))
 
-    def propose(self, scope: str, context: list[int], k: int) -> list[int]:
+    def propose(
+        self, scope: str, context: list[int], k: int, prompt: frozenset[int] | None = None
+    ) -> list[int]:
         """Up to ``k`` tokens continuing ``context`` the way earlier texts of ``scope`` continued its last
-        n-gram (none without a match)."""
+        n-gram (none without a match); given the current request's ``prompt`` tokens, never one its earlier
+        texts took from their own prompts and this one does not hold (the module docstring)."""
         with self._lock:
             active = self._longest(scope, context)[1]
             out: list[int] = []
@@ -82,8 +94,15 @@ class SuffixIndex:
                 token, count = counts.most_common(1)[0]
                 if count < MIN_SHARE * len(active):
                     break
+                following = [(t, e) for t, e in nexts if self._texts[t].tokens[e + step] == token]
+                if (
+                    prompt is not None
+                    and token not in prompt
+                    and all(token in self._texts[t].prompt for t, _ in following)
+                ):
+                    break  # an earlier request's own value
                 out.append(token)
-                active = [(t, e) for t, e in nexts if self._texts[t].tokens[e + step] == token]
+                active = following
             for tid in {t for t, _ in active}:
                 self._texts.move_to_end(tid)  # proposed from: recently used
             return out

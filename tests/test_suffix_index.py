@@ -31,6 +31,24 @@ def test_proposals_follow_the_most_frequent_continuation_and_stop_where_texts_di
     assert index.propose("t", [11, 12], k=5) == [13]  # no value holds a third of them any more
 
 
+def test_a_proposal_stops_before_a_value_the_earlier_request_took_from_its_own_prompt():
+    """Request 1's prompt named 50 and its output copied it; request 2's prompt names 60: its drafts carry
+    the keys around the value (11-14, in both prompts or in neither) but not request 1's value."""
+    index = SuffixIndex(budget=1000)
+    prompt_a = [1, 2, 11, 50, 51]  # "... keys ... values 50 and 51"
+    index.add("t", prompt_a + JSON_A, prompt_len=len(prompt_a))
+    assert index.propose("t", [7, 10, 11], k=5, prompt=frozenset([1, 2, 11, 60])) == [12, 13]
+    assert index.propose("t", [7, 10, 11], k=5, prompt=frozenset([1, 2, 11, 50])) == [12, 13, 50, 14, 15]
+    assert index.propose("t", [7, 10, 11], k=5) == [12, 13, 50, 14, 15]  # no prompt given: as before
+    prompt_b = [1, 2, 11, 60]
+    index.add("t", prompt_b + JSON_B, prompt_len=len(prompt_b))
+    # past the value, the keys again (15, 16), not request 1's second value (51, in its prompt only)
+    assert index.propose("t", [50, 14], k=5, prompt=frozenset([1, 2, 70])) == [15, 16]
+    drafter = NgramDrafter(shared=index, cache_salt="t")  # the drafter passes its request's prompt
+    drafter.start([3, 4, 5, 6, 70, 10, 11], SamplingParams())
+    assert drafter.proposal(5) == [12, 13]
+
+
 def test_the_budget_drops_the_least_recently_used_texts():
     index = SuffixIndex(budget=25)
     index.add("t", [1, 2] + JSON_A)  # 12 tokens
