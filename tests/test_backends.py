@@ -107,7 +107,9 @@ def test_long_attention_ignores_width_and_where_the_cells_lie(backend, gguf):
     done = 0
     for width in (90, 1, 5, 130, 2, 70, 3, 200):  # a's chunks, each beside a few of b's tokens
         fed = text[done : done + width]
-        got = runner.forward([Row(a, fed, keep=min(4, width)), Row(b, other[70 + done // 2 : 73 + done // 2])])
+        got = runner.forward(
+            [Row(a, fed, keep=min(4, width)), Row(b, other[70 + done // 2 : 73 + done // 2])]
+        )
         done += width
     assert done == len(a) == 501
     alone = runner.new_sequence()
