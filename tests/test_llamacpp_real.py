@@ -2,12 +2,19 @@
 Q4_0 files of test_backends.py do not reach): a position's logits are the same bits whatever its forward's
 width, one sequence or many."""
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
 from specdec_core import models
 from specdec_core.runtime.backends import llamacpp
 from specdec_core.runtime.interface import Row
+
+ROOT = Path(__file__).resolve().parents[1]
 
 pytestmark = [
     pytest.mark.slow,
@@ -42,3 +49,32 @@ def test_widths_and_batches_give_the_same_bits(runner):
         alone = runner.new_sequence()
         runner.prefill(alone, ids[i : i + 30])
         assert torch.equal(together[i], runner.extend(alone, ids[30 + i : 30 + i + 1 + i]))
+
+
+def test_q6k_four_position_kernel_changes_no_bits(tmp_path):
+    """scripts/patch_ggml_q6k_columns.py multiplies the Q6_K tensors 4 positions at a time: the logits of a
+    prompt, a ragged batch and single steps are the same bits with it on and off (each its own process:
+    ggml reads the switch once)."""
+    path = models.gguf_source(models.DEFAULT_TARGET, download=False)
+    if path is None:
+        pytest.skip("the built-in target's GGUF is not fetched (specdec models fetch)")
+    script = (
+        "import sys, torch\n"
+        "from specdec_core.runtime.backends.llamacpp import LlamaCppRunner\n"
+        "from specdec_core.runtime.interface import Row\n"
+        f"r = LlamaCppRunner({str(path)!r}, slots=4, context=2048)\n"
+        "ids = [100 + (i * 7919) % 20000 for i in range(400)]\n"
+        "a, b = r.new_sequence(), r.new_sequence()\n"
+        "out = [r.extend(a, ids[:157], keep=5)]\n"
+        "out += r.forward([Row(a, ids[157:164], keep=7), Row(b, ids[:6], keep=6)])\n"
+        "out.append(torch.cat([r.extend(a, [t]) for t in ids[164:169]]))\n"
+        "torch.save(out, sys.argv[1])\n"
+    )
+    results = []
+    for on in ("1", "0"):
+        out = tmp_path / f"x4_{on}.pt"
+        env = {**os.environ, "GGML_CPU_Q6K_X4": on}
+        subprocess.run([sys.executable, "-c", script, str(out)], check=True, env=env, cwd=ROOT)
+        results.append(torch.load(out))
+    for x, y in zip(*results):
+        assert torch.equal(x, y)
