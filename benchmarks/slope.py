@@ -3,8 +3,9 @@ at once, per execution path (`python -m benchmarks.slope`).
 
 It decides speculation on CPUs: a round pays k drafting steps and one verify of k + 1 positions. Each
 llama.cpp kernel setting runs in its own process (ggml reads it once): the verifier's batch-invariant
-kernels on the patched build (``scripts/patch_ggml_invariant.py``) and with stock settings, and
-``llama.cpp default`` (what llama-server runs: repacked GEMV or GEMM by width).
+kernels on the patched build (``scripts/patch_ggml_invariant.py``), the same without the Q6_K 4-position
+kernel (``scripts/patch_ggml_q6k_columns.py``), with stock settings, and ``llama.cpp default`` (what
+llama-server runs: repacked GEMV or GEMM by width, the tiled K-quant kernel from 8 positions).
 Medians of ``--repeats`` forwards after a 200-token prompt per sequence.
 """
 
@@ -20,8 +21,14 @@ import time
 WIDTHS = (1, 2, 4, 8, 16)
 MODES = {
     "invariant (patched build)": {"GGML_CPU_TILED_MM": "0", "GGML_CPU_BATCH_INVARIANT": "1"},
-    "invariant (stock settings)": {"GGML_CPU_TILED_MM": "0"},
-    "llama.cpp default": {},
+    # scripts/patch_ggml_q6k_columns.py off: Q6_K one position at a time, as stock ggml
+    "invariant, Q6_K by position": {
+        "GGML_CPU_TILED_MM": "0",
+        "GGML_CPU_BATCH_INVARIANT": "1",
+        "GGML_CPU_Q6K_X4": "0",
+    },
+    "invariant (stock settings)": {"GGML_CPU_TILED_MM": "0", "GGML_CPU_Q6K_X4": "0"},
+    "llama.cpp default": {"GGML_CPU_Q6K_X4": "0"},
 }
 
 
