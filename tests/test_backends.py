@@ -118,6 +118,32 @@ def test_long_attention_ignores_width_and_where_the_cells_lie(backend, gguf):
     torch.testing.assert_close(got[0][-4:], steps, **exact(backend))
 
 
+@needs_llamacpp
+def test_llamacpp_padding_to_a_group_of_four_changes_no_logits(gguf):
+    """Forwards of 2, 3 and 7 positions are fed with scratch tokens up to 4 and 8 (``padded_width``): the
+    logits are the same bits as unpadded, and the scratch tokens leave no cell behind."""
+    assert [llamacpp.padded_width(n) for n in range(1, 13)] == [1, 4, 4, 4, 5, 6, 8, 8, 9, 10, 12, 12]
+    runner = make("llamacpp", gguf)
+    base = runner.new_sequence()
+    runner.prefill(base, IDS[:5])
+    held = runner.kv_tokens_held
+    for width in (2, 3, 7):
+        got = {}
+        for pad in (True, False):
+            runner.pad = pad
+            got[pad] = runner.extend(base, IDS[5 : 5 + width], keep=width)
+            runner.rollback(base, 5)
+        torch.testing.assert_close(got[True], got[False], atol=0.0, rtol=0.0)
+    seqs = [runner.new_sequence() for _ in range(3)]  # three sequences' lone tokens: one forward of 3
+    runner.pad = True
+    together = runner.forward([Row(s, IDS[i : i + 1]) for i, s in enumerate(seqs)])
+    runner.pad = False
+    for i, (s, out) in enumerate(zip(seqs, together)):
+        runner.rollback(s, 0)
+        torch.testing.assert_close(out, runner.extend(s, IDS[i : i + 1]), atol=0.0, rtol=0.0)
+    assert runner.kv_tokens_held == held + 3
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_rollback_and_reused_slots(backend, gguf):
     runner = make(backend, gguf)

@@ -35,6 +35,10 @@ not touch losslessness (the verifier judges drafts by the probabilities sent wit
 F16, Q8_0, Q4_0 without repacking) are not batch-invariant; the built-in models (Q4_K_M) and the tests'
 GGUFs (Q4_0 repacked on the patched build, Q4_1 anywhere) are.
 
+Both builds: a forward of 2 or 3 positions (3 mod 4 in general) is padded with scratch tokens to the
+next group of 4 (``padded_width``): the repacked kernels take positions in fours, and a position left
+over costs nearly what the group does.
+
 ``LlamaContext`` holds llama.cpp's objects and makes the ctypes calls; ``LlamaCppRunner`` keeps the runner
 contract on top (sequences, rollback, stepped rows, the scratch token).
 
@@ -59,6 +63,15 @@ log = logging.getLogger(__name__)
 DEFAULT_CONTEXT = 16384  # KV cells shared by all sequences (llama-server's -c in the benchmarks)
 UBATCH = 512  # positions per llama_decode
 SMALL_UBATCH = 32  # on a stock build: below flash attention's tiled kernel (64 queries)
+
+
+def padded_width(n: int) -> int:
+    """The positions a forward of ``n`` is fed as. Repacked Q4_K weights (and, on the patched build, Q6_K)
+    take positions in groups of 4 and each one left over alone, which re-reads the weights; measured on
+    the 1.5B target (docs/serving.md, "Padding"), 2 and 3 positions cost more than 4, and 7 more than 8,
+    so such a forward gets scratch tokens up to the group (their logits are not computed, their cells go
+    at once). 1, 5 and 6 positions cost less than the group above them."""
+    return 4 if n == 2 else n + 1 if n % 4 == 3 else n
 
 
 def available() -> bool:
@@ -248,7 +261,8 @@ class LlamaCppRunner(SlotRunner):
         super().__init__(name, slots, torch.device("cpu"), self._llama.max_positions, prefix_cache_tokens)
         # positions llama.cpp holds per slot (>= len(seq.tokens) after a rollback, until the next feed)
         self._cached = [0] * (slots + 1)
-        self._scratch = Sequence(slot=slots)  # pads a lone token (module docstring); never holds a cell
+        self._scratch = Sequence(slot=slots)  # pads a forward (module docstring); never holds a cell
+        self.pad = os.environ.get("SPECDEC_LLAMACPP_PAD", "1") != "0"  # padded_width; 0 for measuring
 
     @property
     def vocab_size(self) -> int:
@@ -342,7 +356,7 @@ class LlamaCppRunner(SlotRunner):
         every row's sequence as it was (the cells already written go at the next feed, ``_trim``)."""
         for seq, _, _ in rows:
             self._trim(seq)
-        self._make_room(sum(len(tokens) for _, tokens, _ in rows))
+        self._make_room(sum(len(tokens) for _, tokens, _ in rows) + 3)  # and scratch padding
         before = [len(seq.tokens) for seq, _, _ in rows]
         flat = [
             (seq, t, pos >= len(tokens) - keep) for seq, tokens, keep in rows for pos, t in enumerate(tokens)
@@ -366,6 +380,8 @@ class LlamaCppRunner(SlotRunner):
         go at its next positions. Returns the flagged entries' logits [vocab] each."""
         if len(tokens) == 1 and self._careful:
             tokens = tokens + [(self._scratch, 0, False)]
+        elif self.pad and not self._careful and padded_width(len(tokens)) > len(tokens):
+            tokens = tokens + [(self._scratch, 0, False)] * (padded_width(len(tokens)) - len(tokens))
         entries: list[Entry] = []
         for seq, token, wants in tokens:
             entries.append((seq.slot, len(seq.tokens), token, wants))
@@ -373,7 +389,8 @@ class LlamaCppRunner(SlotRunner):
             self._cached[seq.slot] = len(seq.tokens)
         status = self.llama.decode(entries)
         if tokens[-1][0] is self._scratch:
-            tokens.pop()
+            while tokens[-1][0] is self._scratch:
+                tokens.pop()
             self.rollback(self._scratch, 0)
             self._trim(self._scratch)
         if status != 0:  # the caller takes the forward's tokens back
