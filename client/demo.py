@@ -140,6 +140,11 @@ def compare_llama_server(a, spec_tps: float, logs: Path) -> None:
         proc.wait(30)
 
 
+# each mode its own tenant: the prefix cache is scoped per tenant, so the second run of a prompt (target
+# only) does not find the first one's (speculative) prompt cached and start sooner for it
+TENANTS = {False: "demo-speculative", True: "demo-target-only"}
+
+
 def run_prompts(verifier: str, drafter: str, a) -> float:
     totals = {"spec": [0, 0.0], "base": [0, 0.0]}
     with SpecDecClient(verifier, drafter) as client:
@@ -147,12 +152,18 @@ def run_prompts(verifier: str, drafter: str, a) -> float:
             print(f"\n--- prompt: {prompt}\n", flush=True)
             stats: dict = {}
             for piece in client.stream(
-                prompt, chat=True, max_new_tokens=a.max_new_tokens, num_draft_tokens=a.num_draft_tokens
+                prompt,
+                chat=True,
+                max_new_tokens=a.max_new_tokens,
+                num_draft_tokens=a.num_draft_tokens,
+                tenant=TENANTS[False],
             ):
                 sys.stdout.write(piece.text)
                 sys.stdout.flush()
                 stats = piece.stats or stats
-            base = client.generate(prompt, chat=True, max_new_tokens=a.max_new_tokens, no_draft=True).stats
+            base = client.generate(
+                prompt, chat=True, max_new_tokens=a.max_new_tokens, no_draft=True, tenant=TENANTS[True]
+            ).stats
             print(
                 f"\n\n    speculative: {stats['tokens_per_s']:.2f} tok/s, acceptance {stats['acceptance_rate']:.2f}, "
                 f"{stats['accepted'] / max(stats['rounds'], 1):.2f} accepted/round, "
@@ -190,7 +201,13 @@ def run_concurrent(verifier: str, drafter: str, a) -> None:
 
         def one(i, no_draft=no_draft, tokens=tokens):
             with SpecDecClient(verifier, drafter) as c:
-                r = c.generate(prompts[i], chat=True, max_new_tokens=a.max_new_tokens, no_draft=no_draft)
+                r = c.generate(
+                    prompts[i],
+                    chat=True,
+                    max_new_tokens=a.max_new_tokens,
+                    no_draft=no_draft,
+                    tenant=TENANTS[no_draft],
+                )
                 tokens[i] = len(r.token_ids)
 
         threads = [threading.Thread(target=one, args=(i,)) for i in range(len(prompts))]
