@@ -192,8 +192,16 @@ up() {
     local start
     build
     start=$(date +%s)
-    # the models volume is filled in the foreground, so its progress shows (a second run finds the models)
-    compose run --rm fetch
+    # the models volume is filled in the foreground, so its progress shows (a second run finds the models).
+    # With podman's API the first run on a network just created can fail to attach ("unable to upgrade
+    # to tcp, received 409", before the container starts): tried again, it attaches
+    local try
+    for try in 1 2 3; do
+        compose run --rm -T fetch </dev/null && break
+        [ "$try" = 3 ] && return 1
+        log "the models fetch did not start (try $try of 3); again"
+        sleep 2
+    done
     log "models volume ready in $(( $(date +%s) - start )) s"
     start=$(date +%s)
     healthchecks_start
