@@ -119,8 +119,12 @@ def test_adaptive_length_finds_the_throughput_optimum(alpha, t_draft, slope):
     )
 
 
-# the 1.5B target's verify times on llama.cpp's invariant kernels, 2 cores (docs/serving.md, the verify
-# slope): positions go through the GEMM in groups of 4 and the rest one by one, so the cost climbs in steps
+# a staircase shaped like the 1.5B target's verify times on llama.cpp's invariant kernels before the Q6_K
+# kernel and padding: 1, 2, 4 and 8 positions as measured then (69 / 106 / 116 / 192 ms, 2 cores,
+# docs/results/slope_qwen1.5b_gemm.json), the widths between them interpolated. Positions go through the
+# GEMM in groups of 4 and the rest one by one, so the cost climbs in steps. (With today's padded costs,
+# docs/results/padding_qwen1.5b.json, a policy that never tries 4 positions can settle on 3: see
+# docs/draft_length.md.)
 LLAMACPP_STEPS = {1: 0.069, 2: 0.106, 3: 0.111, 4: 0.116, 5: 0.150, 6: 0.170, 7: 0.185, 8: 0.192, 9: 0.225}
 
 

@@ -126,9 +126,8 @@ class VerifierEngine:
                 for event in self._stream(prompt_ids, args, stop, plan, stats, cancel, observed, salt):
                     emitted.extend(event.token_ids)
                     yield event
-            self.suffix_index.add(
-                salt, prompt_ids + emitted, len(prompt_ids)
-            )  # for later requests' lookups, this tenant's
+            # for later requests' lookups, this tenant's
+            self.suffix_index.add(salt, prompt_ids + emitted, len(prompt_ids))
         finally:
             if plan.drafter is not None:
                 plan.drafter.close()  # idempotent: the decoder closed it unless the generation never started

@@ -378,10 +378,7 @@ class LlamaCppRunner(SlotRunner):
     def _decode_batch(self, tokens: list[tuple[Sequence, int, bool]]) -> list[torch.Tensor]:
         """One ``llama_decode`` of (sequence, token, wants logits) entries, in order; each sequence's tokens
         go at its next positions. Returns the flagged entries' logits [vocab] each."""
-        if len(tokens) == 1 and self._careful:
-            tokens = tokens + [(self._scratch, 0, False)]
-        elif self.pad and not self._careful and padded_width(len(tokens)) > len(tokens):
-            tokens = tokens + [(self._scratch, 0, False)] * (padded_width(len(tokens)) - len(tokens))
+        tokens = tokens + [(self._scratch, 0, False)] * self._scratch_tokens(len(tokens))
         entries: list[Entry] = []
         for seq, token, wants in tokens:
             entries.append((seq.slot, len(seq.tokens), token, wants))
@@ -402,6 +399,13 @@ class LlamaCppRunner(SlotRunner):
             raise RuntimeError(f"{self.name}: llama_decode failed with status {status}")
         n_out = sum(1 for _, _, wants in tokens if wants)
         return self.llama.logits(n_out) if n_out else []
+
+    def _scratch_tokens(self, n: int) -> int:
+        """Scratch tokens fed beside a forward of ``n`` (module docstring): a lone token's companion on a
+        stock build, else those up to ``padded_width``."""
+        if self._careful:
+            return 1 if n == 1 else 0
+        return padded_width(n) - n if self.pad else 0
 
     def _trim(self, seq: Sequence) -> None:
         """Remove the cells past ``seq``'s length (left by a rollback) before it is fed again."""
