@@ -40,7 +40,7 @@ RUN if [ -n "${TORCH_WHEEL}" ]; then \
 
 # llama-cpp-python with the batch-invariance patches (scripts/build_llamacpp.sh): SIMD flags from this
 # build host's CPU, so build the image on the kind of machine it will run on
-COPY scripts/build_llamacpp.sh scripts/ggml_flags.sh scripts/patch_ggml_invariant.py scripts/patch_ggml_invariant_gemm.py scripts/patch_ggml_invariant_attn.py scripts/patch_ggml_q6k_columns.py scripts/
+COPY scripts/build_llamacpp.sh scripts/ggml_flags.sh scripts/patch_ggml_invariant.py scripts/patch_ggml_invariant_gemm.py scripts/patch_ggml_invariant_attn.py scripts/patch_ggml_q6k_columns.py scripts/patch_llama_head_rows.py scripts/
 RUN if [ "${LLAMACPP}" != 1 ]; then \
         echo "LLAMACPP=${LLAMACPP}: no llama.cpp backend (every model runs on torch)"; \
     elif ls /wheels/llama_cpp_python-*.whl >/dev/null 2>&1; then \

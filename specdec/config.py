@@ -86,9 +86,11 @@ class DrafterConfig(CommonConfig):
     # without the host waiting for it: auto (on CUDA devices) | on | off (one forward at a time, so an
     # early stop saves the rest of the block: the better choice where waiting for the device is free)
     draft_in_one_call: str = "auto"
-    quantization: str = (
-        "auto"  # none | int8 (CPU dynamic int8) | bf16 | fp16 | auto (probe: int8 if >= 1.5x on CPU)
-    )
+    # the drafter's weights. torch: none | int8 (CPU dynamic int8) | bf16 | fp16 | auto (probe: int8 if
+    # >= 1.5x on CPU). llama.cpp: auto = q4_0 (a drafting file made once from the GGUF: Q4_0 weights and
+    # a head cut to --head-rows tokens, runtime/backends/draft_file.py) | none (the GGUF as it is)
+    quantization: str = "auto"
+    head_rows: int = 32768  # llama.cpp drafting file: LM head rows (most frequent tokens) computed; 0: all
     # recycle each verifier connection after this long (0: never): the verifier then re-resolves a
     # dns:/// drafter name and reaches drafters started since; streams in flight finish on the old one
     max_connection_age_s: float = 300.0

@@ -144,6 +144,40 @@ def test_llamacpp_padding_to_a_group_of_four_changes_no_logits(gguf):
     assert runner.kv_tokens_held == held + 3
 
 
+@needs_llamacpp
+def test_drafting_file_cuts_the_head_to_its_frequent_tokens(gguf, tmp_path, monkeypatch):
+    """A drafting file (``draft_file.py``): Q4_0 weights, the head's rows in frequency order, and llama.cpp
+    computes only the first ``head_rows`` of them: those tokens' logits are the very bits the same file gets
+    with its whole head, every other token's are -inf, and the control tokens are always among them."""
+    from specdec_core.runtime.backends import draft_file
+    from specdec_core.runtime.factory import drafting_file
+
+    if not draft_file.head_rows_supported():
+        pytest.skip("this llama.cpp build lacks scripts/patch_llama_head_rows.py (make setup builds it)")
+    _, _, drafter, _ = gguf
+    corpus = tmp_path / "corpus.py"
+    corpus.write_text(PROMPT * 20 + "def sub(a, b):\n    return a - b\n" * 5)
+    monkeypatch.setattr(draft_file, "corpus_files", lambda: [corpus])
+    cut = draft_file.derive(drafter, tmp_path / "cache", head_rows=64)
+    whole = draft_file.derive(drafter, tmp_path / "cache", head_rows=0)
+    assert draft_file.derive(drafter, tmp_path / "cache", head_rows=64) == cut  # made once
+    assert drafting_file(drafter, "none", 64) == drafter
+    head = draft_file.head_ids(cut)
+    assert head is not None and draft_file.head_ids(whole) is None
+    tok = tiny_tokenizer()
+    assert len(head) == 64 and len(set(head.tolist())) == 64
+    control = {tok.convert_tokens_to_ids(t) for t in tok.all_special_tokens}
+    assert control <= set(head.tolist())
+    assert set(tok(PROMPT)["input_ids"]) <= set(head.tolist())  # the corpus's tokens rank first
+    runners = [llamacpp.LlamaCppRunner(p, slots=2, context=256, invariant=False) for p in (cut, whole)]
+    assert "Q4_0" in runners[0].describe()["dtype"]
+    got = [r.extend(r.new_sequence(), IDS, keep=len(IDS)) for r in runners]
+    torch.testing.assert_close(got[0][:, head], got[1][:, head], atol=0.0, rtol=0.0)
+    rest = torch.ones(got[0].shape[-1], dtype=torch.bool)
+    rest[head] = False
+    assert torch.isneginf(got[0][:, rest]).all() and torch.isfinite(got[0][:, head]).all()
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_rollback_and_reused_slots(backend, gguf):
     runner = make(backend, gguf)

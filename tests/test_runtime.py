@@ -268,6 +268,12 @@ def test_isotonic_and_forward_costs():
     assert costs.cost(5) == pytest.approx(0.39)  # 5 and 9 pooled: never cheaper with more tokens
     assert costs.cost(3) == pytest.approx(0.345)
     assert costs.cost(80) > costs.cost(40) > costs.cost(9)  # extrapolated with the last slope
+    # optimistic (what the draft-length policies plan with): an unmeasured bucket costs the widest below it
+    assert costs.cost(3, optimistic=True) == pytest.approx(0.30)
+    assert costs.cost(5, optimistic=True) == pytest.approx(0.39)
+    assert costs.cost(20, optimistic=True) == pytest.approx(0.39)
+    costs.record(2, 0.35)
+    assert costs.cost(1.5, optimistic=True) == pytest.approx(0.325)  # adjacent buckets: interpolated
     assert ForwardCosts.bucket(100) == 96 and ForwardCosts.bucket(16) == 16
 
 

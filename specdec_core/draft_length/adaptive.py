@@ -96,10 +96,9 @@ class AdaptiveDraftLength(DraftLengthPolicy):
         if self._with_start(plan.rate, load) < margin * self._plain_plan(load).rate:
             return 0
         self.probes.resume()
-        # with confidences a lone session's block ends where the drafter is unsure (early_stop prices each
-        # token); in a batch the plan's length also bounds the drafting phase every session waits for
-        if self.measured.uses_confidence and not (load is not None and load.peers):
-            return self.k_max
+        # with confidences a block also ends where the drafter is unsure (early_stop prices each token);
+        # the plan's length bounds it: verify costs step (llama.cpp: 5 positions cost nearly what 8 do, 4
+        # what 2 do), which a price per token at the mean block does not see
         return plan.k
 
     def _probe_interval(self, load: Load | None) -> float:
@@ -117,10 +116,10 @@ class AdaptiveDraftLength(DraftLengthPolicy):
             # shared by the sessions drafting
             slope = self._forward(load).slope(plan.tokens)
             theta = plan.rate * (t_draft / max(plan.drafting, 1) + slope) / m.acceptance(0)
-        else:
-            rate = m.emitted / m.round_s
-            mean_block = m.draft_tokens / m.rounds + 1.0 if m.rounds else 1.0
-            theta = rate * (t_draft + self._forward(load).slope(mean_block)) / m.acceptance(0)
+        else:  # a lone session: a token's drafting step and its share of the planned block's verify
+            cap = plan.k if plan is not None and plan.k > 0 else round(m.draft_tokens / max(m.rounds, 1))
+            slope = self._forward(load).extension_slope(cap)
+            theta = m.emitted / m.round_s * (t_draft + slope) / m.acceptance(0)
         return EarlyStop(below=min(max(theta, 0.0), 0.95), acceptance=self.acceptance_by_confidence())
 
     def acceptance_by_confidence(self) -> tuple[float, ...]:

@@ -29,6 +29,15 @@ class Forward:
     cost: Callable[[float], float]  # seconds of a forward feeding n tokens
     slope: Callable[[float], float]  # seconds one more token adds to a forward of n tokens
 
+    def extension_slope(self, cap: int) -> float:
+        """Seconds one more drafted token adds to a lone session's verify, on average over a block of up to
+        ``cap`` tokens beyond its first: once a round drafts, its wider forward is paid. Verify costs step
+        (llama.cpp: 2 to 4 positions cost about the same, 5 nearly what 8 do), and a slope taken where the
+        mean block ends would price the next step into every token and end blocks after one or two."""
+        if cap <= 1:
+            return self.slope(1.0)
+        return max((self.cost(cap + 1.0) - self.cost(2.0)) / (cap - 1), 0.0)
+
     @staticmethod
     def shared(forward_s: Callable[[float], float]) -> Forward:
         """The verifier's measured forwards (``Load.forward_s``), floored and made non-decreasing."""

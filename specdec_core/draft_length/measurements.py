@@ -48,6 +48,7 @@ class Measurements:
     start_s: float = 0.0  # drafter start time beyond a normal round's, summed over measured starts
     start_tokens: float = 0.0  # context tokens those starts prefilled
     plain_rounds: int = 0  # rounds decoded without drafting
+    provisional: bool = False  # the costs counted are a fresh round's only: the first valid round replaces them
     observed: int = 0  # rounds observed without drafting (a free source's ``observe``)
 
     def __post_init__(self) -> None:
@@ -175,7 +176,13 @@ class Measurements:
             normal = k * self.t_draft() + self.network_s / self.rounds
             self.start_s += max(draft_s + network_s - normal, 0.0)
             self.start_tokens += start_tokens
+        if costs_valid and self.provisional:
+            # a fresh round's costs stood in until now (they carry the drafter's start and the stream's
+            # set-up: 70 ms more network time measured on the Qwen pair, which priced drafting out for good)
+            self.emitted = self.round_s = self.draft_tokens = self.draft_s = self.network_s = self.rounds = 0.0
+            self.provisional = False
         if costs_valid or not self.rounds:
+            self.provisional = not costs_valid
             self.emitted += num_accepted + 1
             self.round_s += verify_s + draft_s + network_s
             self.draft_tokens += k
@@ -195,6 +202,7 @@ class Measurements:
         r = min(1.0, PRIOR_ROUNDS / max(prior.rounds, 1))
         self.draft_tokens, self.draft_s = prior.draft_tokens * r, prior.draft_s * r
         self.network_s, self.rounds = prior.network_s * r, prior.rounds * r
+        self.provisional = prior.provisional
         self.emitted, self.round_s = prior.emitted * r, prior.round_s * r
         self.verify_obs = {m: v[-PRIOR_VERIFIES:] for m, v in prior.verify_obs.items() if m <= self.k_max + 1}
         self.uses_confidence = prior.uses_confidence

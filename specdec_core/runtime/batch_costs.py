@@ -75,8 +75,21 @@ class ForwardCosts:
     def known(self) -> bool:
         return bool(self._mean)
 
-    def cost(self, tokens: float) -> float:
-        """Seconds of a forward of ``tokens`` tokens (interpolated; extrapolated by the last slope)."""
+    @classmethod
+    def next_bucket(cls, b: int) -> int:
+        """The bucket after ``b``."""
+        t = b + 1
+        while cls.bucket(t) <= b:
+            t += 1
+        return cls.bucket(t)
+
+    def cost(self, tokens: float, optimistic: bool = False) -> float:
+        """Seconds of a forward of ``tokens`` tokens (interpolated; extrapolated by the last slope).
+        ``optimistic``: where no forward of ``tokens``' bucket was measured, the cost of the widest measured
+        below it, the least it can be (costs never fall with more tokens). The draft-length policies plan
+        with it, so a width never tried gets tried and measured instead of being priced out for good on a
+        line through others: llama.cpp's costs step (4 positions cost about what 2 do, and 5 nearly what 8
+        do; docs/serving.md), and a line from 1 and 9 positions overprices 4 by a third."""
         xs, ys = self._fit()
         if not xs:
             raise ValueError("no forward measured yet")
@@ -85,6 +98,8 @@ class ForwardCosts:
         i = bisect.bisect_left(xs, tokens)
         if i < len(xs):
             x0, x1, y0, y1 = xs[i - 1], xs[i], ys[i - 1], ys[i]
+            if optimistic and tokens < x1 and self.next_bucket(x0) < x1:
+                return y0  # buckets between x0 and x1 not measured
             return y0 + (y1 - y0) * (tokens - x0) / (x1 - x0)
         slope = max((ys[-1] - ys[-2]) / (xs[-1] - xs[-2]), 0.0)
         return ys[-1] + slope * (tokens - xs[-1])
@@ -127,4 +142,7 @@ class BatchLoad:
             if self._peers is None:
                 self._peers = [(m, m.peer()) for m in self._members]
             peers = tuple(p for m, p in self._peers if m is not own)
-        return Load(peers=peers, forward_s=self.costs.cost if self.costs.known else None)
+        return Load(peers=peers, forward_s=self._planned_cost if self.costs.known else None)
+
+    def _planned_cost(self, tokens: float) -> float:
+        return self.costs.cost(tokens, optimistic=True)

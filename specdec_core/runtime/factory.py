@@ -122,8 +122,12 @@ def load_runner(
 def _load_llamacpp(config, role: str, max_sequences: int, threads: int) -> Loaded:
     from .backends.llamacpp import DEFAULT_CONTEXT, LlamaCppRunner
 
+    path = models.gguf_source(config.model)
+    assert path is not None  # choose_backend picked llama.cpp for a GGUF file
+    if role == "drafter":
+        path = drafting_file(path, getattr(config, "quantization", "none"), getattr(config, "head_rows", 0))
     runner = LlamaCppRunner(
-        models.gguf_source(config.model),  # type: ignore[arg-type]
+        path,
         name=config.model,
         slots=max_sequences,
         context=config.kv_cells or DEFAULT_CONTEXT,
@@ -135,6 +139,28 @@ def _load_llamacpp(config, role: str, max_sequences: int, threads: int) -> Loade
     tokenizer = models.load_tokenizer(config.model)
     log.info("%s: llama.cpp, %s", config.model, runner.describe())
     return Loaded(runner, tokenizer, "llamacpp")
+
+
+def drafting_file(path, quantization: str, head_rows: int):
+    """The file a llama.cpp drafter runs: the GGUF as it is ("none"), else its drafting file
+    (``backends/draft_file.py``; "auto" is "q4_0"), made once under the cache."""
+    from .backends import draft_file, llamacpp
+
+    quantization = (quantization or "none").lower()
+    if quantization == "none":
+        return path
+    quant = "q4_0" if quantization == "auto" else quantization
+    if quant not in draft_file.QUANTS:
+        raise ValueError(f"a llama.cpp drafter's quantization is auto, none or q4_0, not {quantization!r}")
+    if head_rows and not draft_file.head_rows_supported():
+        log.warning("this llama.cpp build computes the whole LM head (make setup builds the patched one)")
+        head_rows = 0
+    llamacpp.init_backend()  # its logs quiet while it requantizes
+    try:
+        return draft_file.derive(path, models.cache_root() / "drafting", quant, max(head_rows, 0))
+    except (OSError, RuntimeError) as exc:  # e.g. a read-only cache: drafting still works, slower
+        log.warning("no drafting file for %s (%s): drafting with the file as it is", path, exc)
+        return path
 
 
 def _load_torch(config, role: str, max_sequences: int, threads: int, model, tokenizer, lease) -> Loaded:

@@ -57,6 +57,7 @@ import numpy as np
 import torch
 
 from ..interface import Row, Sequence, SlotRunner
+from . import draft_file
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +113,7 @@ def _set_invariant_kernels(patched: bool) -> None:
 _backend_ready = False
 
 
-def _init_backend() -> None:
+def init_backend() -> None:
     global _backend_ready
     if not _backend_ready:
         lib = _lib()
@@ -173,6 +174,8 @@ class LlamaContext:
         # the longest sequence: the cells, or fewer where the model was trained on fewer positions
         self.max_positions = min(int(lib.llama_model_n_ctx_train(self.model)) or self.context, self.context)
         self.batch = lib.llama_batch_init(ubatch + 1, 0, 1)
+        # a drafting file's cut head (draft_file.py): logit j of a row is token head[j]'s, the rest -inf
+        self.head = draft_file.head_ids(path)
 
     def describe(self) -> tuple[str, int]:
         """The model's description (e.g. "qwen2 1.5B Q4_K - Medium") and its weights' bytes."""
@@ -198,7 +201,11 @@ class LlamaContext:
         """The last decode's logits of its ``n_out`` flagged entries, in the batch's order: [vocab] each."""
         ptr = _lib().llama_get_logits(self.ctx)  # [n_out, vocab]
         logits = np.ctypeslib.as_array(ptr, shape=(n_out, self.n_vocab))
-        return list(torch.from_numpy(logits.copy()).unbind(0))
+        if self.head is None:
+            return list(torch.from_numpy(logits.copy()).unbind(0))
+        full = np.full((n_out, self.n_vocab), -np.inf, dtype=np.float32)
+        full[:, self.head] = logits[:, : len(self.head)]
+        return list(torch.from_numpy(full).unbind(0))
 
     def share(self, src: int, dst: int, length: int) -> None:
         """Let slot ``dst`` hold slot ``src``'s first ``length`` positions: the same cells, tagged with both
@@ -247,7 +254,7 @@ class LlamaCppRunner(SlotRunner):
         self._careful = invariant and not self.patched
         self.kernels = "off" if not invariant else "patched" if self.patched else "careful"
         self.ubatch = SMALL_UBATCH if self._careful else UBATCH
-        _init_backend()
+        init_backend()
         self.path = Path(path)
         if not self.path.is_file():
             raise FileNotFoundError(f"no GGUF file at {self.path}")
