@@ -21,8 +21,6 @@ from pathlib import Path
 
 
 def measure(target: str, drafter: str, head_rows: int, max_new: int, steps: int) -> dict:
-    import torch
-
     from specdec_core import models
     from specdec_core.runtime.backends import draft_file
     from specdec_core.runtime.backends.llamacpp import LlamaCppRunner, init_backend
@@ -36,6 +34,21 @@ def measure(target: str, drafter: str, head_rows: int, max_new: int, steps: int)
         f"q4_0, head {head_rows}": draft_file.derive(src, cache, "q4_0", head_rows),
     }
     runners = {name: LlamaCppRunner(path, slots=2, context=4096, invariant=False) for name, path in files.items()}
+    times = step_times(runners, steps)
+    agree, held = agreement(runners, target, max_new)
+    return {
+        name: {
+            "step_ms": round(1000 * sorted(t)[len(t) // 2], 1),
+            "agreement": round(agree[name][0] / agree[name][1], 4),
+            "head_holds": round(held[name][0] / held[name][1], 4),
+            "file_mb": round(files[name].stat().st_size / 2**20),
+        }
+        for name, t in times.items()
+    }
+
+
+def step_times(runners: dict, steps: int) -> dict[str, list[float]]:
+    """Seconds of each drafting step per runner, the runners' steps interleaved."""
     context = [(1000 + 7 * i) % 30000 for i in range(300)]
     seqs = {name: r.new_sequence() for name, r in runners.items()}
     for name, r in runners.items():
@@ -50,6 +63,16 @@ def measure(target: str, drafter: str, head_rows: int, max_new: int, steps: int)
         token = int(logits.argmax())
     for name, r in runners.items():
         r.release(seqs[name])
+    return times
+
+
+def agreement(runners: dict, target: str, max_new: int) -> tuple[dict, dict]:
+    """Per runner: [greedy tokens equal to the target's next token, tokens] and [target tokens its head
+    holds, tokens], over the target's greedy continuations of benchmarks/prompts.json."""
+    import torch
+
+    from specdec_core import models
+    from specdec_core.runtime.backends.llamacpp import LlamaCppRunner
 
     spec = json.loads((Path(__file__).parent / "prompts.json").read_text())
     tok = models.load_tokenizer(target)
@@ -76,15 +99,7 @@ def measure(target: str, drafter: str, head_rows: int, max_new: int, steps: int)
             head = r.llama.head
             held[name][0] += len(out) if head is None else int(torch.isin(torch.tensor(out), torch.from_numpy(head)).sum())
             held[name][1] += len(out)
-    return {
-        name: {
-            "step_ms": round(1000 * sorted(t)[len(t) // 2], 1),
-            "agreement": round(agree[name][0] / agree[name][1], 4),
-            "head_holds": round(held[name][0] / held[name][1], 4),
-            "file_mb": round(files[name].stat().st_size / 2**20),
-        }
-        for name, t in times.items()
-    }
+    return agree, held
 
 
 def main(argv: list[str] | None = None) -> int:

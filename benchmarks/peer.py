@@ -1,7 +1,8 @@
 """specdec next to llama.cpp's server on the same GGUF files, through one OpenAI client (`specdec bench --peer
 llama.cpp`).
 
-Rows: llama-server target only, llama-server with its draft model (`--spec-draft-n-max`), specdec (both
+Rows: llama-server target only, llama-server with its draft model (`--spec-draft-n-max`; with
+``llama-draft-q4_0`` the drafter requantized to Q4_0 as specdec's drafting file is), specdec (both
 services and `specdec serve-openai`, defaults) and specdec `--no-draft`, and the same two with the
 verifier on llama.cpp's stock kernels (`--no-batch-invariant`). Each runs alone on the machine, one
 after the other, with the same code prompts, greedy, `--max-new` tokens, EOS ignored, non-streaming
@@ -24,7 +25,17 @@ from pathlib import Path
 from . import servers
 
 # specdec-stock*: the verifier on llama.cpp's stock kernels (--no-batch-invariant)
-CONFIGS = ("llama", "llama-draft", "specdec", "specdec-no-draft", "specdec-stock", "specdec-stock-no-draft")
+# llama-draft-q4_0: llama-server drafting with the drafter requantized to Q4_0 as specdec's drafting file
+# is (its whole LM head: llama-server cannot cut it)
+CONFIGS = (
+    "llama",
+    "llama-draft",
+    "llama-draft-q4_0",
+    "specdec",
+    "specdec-no-draft",
+    "specdec-stock",
+    "specdec-stock-no-draft",
+)
 
 
 def code_prompts(count: int) -> list[str]:
@@ -94,8 +105,13 @@ def measure(a, config: str, prompts: list[str], levels: list[int], log) -> dict:
     base = f"http://127.0.0.1:{port}"
     procs: list
     if config.startswith("llama"):
-        draft = ["-md", str(models.gguf_path(a.drafter)), "--spec-draft-n-max", str(a.llama_draft_max)]
-        args = ["-np", "8", "-c", "16384", *(draft if config == "llama-draft" else [])]
+        drafter = models.gguf_path(a.drafter)
+        if config == "llama-draft-q4_0":
+            from specdec_core.runtime.backends import draft_file
+
+            drafter = draft_file.derive(drafter, models.cache_root() / "drafting", "q4_0", 0)
+        draft = ["-md", str(drafter), "--spec-draft-n-max", str(a.llama_draft_max)]
+        args = ["-np", "8", "-c", "16384", *(draft if config.startswith("llama-draft") else [])]
         procs = [servers.start_llama(a.target, port, log, a.threads, args, a.llama_server)]
         pids = {"llama-server": procs[0].pid}
     else:

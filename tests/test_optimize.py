@@ -122,9 +122,8 @@ def test_adaptive_length_finds_the_throughput_optimum(alpha, t_draft, slope):
 # a staircase shaped like the 1.5B target's verify times on llama.cpp's invariant kernels before the Q6_K
 # kernel and padding: 1, 2, 4 and 8 positions as measured then (69 / 106 / 116 / 192 ms, 2 cores,
 # docs/results/slope_qwen1.5b_gemm.json), the widths between them interpolated. Positions go through the
-# GEMM in groups of 4 and the rest one by one, so the cost climbs in steps. (With today's padded costs,
-# docs/results/padding_qwen1.5b.json, a policy that never tries 4 positions can settle on 3: see
-# docs/draft_length.md.)
+# GEMM in groups of 4 and the rest one by one, so the cost climbs in steps. (Today's padded costs, and a
+# session that explores widths it never tried: test_a_lone_session_drafts_where_padded_llamacpp_costs_pay.)
 LLAMACPP_STEPS = {1: 0.069, 2: 0.106, 3: 0.111, 4: 0.116, 5: 0.150, 6: 0.170, 7: 0.185, 8: 0.192, 9: 0.225}
 
 
@@ -177,6 +176,23 @@ def lone_rounds(policy, load, rounds, gen, fresh=True, t_draft=0.024, net=0.002,
                       confidences=confidences, costs_valid=not start)  # fmt: skip
         out.append((accepted + 1, verify_s + (t_draft * drafted + network_s if drafted else 0.0)))
     return out
+
+
+def test_a_lone_session_plans_with_acceptance_raised_by_its_error():
+    """Two learning rounds judge a dozen positions: a session alone plans with the acceptance one standard
+    error up, a bonus that fades as positions are judged; a batch plans with the plain estimate."""
+    from specdec_core.draft_length.measurements import Measurements
+
+    m = Measurements(k_max=8)
+    m.record_positions(8, 6)
+    m.record_positions(7, 6)
+    few = m.optimistic_acceptance(0) - m.acceptance(0)
+    assert 0.05 < few < 0.15
+    assert m.member().gains[0] == pytest.approx(m.acceptance(0))
+    assert m.member(optimistic=True).gains[0] == pytest.approx(m.optimistic_acceptance(0))
+    for _ in range(200):
+        m.record_positions(4, 3)
+    assert m.optimistic_acceptance(0) - m.acceptance(0) < 0.03
 
 
 def test_a_lone_session_drafts_where_padded_llamacpp_costs_pay():

@@ -160,7 +160,7 @@ class AdaptiveDraftLength(DraftLengthPolicy):
 
     def _batch(self, load: Load | None) -> Batch:
         """This session (first) and its peers, sharing the load's forward (alone: the verify line)."""
-        own = self.measured.member()
+        own = self.measured.member(optimistic=not (load is not None and load.peers))
         members = [own]
         for p in load.peers if load else ():
             members.append(Member(gains(p.acceptance, self.k_max), p.t_draft or own.t_draft, p.fixed))
