@@ -33,7 +33,9 @@ def measure(target: str, drafter: str, head_rows: int, max_new: int, steps: int)
         "q4_0, whole head": draft_file.derive(src, cache, "q4_0", 0),
         f"q4_0, head {head_rows}": draft_file.derive(src, cache, "q4_0", head_rows),
     }
-    runners = {name: LlamaCppRunner(path, slots=2, context=4096, invariant=False) for name, path in files.items()}
+    runners = {
+        name: LlamaCppRunner(path, slots=2, context=4096, invariant=False) for name, path in files.items()
+    }
     times = step_times(runners, steps)
     agree, held = agreement(runners, target, max_new)
     return {
@@ -97,7 +99,9 @@ def agreement(runners: dict, target: str, max_new: int) -> tuple[dict, dict]:
             agree[name][0] += sum(g == t for g, t in zip(guesses, out))
             agree[name][1] += len(out)
             head = r.llama.head
-            held[name][0] += len(out) if head is None else int(torch.isin(torch.tensor(out), torch.from_numpy(head)).sum())
+            held[name][0] += (
+                len(out) if head is None else int(torch.isin(torch.tensor(out), torch.from_numpy(head)).sum())
+            )
             held[name][1] += len(out)
     return agree, held
 
@@ -116,7 +120,9 @@ def main(argv: list[str] | None = None) -> int:
     print("| drafter file | step ms | agreement with the target's greedy | target tokens in its head | MB |")
     print("|---|---|---|---|---|")
     for name, row in result.items():
-        print(f"| {name} | {row['step_ms']:.1f} | {row['agreement']:.3f} | {row['head_holds']:.3f} | {row['file_mb']} |")
+        print(
+            f"| {name} | {row['step_ms']:.1f} | {row['agreement']:.3f} | {row['head_holds']:.3f} | {row['file_mb']} |"
+        )
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"command": " ".join(["python -m benchmarks.drafting_file", *argv]),

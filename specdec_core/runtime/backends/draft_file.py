@@ -165,7 +165,10 @@ def _write(quantized: Path, dst: Path, order: np.ndarray | None, head_rows: int,
     import gguf
 
     reader = gguf.GGUFReader(quantized)
-    arch = reader.get_field(gguf.Keys.General.ARCHITECTURE).contents()
+    arch_field = reader.get_field(gguf.Keys.General.ARCHITECTURE)
+    if arch_field is None:
+        raise RuntimeError(f"{quantized} names no architecture")
+    arch = arch_field.contents()
     writer = gguf.GGUFWriter(dst, arch=arch, endianess=reader.endianess)
     for field in reader.fields.values():
         if field.name == gguf.Keys.General.ARCHITECTURE or field.name.startswith("GGUF."):
@@ -183,11 +186,13 @@ def _write(quantized: Path, dst: Path, order: np.ndarray | None, head_rows: int,
                              sub_type=gguf.GGUFValueType.INT32)  # fmt: skip
     else:
         order = None  # the head stays whole
-    out = [(t.name, t.data, t.tensor_type) for t in reader.tensors if order is None or t.name != "output.weight"]
+    out = [
+        (t.name, t.data, t.tensor_type) for t in reader.tensors if order is None or t.name != "output.weight"
+    ]
     if order is not None and head is not None:
         out.append(("output.weight", head.data[order], head.tensor_type))  # the rows in frequency order
-    for name, data, kind in out:
-        writer.add_tensor_info(name, data.shape, data.dtype, data.nbytes, kind)
+    for name, data, qtype in out:
+        writer.add_tensor_info(name, data.shape, data.dtype, data.nbytes, qtype)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
