@@ -169,6 +169,14 @@ def test_drafting_file_cuts_the_head_to_its_frequent_tokens(gguf, tmp_path, monk
     control = {tok.convert_tokens_to_ids(t) for t in tok.all_special_tokens}
     assert control <= set(head.tolist())
     assert set(tok(PROMPT)["input_ids"]) <= set(head.tolist())  # the corpus's tokens rank first
+    with monkeypatch.context() as m:  # a build that computes every row: they come in the file's order
+        m.setattr(draft_file, "head_rows_supported", lambda: False)
+        order = draft_file.head_ids(cut)
+        assert (
+            order is not None
+            and sorted(order.tolist()) == list(range(len(tok)))
+            and (order[:64] == head).all()
+        )
     runners = [llamacpp.LlamaCppRunner(p, slots=2, context=256, invariant=False) for p in (cut, whole)]
     assert "Q4_0" in runners[0].describe()["dtype"]
     got = [r.extend(r.new_sequence(), IDS, keep=len(IDS)) for r in runners]

@@ -48,9 +48,8 @@ class Measurements:
     start_s: float = 0.0  # drafter start time beyond a normal round's, summed over measured starts
     start_tokens: float = 0.0  # context tokens those starts prefilled
     plain_rounds: int = 0  # rounds decoded without drafting
-    provisional: bool = (
-        False  # the costs counted are a fresh round's only: the first valid round replaces them
-    )
+    # the costs counted are a fresh round's only: the first valid round replaces them
+    provisional: bool = False
     observed: int = 0  # rounds observed without drafting (a free source's ``observe``)
 
     def __post_init__(self) -> None:
@@ -192,9 +191,8 @@ class Measurements:
         if costs_valid and self.provisional:
             # a fresh round's costs stood in until now (they carry the drafter's start and the stream's
             # set-up: 70 ms more network time measured on the Qwen pair, which priced drafting out for good)
-            self.emitted = self.round_s = self.draft_tokens = self.draft_s = self.network_s = self.rounds = (
-                0.0
-            )
+            self.emitted = self.round_s = self.draft_tokens = 0.0
+            self.draft_s = self.network_s = self.rounds = 0.0
             self.provisional = False
         if costs_valid or not self.rounds:
             self.provisional = not costs_valid

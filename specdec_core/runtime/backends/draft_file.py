@@ -22,6 +22,7 @@ tokens (end of turn, end of text) are always kept.
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import logging
 import os
@@ -48,17 +49,51 @@ def _lib():
 
 
 def head_ids(path: Path) -> np.ndarray | None:
-    """The token of each computed head row of a drafting file (None: a file whose head is whole, or a build
-    of llama.cpp that computes it whole anyway)."""
-    import gguf
-
-    reader = gguf.GGUFReader(path)
-    rows, ids = reader.get_field(KEY_ROWS), reader.get_field(KEY_IDS)
-    if rows is None or ids is None or not head_rows_supported():
+    """The token each logits column of a drafting file stands for (None: a file with its head as it was):
+    the first ``specdec.head_rows`` of its head's order where this llama.cpp computes only those rows, the
+    whole order where it computes every row (in the file's row order all the same). Read with ggml's own
+    GGUF reader, metadata only: the ``gguf`` package's parses every field in Python (5.8 s for the 1.5B
+    target's vocabulary), and every runner asks."""
+    lib = _gguf_lib()
+    ctx = lib.gguf_init_from_file(str(path).encode(), _GgufInitParams(True, None))
+    if not ctx:
         return None
-    return np.asarray(ids.contents(), dtype=np.int64)[: int(rows.contents())]
+    try:
+        rows, ids = lib.gguf_find_key(ctx, KEY_ROWS.encode()), lib.gguf_find_key(ctx, KEY_IDS.encode())
+        if rows < 0 or ids < 0:
+            return None
+        data = ctypes.cast(lib.gguf_get_arr_data(ctx, ids), ctypes.POINTER(ctypes.c_int32))
+        order = np.ctypeslib.as_array(data, shape=(lib.gguf_get_arr_n(ctx, ids),)).astype(np.int64)
+        return order[: lib.gguf_get_val_u32(ctx, rows)] if head_rows_supported() else order
+    finally:
+        lib.gguf_free(ctx)
 
 
+class _GgufInitParams(ctypes.Structure):
+    _fields_ = [("no_alloc", ctypes.c_bool), ("ctx", ctypes.c_void_p)]
+
+
+@functools.cache
+def _gguf_lib() -> ctypes.CDLL:
+    """ggml's GGUF reader (``gguf.h``) in the library llama-cpp-python ships."""
+    import llama_cpp
+
+    lib = ctypes.CDLL(str(Path(llama_cpp.__file__).parent / "lib" / "libggml-base.so"))
+    lib.gguf_init_from_file.restype = ctypes.c_void_p
+    lib.gguf_init_from_file.argtypes = [ctypes.c_char_p, _GgufInitParams]
+    lib.gguf_find_key.restype = ctypes.c_int64
+    lib.gguf_find_key.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
+    lib.gguf_get_val_u32.restype = ctypes.c_uint32
+    lib.gguf_get_val_u32.argtypes = [ctypes.c_void_p, ctypes.c_int64]
+    lib.gguf_get_arr_n.restype = ctypes.c_size_t
+    lib.gguf_get_arr_n.argtypes = [ctypes.c_void_p, ctypes.c_int64]
+    lib.gguf_get_arr_data.restype = ctypes.c_void_p
+    lib.gguf_get_arr_data.argtypes = [ctypes.c_void_p, ctypes.c_int64]
+    lib.gguf_free.argtypes = [ctypes.c_void_p]
+    return lib
+
+
+@functools.cache
 def head_rows_supported() -> bool:
     """Whether the installed llama.cpp carries scripts/patch_llama_head_rows.py (``make setup`` builds it)."""
     import llama_cpp
